@@ -1,0 +1,310 @@
+"""The transformers ``Cache`` that stores latents and hands attention reconstructed K/V.
+
+Every call into transformers' cache API lives in this module (tested range: transformers
+5.20-5.23, where the model argument is ``past_key_values``; 5.24 renames it ``cache``).
+
+Layout of one :class:`CompressedLayer`, in sequence order::
+
+    [ sink tokens (exact) | compressed tokens (latents) | recent tokens (exact) ]
+
+New tokens enter the recent window; tokens pushed out of it are compressed once (keys of RoPE
+models are rotated back to pre-RoPE with the positions the model actually used, then encoded).
+``update()`` returns every position, the compressed ones reconstructed, so attention always reads
+what the cache stores. Nothing here patches the model: positions are observed by a forward
+pre-hook that :class:`PositionTracker` registers on the model's rotary module, and removes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from kvlight.compressors import KVCompressor
+from kvlight.models import KVGeometry, rotary_module
+
+#: keyword under which a model's forward takes a cache, for the pinned transformers range.
+CACHE_KWARG = "past_key_values"
+
+
+def cache_kwargs(cache: Cache | None) -> dict:
+    """``{CACHE_KWARG: cache, 'use_cache': ...}`` for ``model(...)`` / ``model.generate(...)``."""
+    return {CACHE_KWARG: cache, "use_cache": cache is not None}
+
+
+def dynamic_cache() -> DynamicCache:
+    """A plain uncompressed cache, the reference everything is compared against."""
+    return DynamicCache()
+
+
+def dynamic_cache_bytes(geometry: KVGeometry, batch: int, seq_len: int, dtype: torch.dtype) -> int:
+    """Bytes a ``DynamicCache`` of ``dtype`` holds for ``batch`` sequences of ``seq_len`` tokens."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * geometry.num_layers * batch * geometry.num_kv_heads * seq_len * geometry.head_dim * itemsize
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class PositionTracker:
+    """Observes the position ids each forward of a RoPE model really uses, and rotates keys with them.
+
+    A forward pre-hook on the model's rotary-embedding module records ``position_ids`` (``[B|1, T]``)
+    before any attention layer runs. :meth:`close` removes the hook.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.rotary = rotary_module(model)
+        if self.rotary is None:
+            raise ValueError(f"{type(model).__name__} has no rotary embedding module to track positions on")
+        self.current: torch.Tensor | None = None
+        self.step = 0
+        self._internal = False
+        self._handle = self.rotary.register_forward_pre_hook(self._observe, with_kwargs=True)
+
+    def _observe(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._internal:
+            return None
+        position_ids = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        if position_ids is not None:
+            self.current = position_ids.detach()
+            self.step += 1
+        return None
+
+    def close(self) -> None:
+        self._handle.remove()
+
+    def cos_sin(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's own ``(cos, sin)``, ``[B|1, T, D]`` float32, for ``position_ids [B|1, T]``."""
+        probe = torch.empty(0, dtype=torch.float32, device=position_ids.device)
+        self._internal = True
+        try:
+            cos, sin = self.rotary(probe, position_ids=position_ids)
+        finally:
+            self._internal = False
+        return cos.float(), sin.float()
+
+    def unrotate(self, keys: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Post-RoPE ``keys [B, H, T, D]`` -> pre-RoPE (the ``k_proj`` output), exactly.
+
+        RoPE applies ``s * R(theta)``; its inverse is ``R(-theta) / s^2`` and ``cos^2 + sin^2 = s^2``.
+        """
+        cos, sin = (t.unsqueeze(1) for t in self.cos_sin(position_ids))
+        k = keys.float()
+        return ((k * cos - _rotate_half(k) * sin) / (cos * cos + sin * sin)).to(keys.dtype)
+
+    def rotate(self, keys: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE ``keys [B, H, T, D]`` -> post-RoPE, as the model's attention applies it."""
+        cos, sin = (t.unsqueeze(1).to(keys.dtype) for t in self.cos_sin(position_ids))
+        return keys * cos + _rotate_half(keys) * sin
+
+
+class _PositionLog:
+    """Positions of every token a cache holds, ``[B, N]`` int32, appended once per forward."""
+
+    def __init__(self, tracker: PositionTracker | None) -> None:
+        self.tracker = tracker
+        self.positions: torch.Tensor | None = None
+        self._step = -1
+
+    def observe(self, batch: int, new_tokens: int, device: torch.device) -> None:
+        if self.tracker is None or self.tracker.step == self._step:
+            return
+        current = self.tracker.current
+        if current is None or current.shape[-1] != new_tokens:
+            raise RuntimeError(
+                "the compressed cache did not see this forward's position ids; build it through "
+                "CompressedKVModelWrapper (or PositionTracker) for the same model"
+            )
+        current = current.to(device=device, dtype=torch.int32).expand(batch, -1)
+        self.positions = current if self.positions is None else torch.cat([self.positions, current], dim=1)
+        self._step = self.tracker.step
+
+    def slice(self, start: int, stop: int) -> torch.Tensor:
+        return self.positions[:, start:stop].long()
+
+
+class CompressedLayer(DynamicLayer):
+    """One layer's cache: exact sinks, latents, exact recent window; ``update`` returns reconstructed K/V."""
+
+    def __init__(self, layer_idx: int, owner: CompressedCache) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.owner = owner
+        self.length = 0
+        self.latent_k: torch.Tensor | None = None
+        self.latent_v: torch.Tensor | None = None
+        self.sink_k = self.sink_v = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        batch, heads, _, dim = key_states.shape
+        empty = key_states.new_zeros(batch, heads, 0, dim)
+        self.keys, self.values = empty, empty.clone()  # the exact recent window
+        self.sink_k, self.sink_v = empty.clone(), empty.clone()
+        self.latent_k = key_states.new_zeros(batch, 0, self.owner.compressor.codec(self.layer_idx, "k").latent_dim)
+        self.latent_v = key_states.new_zeros(batch, 0, self.owner.compressor.codec(self.layer_idx, "v").latent_dim)
+
+    def get_seq_length(self) -> int:
+        # Every token counts, wherever it is stored: positions and masks derive from this.
+        return self.length
+
+    @property
+    def num_compressed(self) -> int:
+        return 0 if self.latent_k is None else self.latent_k.shape[1]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store new ``[B, H, T, D]`` K/V; return K/V ``[B, H, N, D]`` for all N cached positions."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        owner = self.owner
+        owner.position_log.observe(key_states.shape[0], key_states.shape[2], key_states.device)
+        start = self.length
+        self.length += key_states.shape[2]
+        # 1. The first sink_tokens positions of the sequence stay exact.
+        n_sink = max(0, min(owner.sink_tokens - start, key_states.shape[2]))
+        if n_sink:
+            self.sink_k = torch.cat([self.sink_k, key_states[:, :, :n_sink]], dim=2)
+            self.sink_v = torch.cat([self.sink_v, value_states[:, :, :n_sink]], dim=2)
+        # 2. The rest joins the recent window; what overflows it is compressed once.
+        self.keys = torch.cat([self.keys, key_states[:, :, n_sink:]], dim=2)
+        self.values = torch.cat([self.values, value_states[:, :, n_sink:]], dim=2)
+        overflow = self.keys.shape[2] - owner.recent_window
+        if overflow > 0:
+            first = self.sink_k.shape[2] + self.num_compressed  # sequence index of the oldest recent token
+            self._compress(self.keys[:, :, :overflow], self.values[:, :, :overflow], first)
+            self.keys, self.values = self.keys[:, :, overflow:], self.values[:, :, overflow:]
+        keys, values = self._reconstruct()
+        return torch.cat([self.sink_k, keys, self.keys], dim=2), torch.cat([self.sink_v, values, self.values], dim=2)
+
+    def _compress(self, keys: torch.Tensor, values: torch.Tensor, first: int) -> None:
+        owner = self.owner
+        if owner.tracker is not None:
+            keys = owner.tracker.unrotate(keys, owner.position_log.slice(first, first + keys.shape[2]))
+        z_k = owner.compressor.encode(self.layer_idx, "k", keys).to(owner.latent_dtype or keys.dtype)
+        z_v = owner.compressor.encode(self.layer_idx, "v", values).to(owner.latent_dtype or values.dtype)
+        self.latent_k = torch.cat([self.latent_k, z_k], dim=1)
+        self.latent_v = torch.cat([self.latent_v, z_v], dim=1)
+
+    def _reconstruct(self) -> tuple[torch.Tensor, torch.Tensor]:
+        owner = self.owner
+        dtype = self.dtype
+        keys = owner.compressor.decode(self.layer_idx, "k", self.latent_k.to(dtype))
+        values = owner.compressor.decode(self.layer_idx, "v", self.latent_v.to(dtype))
+        if owner.tracker is not None and self.num_compressed:
+            first = self.sink_k.shape[2]
+            keys = owner.tracker.rotate(keys, owner.position_log.slice(first, first + self.num_compressed))
+        return keys, values
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this layer keeps for its tokens."""
+        if not self.is_initialized:
+            return []
+        return [self.sink_k, self.sink_v, self.latent_k, self.latent_v, self.keys, self.values]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if not self.is_initialized:
+            return
+        for name in ("sink_k", "sink_v", "latent_k", "latent_v", "keys", "values"):
+            tensor = getattr(self, name)
+            setattr(self, name, tensor.index_select(0, beam_idx.to(tensor.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if not self.is_initialized:
+            return
+        for name in ("sink_k", "sink_v", "latent_k", "latent_v", "keys", "values"):
+            setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        for name in ("sink_k", "sink_v", "latent_k", "latent_v", "keys", "values"):
+            setattr(self, name, getattr(self, name)[indices])
+
+    def reset(self) -> None:
+        super().reset()
+        self.length = 0
+        self.latent_k = self.latent_v = self.sink_k = self.sink_v = None
+
+
+class CompressedCache(Cache):
+    """A ``Cache`` whose layers keep latents (plus exact sink and recent tokens).
+
+    Args:
+        compressor: the fitted compressor (its geometry must match the model's).
+        tracker: the model's :class:`PositionTracker` for RoPE models, None for learned positions (GPT-2).
+        sink_tokens: first positions kept exact (None: the compressor's config).
+        recent_window: newest positions kept exact (None: the compressor's config).
+        latent_dtype: dtype latents are stored in (default: the K/V dtype).
+    """
+
+    def __init__(
+        self,
+        compressor: KVCompressor,
+        tracker: PositionTracker | None = None,
+        sink_tokens: int | None = None,
+        recent_window: int | None = None,
+        latent_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.compressor = compressor
+        self.tracker = tracker
+        self.sink_tokens = compressor.config.sink_tokens if sink_tokens is None else sink_tokens
+        self.recent_window = compressor.config.recent_window if recent_window is None else recent_window
+        self.latent_dtype = latent_dtype
+        self.position_log = _PositionLog(tracker)
+        super().__init__(layers=[CompressedLayer(i, self) for i in range(compressor.num_layers)])
+
+    def stored_bytes(self) -> int:
+        """Exact bytes held for the cached tokens: every layer's tensors plus the shared positions."""
+        total = sum(t.numel() * t.element_size() for layer in self.layers for t in layer.stored_tensors())
+        positions = self.position_log.positions
+        return total + (0 if positions is None else positions.numel() * positions.element_size())
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.position_log.positions is not None:
+            self.position_log.positions = self.position_log.positions.index_select(0, beam_idx)
+
+
+class CaptureLayer(DynamicLayer):
+    """Passes K/V straight through (one forward, no past) while handing pre-RoPE copies to a callback."""
+
+    def __init__(self, layer_idx: int, owner: CaptureCache) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.owner = owner
+        self.length = 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.length:
+            raise RuntimeError("a CaptureCache serves exactly one forward pass")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.length = key_states.shape[2]
+        keys = key_states
+        if self.owner.tracker is not None:
+            positions = self.owner.tracker.current.expand(key_states.shape[0], -1)
+            keys = self.owner.tracker.unrotate(key_states, positions)
+        self.owner.sink(self.layer_idx, keys, value_states)
+        return key_states, value_states
+
+
+class CaptureCache(Cache):
+    """A one-forward cache that reports every layer's pre-RoPE keys and values ``[B, H, T, D]`` to ``sink``."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        sink: Callable[[int, torch.Tensor, torch.Tensor], None],
+        tracker: PositionTracker | None = None,
+    ) -> None:
+        self.sink = sink
+        self.tracker = tracker
+        super().__init__(layers=[CaptureLayer(i, self) for i in range(num_layers)])

@@ -1,0 +1,88 @@
+"""Seed phase 0: run the frozen model once over calibration windows and keep K/V rows on disk.
+
+Rows are pre-RoPE keys and values, ``[N, L, H, D]``, a uniform reservoir sample of tokens (at
+most ``max_samples_per_head`` per head), written as checksummed shards that later fits reuse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from kvlight.cache import CaptureCache, PositionTracker, cache_kwargs
+from kvlight.errors import CaptureError
+from kvlight.models import KVGeometry
+from kvlight.shards import KVReservoir, load_manifest, write_shards
+
+ROWS_PER_SHARD = 2048
+
+
+def check_finite(layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Stop on NaN/inf in captured ``[N, H, D]`` rows, naming the layer and head."""
+    for name, rows in (("K", keys), ("V", values)):
+        bad = ~torch.isfinite(rows).all(dim=-1).all(dim=0)  # [H]
+        if bad.any():
+            head = int(bad.nonzero()[0])
+            raise CaptureError(
+                f"captured {name} of layer {layer}, KV head {head} contains NaN or inf; "
+                "the model produces non-finite activations on this data (try float32 or other text)"
+            )
+
+
+@torch.no_grad()
+def capture_kv(
+    model: nn.Module,
+    geometry: KVGeometry,
+    windows: Iterable[torch.Tensor],
+    capacity: int,
+    seed: int = 0,
+    progress: bool = True,
+) -> KVReservoir:
+    """Run ``model`` over batches of token windows ``[B, T]`` and reservoir-sample their K/V rows."""
+    reservoir = KVReservoir(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, capacity, seed)
+    tracker = PositionTracker(model) if geometry.rope else None
+    device = next(model.parameters()).device
+    try:
+        for batch in tqdm(list(windows), desc="capture K/V", disable=not progress, leave=False):
+            batch = batch.to(device)
+            token_index, slot = reservoir.plan(batch.numel())
+
+            def keep(layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+                # [B, H, T, D] -> [B*T, H, D], token order matching the flattened batch.
+                keys = keys.transpose(1, 2).reshape(-1, *keys.shape[1:2], keys.shape[-1])
+                values = values.transpose(1, 2).reshape(-1, *values.shape[1:2], values.shape[-1])
+                check_finite(layer, keys, values)
+                reservoir.put(layer, keys, values, token_index, slot)
+
+            cache = CaptureCache(geometry.num_layers, keep, tracker)
+            model(input_ids=batch, **cache_kwargs(cache))
+    finally:
+        if tracker is not None:
+            tracker.close()
+    return reservoir
+
+
+def capture_to_shards(
+    model: nn.Module,
+    geometry: KVGeometry,
+    windows: torch.Tensor,
+    directory: Path,
+    capacity: int,
+    batch_size: int = 4,
+    seed: int = 0,
+    meta: dict | None = None,
+) -> dict:
+    """Reuse the intact capture in ``directory`` or make it; returns the shard manifest."""
+    manifest = load_manifest(directory)
+    if manifest is not None:
+        return manifest
+    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+    reservoir = capture_kv(model, geometry, batches, capacity, seed)
+    keys, values = reservoir.rows()
+    order = torch.randperm(keys.shape[0], generator=torch.Generator().manual_seed(seed))
+    info = {"geometry": geometry.to_dict(), "tokens_seen": reservoir.num_seen, **(meta or {})}
+    return write_shards(directory, keys[order], values[order], ROWS_PER_SHARD, info)

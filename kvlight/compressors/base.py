@@ -1,0 +1,155 @@
+"""The plug-in interface: one projection per (layer, KV head, K or V), grouped per layer.
+
+A projection maps a head's rows ``x [N, D]`` to latents ``z [N, r]`` and back. Each backend is a
+:class:`HeadProjection` subclass in its own file, registered in ``kvlight/compressors/__init__.py``
+by its ``algo`` name. :class:`LayerCodec` runs the projections of every head of one layer on the
+cache's ``[B, H, T, D]`` tensors; :class:`KVCompressor` holds one codec per layer and kind.
+Plain PyTorch: nothing here imports Lightning or transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+class HeadProjection(nn.Module):
+    """Compress one head's K or V rows to ``rank`` dims and expand them back.
+
+    Subclasses define :meth:`encode`, :meth:`decode` and :meth:`init_from_statistics`.
+    """
+
+    algo: ClassVar[str] = ""
+    #: True when the projection has parameters fitted by gradient descent after the statistics pass.
+    trainable: ClassVar[bool] = False
+
+    def __init__(self, head_dim: int, rank: int) -> None:
+        super().__init__()
+        if not 1 <= rank <= head_dim:
+            raise ValueError(f"rank {rank} outside 1..{head_dim}")
+        self.head_dim = head_dim
+        self.rank = rank
+        self.register_buffer("mean", torch.zeros(head_dim))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., D] -> z [..., r]``."""
+        raise NotImplementedError  # abstract
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """``z [..., r] -> x_hat [..., D]``."""
+        raise NotImplementedError  # abstract
+
+    def init_from_statistics(self, mean: torch.Tensor, covariance: torch.Tensor) -> None:
+        """Set the projection from the centred second moments of the calibration rows.
+
+        Args:
+            mean: ``[D]`` float64 mean of the rows.
+            covariance: ``[D, D]`` float64 centred covariance.
+        """
+        raise NotImplementedError  # abstract
+
+
+class IdentityProjection(HeadProjection):
+    """A disabled head: the latent is the row itself, so it passes through exactly."""
+
+    algo = "none"
+
+    def __init__(self, head_dim: int, rank: int | None = None) -> None:
+        super().__init__(head_dim, head_dim)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def init_from_statistics(self, mean: torch.Tensor, covariance: torch.Tensor) -> None:
+        return None
+
+
+def principal_basis(covariance: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-``rank`` eigenvectors of a symmetric ``[D, D]`` matrix as columns ``[D, rank]`` (descending).
+
+    Signs are fixed (largest-magnitude entry of each column positive) so that two fits of the same
+    statistics give the same basis, not one up to sign.
+    """
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
+    basis = eigenvectors[:, eigenvalues.argsort(descending=True)[:rank]]
+    pivot = basis.abs().argmax(dim=0)
+    signs = torch.sign(basis[pivot, torch.arange(rank)])
+    signs[signs == 0] = 1
+    return basis * signs
+
+
+class LayerCodec(nn.Module):
+    """The projections of every KV head of one layer for K or for V.
+
+    The latent of a layer is the concatenation of its heads' latents: ``[B, T, sum_h r_h]``.
+    """
+
+    def __init__(self, projections: list[HeadProjection]) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(projections)
+        self.splits = [p.rank for p in projections]
+
+    @property
+    def latent_dim(self) -> int:
+        """``sum_h r_h``: stored numbers per token for this layer and kind."""
+        return sum(self.splits)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, H, T, D] -> z [B, T, sum_h r_h]``."""
+        return torch.cat([proj.encode(x[:, h]) for h, proj in enumerate(self.heads)], dim=-1)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """``z [B, T, sum_h r_h] -> x_hat [B, H, T, D]``."""
+        parts = torch.split(z, self.splits, dim=-1)
+        return torch.stack([proj.decode(part) for proj, part in zip(self.heads, parts)], dim=1)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, H, T, D] -> x_hat [B, H, T, D]``."""
+        return self.decode(self.encode(x))
+
+
+class RunningMoments:
+    """Float64 sums of rows per head, for means and covariances that add up across batches and ranks.
+
+    Shapes: ``count`` scalar, ``total [H, D]``, ``outer [H, D, D]``.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, device: torch.device | str = "cpu") -> None:
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.total = torch.zeros(num_heads, head_dim, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(num_heads, head_dim, head_dim, dtype=torch.float64, device=device)
+
+    def add(self, rows: torch.Tensor) -> None:
+        """rows ``[N, H, D]`` (any float dtype; accumulated in float64 whatever the training precision)."""
+        rows = rows.detach().to(self.total.device, torch.float64)
+        self.count += rows.shape[0]
+        self.total += rows.sum(0)
+        self.outer += torch.einsum("nhd,nhe->hde", rows, rows)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The sums, for an all-reduce across processes."""
+        return [self.count, self.total, self.outer]
+
+    def mean_and_covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean [H, D], covariance [H, D, D])``, centred, float64."""
+        n = self.count.clamp_min(1)
+        mean = self.total / n
+        covariance = self.outer / n - torch.einsum("hd,he->hde", mean, mean)
+        return mean, covariance
+
+
+def random_init_(weight: torch.Tensor, std: float = 0.02) -> None:
+    """The seed's initialisation of learned projections: N(0, 0.02)."""
+    with torch.no_grad():
+        weight.normal_(0.0, std)
+
+
+def inverse_softplus(value: float) -> float:
+    """``p`` such that ``softplus(p) == value``."""
+    return value + math.log(-math.expm1(-value))

@@ -1,0 +1,257 @@
+"""The whole-model compressor: one :class:`LayerCodec` per layer for K and one for V.
+
+Built from a :class:`CompressionConfig` alone (it carries the geometry), so the seed's
+``KVSpliceCompressor(config)`` + ``load_state_dict(torch.load(...))`` works; ``save_pretrained``
+writes safetensors plus a JSON naming the model geometry it was fitted to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kvlight.compressors.base import IdentityProjection, LayerCodec, RunningMoments
+from kvlight.config import CompressionConfig, atomic_write_text
+from kvlight.errors import ConfigError, GeometryMismatchError, KVLightError
+from kvlight.models import KVGeometry
+
+WEIGHTS_NAME = "compressor.safetensors"
+CONFIG_NAME = "compressor_config.json"
+KINDS = ("k", "v")
+
+
+class KVCompressor(nn.Module):
+    """Per-layer, per-KV-head projections of keys and values, each head's backend chosen by its ``algo``.
+
+    Args:
+        config: the compression config; must carry ``num_layers``, ``num_kv_heads`` and ``d_head``
+            (configs written by kvlight do) unless ``geometry`` is given.
+        geometry: the model's KV geometry; recorded, and checked against the config.
+        algo: force one backend for every enabled head (``--compressor``), else each head's ``algo``.
+        latent_affine: KVSplice's learned latent scale and shift.
+        init: KVSplice initialisation, ``"pca"`` or ``"random"``.
+    """
+
+    def __init__(
+        self,
+        config: CompressionConfig,
+        geometry: KVGeometry | None = None,
+        algo: str | None = None,
+        latent_affine: bool = True,
+        init: str = "pca",
+    ) -> None:
+        super().__init__()
+        from kvlight.compressors import PROJECTIONS
+
+        if algo is not None:
+            config = config.with_algo(algo)
+        if geometry is not None:
+            config.validate(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
+        if config.num_layers is None or config.num_kv_heads is None or config.d_head is None:
+            raise ConfigError(
+                "the compression config lacks global.num_layers/num_kv_heads/d_head: write it with "
+                "'kvlight config uniform' or pass the model geometry"
+            )
+        self.config = config
+        self.geometry = geometry
+        self.num_layers, self.num_kv_heads, self.head_dim = config.num_layers, config.num_kv_heads, config.d_head
+        self.latent_affine, self.init = latent_affine, init
+        layers = []
+        for layer in range(self.num_layers):
+            codecs = {}
+            for kind in KINDS:
+                projections = []
+                for head in range(self.num_kv_heads):
+                    spec = config.head(layer, head, self.head_dim)
+                    rank = spec.rank_k if kind == "k" else spec.rank_v
+                    if not spec.enabled:
+                        projections.append(IdentityProjection(self.head_dim))
+                    elif spec.algo == "kvsplice":
+                        projections.append(PROJECTIONS["kvsplice"](self.head_dim, rank, latent_affine, init))
+                    else:
+                        projections.append(PROJECTIONS[spec.algo](self.head_dim, rank))
+                codecs[kind] = LayerCodec(projections)
+            layers.append(nn.ModuleDict(codecs))
+        self.layers = nn.ModuleList(layers)
+        self._moments: dict[tuple[int, str], RunningMoments] | None = None
+
+    # ------------------------------------------------------------------ serving
+    def codec(self, layer: int, kind: str) -> LayerCodec:
+        return self.layers[layer][kind]
+
+    def encode(self, layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, H, T, D] -> z [B, T, R]`` with ``R`` the layer's summed rank for this kind."""
+        return self.codec(layer, kind).encode(x)
+
+    def decode(self, layer: int, kind: str, z: torch.Tensor) -> torch.Tensor:
+        """``z [B, T, R] -> x_hat [B, H, T, D]``."""
+        return self.codec(layer, kind).decode(z)
+
+    def latent_dims(self) -> list[tuple[int, int]]:
+        """``(R_k, R_v)`` per layer: numbers stored per token."""
+        return [(self.codec(i, "k").latent_dim, self.codec(i, "v").latent_dim) for i in range(self.num_layers)]
+
+    @property
+    def trainable(self) -> bool:
+        """True when some head has parameters to fit by gradient descent."""
+        return any(p.requires_grad for p in self.parameters())
+
+    # ------------------------------------------------------------------ calibration
+    def begin_statistics(self, device: torch.device | str = "cpu") -> None:
+        """Start a float64 statistics pass (mean and covariance per head, K and V)."""
+        self._moments = {
+            (layer, kind): RunningMoments(self.num_kv_heads, self.head_dim, device)
+            for layer in range(self.num_layers)
+            for kind in KINDS
+        }
+
+    def accumulate(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Add captured rows ``keys/values [N, L, H, D]`` to the running statistics."""
+        if self._moments is None:
+            raise RuntimeError("call begin_statistics() first")
+        for layer in range(self.num_layers):
+            self._moments[(layer, "k")].add(keys[:, layer])
+            self._moments[(layer, "v")].add(values[:, layer])
+
+    def statistics_tensors(self) -> list[torch.Tensor]:
+        """Every running sum, in a fixed order, for an all-reduce (sum) across processes."""
+        if self._moments is None:
+            return []
+        return [t for key in sorted(self._moments) for t in self._moments[key].tensors()]
+
+    def finalize_statistics(self) -> None:
+        """Fit PCA heads (and initialise KVSplice heads) from the statistics, then drop them."""
+        if self._moments is None:
+            raise RuntimeError("no statistics were accumulated")
+        for (layer, kind), moments in self._moments.items():
+            if moments.count.item() == 0:
+                raise KVLightError("no captured rows reached the statistics pass; check the calibration data")
+            mean, covariance = moments.mean_and_covariance()
+            for head, projection in enumerate(self.codec(layer, kind).heads):
+                projection.init_from_statistics(mean[head], covariance[head])
+        self._moments = None
+
+    def fit_statistics(self, batches: Iterable[dict[str, torch.Tensor]]) -> None:
+        """One statistics pass over ``{'keys', 'values'}`` batches, then :meth:`finalize_statistics`."""
+        self.begin_statistics()
+        for batch in batches:
+            self.accumulate(batch["keys"], batch["values"])
+        self.finalize_statistics()
+
+    def reconstruction_loss(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The seed's loss ``mse(K_hat, K) + mse(V_hat, V)`` over every layer and head.
+
+        Args:
+            keys, values: ``[N, L, H, D]`` captured rows (keys pre-RoPE for RoPE models).
+        """
+        total = keys.new_zeros(())
+        for layer in range(self.num_layers):
+            for kind, rows in (("k", keys), ("v", values)):
+                x = rows[:, layer].unsqueeze(2).transpose(0, 2)  # [1, H, N, D]: the cache layout, N as time
+                total = total + torch.mean((self.codec(layer, kind).reconstruct(x) - x) ** 2)
+        return total / self.num_layers
+
+    # ------------------------------------------------------------------ artefacts
+    def describe(self) -> dict:
+        """What ``save_pretrained`` writes beside the weights."""
+        return {
+            "compression_config": self.config.to_dict(),
+            "geometry": self.geometry.to_dict() if self.geometry else None,
+            "latent_affine": self.latent_affine,
+            "init": self.init,
+            "format": "kvlight-compressor/1",
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``compressor.safetensors`` and ``compressor_config.json`` (atomically) to ``directory``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(state, tmp, metadata={"format": "pt"})
+            os.replace(tmp, directory / WEIGHTS_NAME)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(self.describe(), indent=2) + "\n")
+
+    def check_geometry(self, geometry: KVGeometry) -> None:
+        """Refuse a model whose KV geometry differs from the one this compressor was built for."""
+        mine = (self.num_layers, self.num_kv_heads, self.head_dim)
+        theirs = (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
+        fitted_rope = self.geometry.rope if self.geometry else geometry.rope
+        if mine != theirs or fitted_rope != geometry.rope:
+            raise GeometryMismatchError(
+                f"compressor was fitted to {mine[0]} layers x {mine[1]} KV heads x head_dim {mine[2]}"
+                f"{' (RoPE)' if fitted_rope else ''}, but the model has {theirs[0]} x {theirs[1]} x {theirs[2]}"
+                f"{' (RoPE)' if geometry.rope else ''}; calibrate a compressor for this model"
+            )
+
+
+class PCACompressor(KVCompressor):
+    """Every enabled head uses PCA."""
+
+    def __init__(self, config: CompressionConfig, geometry: KVGeometry | None = None) -> None:
+        super().__init__(config, geometry, algo="pca")
+
+
+class KVSpliceCompressor(KVCompressor):
+    """Every enabled head uses learned KVSplice projections."""
+
+    def __init__(
+        self,
+        config: CompressionConfig,
+        geometry: KVGeometry | None = None,
+        latent_affine: bool = True,
+        init: str = "pca",
+    ) -> None:
+        super().__init__(config, geometry, algo="kvsplice", latent_affine=latent_affine, init=init)
+
+
+def load_compressor(directory: str | os.PathLike, geometry: KVGeometry | None = None) -> KVCompressor:
+    """Load what :meth:`KVCompressor.save_pretrained` wrote; with ``geometry``, refuse a different model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    try:
+        described = json.loads((directory / CONFIG_NAME).read_text())
+    except OSError as exc:
+        raise KVLightError(f"cannot read {directory / CONFIG_NAME}: {exc.strerror or exc}; is this a compressor directory?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KVLightError(f"{directory / CONFIG_NAME} is not valid JSON: {exc}") from None
+    if not isinstance(described, dict) or described.get("format") != "kvlight-compressor/1":
+        raise KVLightError(f"{directory / CONFIG_NAME} is not a kvlight compressor description")
+    config = CompressionConfig.from_dict(described.get("compression_config"))
+    saved_geometry = described.get("geometry")
+    try:
+        fitted = KVGeometry.from_dict(saved_geometry) if saved_geometry else None
+    except (KeyError, TypeError) as exc:
+        raise KVLightError(f"{directory / CONFIG_NAME}: malformed geometry ({exc})") from None
+    compressor = KVCompressor(
+        config,
+        fitted,
+        latent_affine=bool(described.get("latent_affine", True)),
+        init=described.get("init", "pca") if described.get("init") in ("pca", "random") else "pca",
+    )
+    if geometry is not None:
+        compressor.check_geometry(geometry)
+    try:
+        state = load_file(directory / WEIGHTS_NAME)
+    except (OSError, SafetensorError) as exc:
+        raise KVLightError(f"cannot read {directory / WEIGHTS_NAME}: {exc}") from None
+    try:
+        compressor.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise KVLightError(f"{directory / WEIGHTS_NAME} does not match its config: {' '.join(first[:2])[:300]}") from None
+    return compressor

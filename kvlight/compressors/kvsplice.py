@@ -1,0 +1,59 @@
+"""KVSplice backend: learned linear compress/expand per head, with the seed's optional latent scale/shift.
+
+``z = softplus(s) * ((x - mean) @ W_c^T) + b`` and ``x_hat = z @ W_e^T + mean``. Trained with Adam
+on ``||K - K_hat||^2 + ||V - V_hat||^2``. Initialised from the PCA solution by default: with that
+loss a linear autoencoder cannot beat PCA, so the PCA start is already optimal for plain MSE, and
+training matters for other objectives and for low-precision latents (where scale/shift help).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvlight.compressors.base import HeadProjection, inverse_softplus, principal_basis, random_init_
+
+
+class KVSpliceProjection(HeadProjection):
+    """Learned ``compress [r, D]`` and ``expand [D, r]`` with an optional latent affine map."""
+
+    algo = "kvsplice"
+    trainable = True
+
+    def __init__(self, head_dim: int, rank: int, latent_affine: bool = True, init: str = "pca") -> None:
+        super().__init__(head_dim, rank)
+        if init not in ("pca", "random"):
+            raise ValueError(f"init must be 'pca' or 'random', got {init!r}")
+        self.init = init
+        self.compress = nn.Parameter(torch.empty(rank, head_dim))
+        self.expand = nn.Parameter(torch.empty(head_dim, rank))
+        random_init_(self.compress)
+        random_init_(self.expand)
+        self.latent_affine = latent_affine
+        if latent_affine:
+            self.latent_scale = nn.Parameter(torch.full((rank,), inverse_softplus(1.0)))
+            self.latent_shift = nn.Parameter(torch.zeros(rank))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., D] -> z [..., r]``."""
+        z = (x - self.mean.to(x.dtype)) @ self.compress.to(x.dtype).T
+        if self.latent_affine:
+            z = z * F.softplus(self.latent_scale).to(x.dtype) + self.latent_shift.to(x.dtype)
+        return z
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """``z [..., r] -> x_hat [..., D]``."""
+        return z @ self.expand.to(z.dtype).T + self.mean.to(z.dtype)
+
+    def init_from_statistics(self, mean: torch.Tensor, covariance: torch.Tensor) -> None:
+        """Centre on the data mean; with ``init='pca'`` also start from the PCA basis (scale 1, shift 0)."""
+        with torch.no_grad():
+            self.mean.copy_(mean.to(self.mean.dtype))
+            if self.init == "pca":
+                basis = principal_basis(covariance, self.rank).to(self.compress.dtype)
+                self.compress.copy_(basis.T)
+                self.expand.copy_(basis)
+                if self.latent_affine:
+                    self.latent_scale.fill_(inverse_softplus(1.0))
+                    self.latent_shift.zero_()

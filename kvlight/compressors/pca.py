@@ -1,0 +1,31 @@
+"""PCA backend: a centred orthonormal basis per head, fitted from float64 statistics, no optimizer."""
+
+from __future__ import annotations
+
+import torch
+
+from kvlight.compressors.base import HeadProjection, principal_basis
+
+
+class PCAProjection(HeadProjection):
+    """``z = (x - mean) @ U``, ``x_hat = z @ U^T + mean`` with ``U [D, r]`` the top-r eigenvectors."""
+
+    algo = "pca"
+    trainable = False
+
+    def __init__(self, head_dim: int, rank: int) -> None:
+        super().__init__(head_dim, rank)
+        # Until fitted, the leading coordinate axes: a valid (if poor) orthonormal basis.
+        self.register_buffer("basis", torch.eye(head_dim)[:, :rank].contiguous())
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., D] -> z [..., r]``."""
+        return (x - self.mean.to(x.dtype)) @ self.basis.to(x.dtype)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """``z [..., r] -> x_hat [..., D]``."""
+        return z @ self.basis.to(z.dtype).T + self.mean.to(z.dtype)
+
+    def init_from_statistics(self, mean: torch.Tensor, covariance: torch.Tensor) -> None:
+        self.mean.copy_(mean.to(self.mean.dtype))
+        self.basis.copy_(principal_basis(covariance, self.rank).to(self.basis.dtype))

@@ -1,0 +1,323 @@
+"""The compression config: the seed's JSON schema in and out, validation, per-head specs.
+
+Schema (the seed's, with optional additions marked +)::
+
+    {
+      "global": {
+        "target_memory_reduction": 0.5,   # rank of unlisted heads = round(d_head * (1 - target))
+        "d_head": 64,
+        "algo_default": "kvsplice",       # "pca" or "kvsplice"
+        "num_layers": 30,                 # + model geometry, so a compressor can be built from the file alone
+        "num_kv_heads": 3,                # +
+        "sink_tokens": 0,                 # + first positions kept exact
+        "recent_window": 0                # + newest positions kept exact
+      },
+      "per_layer_head": {
+        "0/0": {"enabled": true, "rank": 32, "algo": "kvsplice", "d_k": 64, "d_v": 64},
+        "0/1": {"rank_k": 16, "rank_v": 48}   # + separate key and value ranks
+      }
+    }
+
+Heads not listed take the global default. Every problem is a :class:`ConfigError` whose one-line
+message names the offending key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvlight.errors import ConfigError
+
+#: Backends a head may name in ``algo``; each is one file under ``kvlight/compressors``.
+KNOWN_ALGOS = ("pca", "kvsplice")
+
+_GLOBAL_KEYS = {
+    "target_memory_reduction",
+    "d_head",
+    "algo_default",
+    "num_layers",
+    "num_kv_heads",
+    "sink_tokens",
+    "recent_window",
+}
+_HEAD_KEYS = {"enabled", "rank", "rank_k", "rank_v", "algo", "d_k", "d_v"}
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """How one KV head of one layer is compressed. ``enabled=False`` stores it exactly."""
+
+    enabled: bool
+    algo: str
+    rank_k: int
+    rank_v: int
+
+
+@dataclass
+class CompressionConfig:
+    """Per-layer, per-KV-head compression settings (see the module docstring for the JSON schema)."""
+
+    target_memory_reduction: float = 0.5
+    d_head: int | None = None
+    algo_default: str = "kvsplice"
+    num_layers: int | None = None
+    num_kv_heads: int | None = None
+    sink_tokens: int = 0
+    recent_window: int = 0
+    per_layer_head: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, data: Any) -> CompressionConfig:
+        """Parse the JSON structure; checks types and keys, not the fit to a model (see :meth:`validate`)."""
+        if not isinstance(data, dict):
+            raise ConfigError("compression config must be a JSON object with 'global' and 'per_layer_head'")
+        unknown = set(data) - {"global", "per_layer_head"}
+        if unknown:
+            raise ConfigError(f"unknown top-level key {sorted(unknown)[0]!r} in compression config")
+        glob = data.get("global", {})
+        if not isinstance(glob, dict):
+            raise ConfigError("'global' must be a JSON object")
+        bad = set(glob) - _GLOBAL_KEYS
+        if bad:
+            raise ConfigError(f"unknown key global.{sorted(bad)[0]} (known: {', '.join(sorted(_GLOBAL_KEYS))})")
+        cfg = cls(
+            target_memory_reduction=_number(glob, "target_memory_reduction", 0.5),
+            d_head=_optional_int(glob, "d_head", minimum=1),
+            algo_default=_algo(glob.get("algo_default", "kvsplice"), "global.algo_default"),
+            num_layers=_optional_int(glob, "num_layers", minimum=1),
+            num_kv_heads=_optional_int(glob, "num_kv_heads", minimum=1),
+            sink_tokens=_optional_int(glob, "sink_tokens", minimum=0) or 0,
+            recent_window=_optional_int(glob, "recent_window", minimum=0) or 0,
+        )
+        if not 0.0 <= cfg.target_memory_reduction < 1.0:
+            raise ConfigError(
+                f"global.target_memory_reduction = {cfg.target_memory_reduction} must be in [0, 1) "
+                "(0.5 keeps half the cache)"
+            )
+        heads = data.get("per_layer_head", {})
+        if not isinstance(heads, dict):
+            raise ConfigError("'per_layer_head' must be a JSON object keyed \"layer/head\"")
+        for key, entry in heads.items():
+            cfg.per_layer_head[_parse_head_key(key)] = _parse_head_entry(key, entry)
+        return cfg
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> CompressionConfig:
+        """Read a config file; unreadable or malformed JSON is a one-line :class:`ConfigError`."""
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read compression config {str(path)!r}: {exc.strerror or exc}") from None
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"compression config {str(path)!r} is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def uniform(
+        cls,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rank: int | None = None,
+        rank_k: int | None = None,
+        rank_v: int | None = None,
+        algo: str = "kvsplice",
+        sink_tokens: int = 0,
+        recent_window: int = 0,
+        list_heads: bool = True,
+    ) -> CompressionConfig:
+        """One rank for every head (``rank`` or separate ``rank_k``/``rank_v``), listed head by head."""
+        rank_k = rank_k if rank_k is not None else rank
+        rank_v = rank_v if rank_v is not None else rank
+        if rank_k is None or rank_v is None:
+            raise ConfigError("uniform config needs --rank (or both --rank-k and --rank-v)")
+        reduction = 1.0 - (rank_k + rank_v) / (2 * head_dim)
+        cfg = cls(
+            target_memory_reduction=round(max(reduction, 0.0), 6),
+            d_head=head_dim,
+            algo_default=_algo(algo, "algo"),
+            num_layers=num_layers,
+            num_kv_heads=num_kv_heads,
+            sink_tokens=sink_tokens,
+            recent_window=recent_window,
+        )
+        if list_heads:
+            for layer in range(num_layers):
+                for head in range(num_kv_heads):
+                    cfg.per_layer_head[(layer, head)] = {
+                        "enabled": True,
+                        "algo": cfg.algo_default,
+                        "rank_k": rank_k,
+                        "rank_v": rank_v,
+                    }
+        return cfg
+
+    # ------------------------------------------------------------------ queries
+    def default_rank(self, head_dim: int) -> int:
+        """Rank of heads not listed: ``round(d_head * (1 - target_memory_reduction))``, at least 1."""
+        return max(1, min(head_dim, int(round(head_dim * (1.0 - self.target_memory_reduction)))))
+
+    def head(self, layer: int, head: int, head_dim: int | None = None) -> HeadSpec:
+        """The resolved spec of one head: its listed entry, else the global default."""
+        head_dim = head_dim or self.d_head
+        if head_dim is None:
+            raise ConfigError("global.d_head is missing: write it or build the compressor with the model's geometry")
+        entry = self.per_layer_head.get((layer, head), {})
+        default = self.default_rank(head_dim)
+        rank = entry.get("rank", default)
+        return HeadSpec(
+            enabled=bool(entry.get("enabled", True)),
+            algo=entry.get("algo", self.algo_default),
+            rank_k=int(entry.get("rank_k", rank)),
+            rank_v=int(entry.get("rank_v", rank)),
+        )
+
+    def heads(self, num_layers: int, num_kv_heads: int, head_dim: int) -> Iterator[tuple[int, int, HeadSpec]]:
+        """Every (layer, head, spec) of a model of this geometry."""
+        for layer in range(num_layers):
+            for head in range(num_kv_heads):
+                yield layer, head, self.head(layer, head, head_dim)
+
+    def with_algo(self, algo: str) -> CompressionConfig:
+        """A copy in which every head uses ``algo`` (what ``--compressor`` means)."""
+        algo = _algo(algo, "--compressor")
+        copy = CompressionConfig.from_dict(self.to_dict())
+        copy.algo_default = algo
+        for entry in copy.per_layer_head.values():
+            entry["algo"] = algo
+        return copy
+
+    def memory_reduction(self, num_layers: int, num_kv_heads: int, head_dim: int) -> float:
+        """Fraction of K/V bytes saved by the latents, ignoring exact sink/recent tokens and storage dtype."""
+        kept = 0
+        for _, _, spec in self.heads(num_layers, num_kv_heads, head_dim):
+            kept += (spec.rank_k + spec.rank_v) if spec.enabled else 2 * head_dim
+        return 1.0 - kept / (2 * head_dim * num_layers * num_kv_heads)
+
+    # ------------------------------------------------------------------ validation and output
+    def validate(self, num_layers: int, num_kv_heads: int, head_dim: int) -> CompressionConfig:
+        """Check the config against a model's geometry and fill in the geometry fields; returns ``self``."""
+        if self.d_head is not None and self.d_head != head_dim:
+            raise ConfigError(f"global.d_head = {self.d_head} but the model's head_dim is {head_dim}")
+        if self.num_layers is not None and self.num_layers != num_layers:
+            raise ConfigError(f"global.num_layers = {self.num_layers} but the model has {num_layers} layers")
+        if self.num_kv_heads is not None and self.num_kv_heads != num_kv_heads:
+            raise ConfigError(f"global.num_kv_heads = {self.num_kv_heads} but the model has {num_kv_heads} KV heads")
+        for (layer, head), entry in self.per_layer_head.items():
+            key = f"per_layer_head[\"{layer}/{head}\"]"
+            if layer >= num_layers:
+                raise ConfigError(f"{key}: layer {layer} is out of range (the model has layers 0..{num_layers - 1})")
+            if head >= num_kv_heads:
+                raise ConfigError(f"{key}: KV head {head} is out of range (the model has heads 0..{num_kv_heads - 1})")
+            for dim_key in ("d_k", "d_v"):
+                if dim_key in entry and entry[dim_key] != head_dim:
+                    raise ConfigError(f"{key}.{dim_key} = {entry[dim_key]} but the model's head_dim is {head_dim}")
+            for rank_key in ("rank", "rank_k", "rank_v"):
+                if rank_key in entry and not 1 <= entry[rank_key] <= head_dim:
+                    raise ConfigError(f"{key}.{rank_key} = {entry[rank_key]} is outside 1..{head_dim} (the head_dim)")
+        self.d_head, self.num_layers, self.num_kv_heads = head_dim, num_layers, num_kv_heads
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON structure (seed schema plus the optional keys)."""
+        glob: dict[str, Any] = {
+            "target_memory_reduction": self.target_memory_reduction,
+            "d_head": self.d_head,
+            "algo_default": self.algo_default,
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "sink_tokens": self.sink_tokens,
+            "recent_window": self.recent_window,
+        }
+        glob = {k: v for k, v in glob.items() if v is not None}
+        heads = {}
+        for (layer, head), entry in sorted(self.per_layer_head.items()):
+            out = dict(entry)
+            if self.d_head is not None:
+                out.setdefault("d_k", self.d_head)
+                out.setdefault("d_v", self.d_head)
+            if out.get("rank_k") is not None and out.get("rank_k") == out.get("rank_v") and "rank" not in out:
+                out = {"enabled": out.get("enabled", True), "rank": out.pop("rank_k"), **out}
+                out.pop("rank_v")
+            heads[f"{layer}/{head}"] = out
+        return {"global": glob, "per_layer_head": heads}
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        """Write the config atomically (a temp file renamed into place)."""
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------- parsing helpers
+def _number(section: dict, key: str, default: float) -> float:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"global.{key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _optional_int(section: dict, key: str, minimum: int) -> int | None:
+    value = section.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"global.{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _algo(value: Any, where: str) -> str:
+    if value not in KNOWN_ALGOS:
+        raise ConfigError(f"{where} = {value!r} is not a known algo (known: {', '.join(KNOWN_ALGOS)})")
+    return value
+
+
+def _parse_head_key(key: Any) -> tuple[int, int]:
+    parts = str(key).split("/")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(f"per_layer_head key {key!r} must look like \"layer/head\", e.g. \"0/1\"")
+    return int(parts[0]), int(parts[1])
+
+
+def _parse_head_entry(key: str, entry: Any) -> dict[str, Any]:
+    where = f"per_layer_head[\"{key}\"]"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where} must be a JSON object like {{\"rank\": 32}}")
+    bad = set(entry) - _HEAD_KEYS
+    if bad:
+        raise ConfigError(f"unknown key {where}.{sorted(bad)[0]} (known: {', '.join(sorted(_HEAD_KEYS))})")
+    out: dict[str, Any] = {}
+    if "enabled" in entry:
+        if not isinstance(entry["enabled"], bool):
+            raise ConfigError(f"{where}.enabled must be true or false, got {entry['enabled']!r}")
+        out["enabled"] = entry["enabled"]
+    if "algo" in entry:
+        out["algo"] = _algo(entry["algo"], f"{where}.algo")
+    for name in ("rank", "rank_k", "rank_v", "d_k", "d_v"):
+        if name in entry:
+            value = entry[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{where}.{name} must be a positive integer, got {value!r}")
+            out[name] = value
+    return out

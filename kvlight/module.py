@@ -1,0 +1,237 @@
+"""The LightningModule: a frozen causal LM plus the trainable compressor.
+
+``fit`` captures K/V once (through the DataModule's shard cache), runs one statistics epoch
+(PCA bases, KVSplice initialisation; float64 sums all-reduced across processes), then trains
+the KVSplice heads with Adam on the reconstruction loss. ``validate`` measures baseline and
+compressed perplexity, feeding each window in chunks through a :class:`CompressedCache` so
+attention reads what the cache stores, and the exact bytes the cache holds.
+The frozen model is kept outside the module tree: it never reaches the optimizer or a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning.pytorch as pl
+import torch
+from torchmetrics import SumMetric
+
+from kvlight.cache import CompressedCache, PositionTracker, cache_kwargs, dynamic_cache_bytes
+from kvlight.capture import capture_to_shards
+from kvlight.compressors import KVCompressor
+from kvlight.config import CompressionConfig
+from kvlight.errors import ConfigError, KVLightError
+from kvlight.metrics import TokenPerplexity
+from kvlight.models import geometry_of, load_model, model_fingerprint
+from kvlight.shards import num_rows
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_config(
+    compression_config: str | dict | None,
+    geometry,
+    rank: int | None = None,
+    rank_k: int | None = None,
+    rank_v: int | None = None,
+    sink_tokens: int | None = None,
+    recent_window: int | None = None,
+) -> CompressionConfig:
+    """The config file/dict, or a uniform one from the ranks (default: half the head_dim), fitted to ``geometry``."""
+    if compression_config is None:
+        if rank is None and rank_k is None and rank_v is None:
+            rank = geometry.head_dim // 2
+        config = CompressionConfig.uniform(
+            geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, rank=rank, rank_k=rank_k, rank_v=rank_v
+        )
+    elif isinstance(compression_config, dict):
+        config = CompressionConfig.from_dict(compression_config)
+    else:
+        config = CompressionConfig.from_json(compression_config)
+    if sink_tokens is not None:
+        config.sink_tokens = sink_tokens
+    if recent_window is not None:
+        config.recent_window = recent_window
+    return config.validate(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
+
+
+class KVCalibrationModule(pl.LightningModule):
+    """Frozen HF causal LM + trainable KV compressor.
+
+    Args:
+        model: hub id, local directory, ``.gguf`` file, or None for the embedded default.
+        compression_config: path to a compression config JSON (or its content); None: uniform ``rank``.
+        compressor: ``pca`` or ``kvsplice`` for every head; None: each head's ``algo`` from the config.
+        rank: uniform rank when no config is given (default head_dim / 2).
+        rank_k: uniform key rank when no config is given.
+        rank_v: uniform value rank when no config is given.
+        sink_tokens: override the config's exact first positions.
+        recent_window: override the config's exact newest positions.
+        lr: Adam learning rate for KVSplice heads.
+        init: KVSplice initialisation, ``pca`` or ``random``.
+        latent_affine: KVSplice latent scale and shift.
+        eval_chunk: validation feeds each window in chunks of this many tokens through the compressed cache.
+        capture_batch_size: windows per forward pass while capturing K/V.
+        model_dtype: dtype the frozen model is loaded in (float32, bfloat16, float16).
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        compression_config: str | dict | None = None,
+        compressor: str | None = None,
+        rank: int | None = None,
+        rank_k: int | None = None,
+        rank_v: int | None = None,
+        sink_tokens: int | None = None,
+        recent_window: int | None = None,
+        lr: float = 1e-3,
+        init: str = "pca",
+        latent_affine: bool = True,
+        eval_chunk: int = 64,
+        capture_batch_size: int = 4,
+        model_dtype: str = "float32",
+    ) -> None:
+        super().__init__()
+        if model_dtype not in _DTYPES:
+            raise ConfigError(f"model_dtype {model_dtype!r} is not one of {', '.join(_DTYPES)}")
+        if init not in ("pca", "random"):
+            raise ConfigError(f"init {init!r} must be 'pca' or 'random'")
+        self.save_hyperparameters()
+        self.geometry = geometry_of(model)
+        config = resolve_config(compression_config, self.geometry, rank, rank_k, rank_v, sink_tokens, recent_window)
+        # The checkpoint carries the resolved config itself, so `validate --ckpt_path` needs no file.
+        self.hparams["compression_config"] = config.to_dict()
+        self.compressor = KVCompressor(config, self.geometry, algo=compressor, latent_affine=latent_affine, init=init)
+        self.automatic_optimization = False
+        self.strict_loading = False
+        self._frozen: torch.nn.Module | None = None
+        self._tracker: PositionTracker | None = None
+        self.stats_epochs = 1
+        self.ppl_baseline = TokenPerplexity()
+        self.ppl_compressed = TokenPerplexity()
+        self.bytes_compressed = SumMetric()
+        self.bytes_dynamic = SumMetric()
+        self.results: dict[str, float] = {}
+        self.capture_seconds = 0.0
+
+    # ------------------------------------------------------------------ the frozen model
+    @property
+    def frozen(self) -> torch.nn.Module:
+        if self._frozen is None:
+            self.configure_model()
+        return self._frozen
+
+    def configure_model(self) -> None:
+        if self._frozen is not None:
+            return
+        model = load_model(self.hparams.model, _DTYPES[self.hparams.model_dtype])
+        self.compressor.check_geometry(self.geometry)
+        # Not a submodule: no optimizer, no checkpoint, no DDP wrapping for the frozen weights.
+        object.__setattr__(self, "_frozen", model.to(self.device))
+        if self.geometry.rope:
+            object.__setattr__(self, "_tracker", PositionTracker(model))
+
+    def teardown(self, stage: str) -> None:
+        if self._tracker is not None:
+            self._tracker.close()
+            object.__setattr__(self, "_tracker", None)
+        object.__setattr__(self, "_frozen", None)
+
+    # ------------------------------------------------------------------ fit
+    def on_fit_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "set_kv_shards"):
+            raise KVLightError("kvlight fit needs the KVCalibrationDataModule (data: in the YAML)")
+        self.frozen.to(self.device)
+        directory = datamodule.capture_path(model_fingerprint(self.frozen, self.hparams.model))
+        start = time.perf_counter()
+        manifest = capture_to_shards(
+            self.frozen,
+            self.geometry,
+            datamodule.calibration_windows(),
+            directory,
+            capacity=datamodule.hparams.max_samples_per_head,
+            batch_size=self.hparams.capture_batch_size,
+            seed=datamodule.hparams.seed,
+        )
+        self.capture_seconds = time.perf_counter() - start
+        rows = torch.tensor(num_rows(manifest), device=self.device)
+        fewest = int(self.all_gather(rows).min())  # every rank must take the same number of steps
+        datamodule.set_kv_shards(directory, max(1, math.ceil(fewest / datamodule.hparams.kv_batch_size)))
+
+    def configure_optimizers(self):
+        params = [p for p in self.compressor.parameters() if p.requires_grad]
+        if not params:  # PCA only: a dummy optimizer keeps Lightning's manual loop happy
+            params = [torch.nn.Parameter(torch.zeros(1, device=self.device))]
+        return torch.optim.Adam(params, lr=self.hparams.lr)
+
+    def on_train_epoch_start(self) -> None:
+        loader = self.trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
+        if self.current_epoch < self.stats_epochs:
+            self.compressor.begin_statistics(self.device)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
+        keys, values = batch["keys"], batch["values"]
+        if self.current_epoch < self.stats_epochs:
+            self.compressor.accumulate(keys, values)
+            return None
+        if not self.compressor.trainable:
+            return None
+        optimizer = self.optimizers()
+        loss = self.compressor.reconstruction_loss(keys, values)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=keys.shape[0])
+        return loss.detach()
+
+    def on_train_epoch_end(self) -> None:
+        if self.current_epoch != self.stats_epochs - 1:
+            return
+        for tensor in self.compressor.statistics_tensors():
+            tensor.copy_(self.trainer.strategy.reduce(tensor, reduce_op="sum"))
+        self.compressor.finalize_statistics()
+
+    # ------------------------------------------------------------------ validate
+    def _chunked_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> torch.Tensor:
+        chunk = self.hparams.eval_chunk or input_ids.shape[1]
+        logits = []
+        for start in range(0, input_ids.shape[1], chunk):
+            mask = None if attention_mask is None else attention_mask[:, : start + chunk]
+            out = self.frozen(input_ids=input_ids[:, start : start + chunk], attention_mask=mask, **cache_kwargs(cache))
+            logits.append(out.logits)
+        return torch.cat(logits, dim=1)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        input_ids = batch["input_ids"] if isinstance(batch, dict) else batch
+        attention_mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        baseline = self.frozen(input_ids=input_ids, attention_mask=attention_mask).logits
+        self.ppl_baseline.update(baseline, input_ids, attention_mask)
+        cache = CompressedCache(self.compressor, self._tracker)
+        compressed = self._chunked_logits(input_ids, attention_mask, cache)
+        self.ppl_compressed.update(compressed, input_ids, attention_mask)
+        kv_dtype = cache.layers[0].dtype
+        self.bytes_compressed.update(float(cache.stored_bytes()))
+        self.bytes_dynamic.update(float(dynamic_cache_bytes(self.geometry, *input_ids.shape, kv_dtype)))
+
+    def on_validation_epoch_end(self) -> None:
+        baseline = float(self.ppl_baseline.compute())
+        compressed = float(self.ppl_compressed.compute())
+        stored, full = float(self.bytes_compressed.compute()), float(self.bytes_dynamic.compute())
+        self.results = {
+            "baseline_perplexity": baseline,
+            "compressed_perplexity": compressed,
+            "perplexity_degradation_pct": 100.0 * (compressed / baseline - 1.0),
+            "memory_savings_pct": 100.0 * (1.0 - stored / full) if full else 0.0,
+            "compressed_cache_bytes": stored,
+            "dynamic_cache_bytes": full,
+        }
+        for name, value in self.results.items():
+            self.log(f"val/{name}", value, prog_bar=name.endswith("perplexity"), sync_dist=False)
+        for metric in (self.ppl_baseline, self.ppl_compressed, self.bytes_compressed, self.bytes_dynamic):
+            metric.reset()

@@ -1,0 +1,466 @@
+"""Captured K/V rows: a bounded token reservoir, atomic checksummed shards on disk, and a streaming reader.
+
+A *row* is one token's keys and values for every layer and KV head, ``[L, H, D]`` each, so compressors for all
+layers are fitted on the same tokens. Rows are captured once (reservoir), written as safetensors shards with a
+manifest (so an interrupted or corrupted capture is detected and redone), and streamed back in shuffled
+mini-batches while the compressors train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from kvlight.errors import CaptureError, OutputError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "kvlight-kv-shards"
+MANIFEST_VERSION = 1
+_SHARD_PATTERN = "shard-{:05d}.safetensors"
+_HASH_CHUNK = 1 << 20
+
+
+class KVReservoir:
+    """Uniform reservoir sample of *tokens* shared by all layers.
+
+    A kept row holds that token's K and V for every layer and KV head, so the layers stay aligned. Memory is
+    bounded by ``capacity`` rows whatever the number of tokens streamed.
+
+    Use it once per captured batch: :meth:`plan` decides which tokens enter and where, then :meth:`put` is called
+    for every layer with that plan before the next :meth:`plan`.
+
+    Args:
+        num_layers: Number of decoder layers ``L``.
+        num_kv_heads: Number of key/value heads ``H`` per layer.
+        head_dim: Size ``D`` of one head.
+        capacity: Maximum number of rows kept.
+        seed: Seed of the generator that decides replacements (same seed and batches -> same sample).
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int, seed: int = 0):
+        if min(num_layers, num_kv_heads, head_dim, capacity) < 1:
+            raise ValueError(
+                f"KVReservoir needs positive sizes, got num_layers={num_layers}, num_kv_heads={num_kv_heads}, "
+                f"head_dim={head_dim}, capacity={capacity}"
+            )
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.capacity = capacity
+        self._generator = torch.Generator().manual_seed(seed)
+        self._seen = 0
+        # Allocated on first put: torch.empty pages are only touched when written, but deferring keeps
+        # construction free for callers that never capture (e.g. a cache hit).
+        self._keys: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
+        # Layers still owed a put() for the last plan; a missing layer would leave stale rows in its slots.
+        self._pending_layers: set[int] = set()
+
+    @property
+    def num_seen(self) -> int:
+        """Number of tokens offered to the reservoir so far."""
+        return self._seen
+
+    def __len__(self) -> int:
+        return min(self._seen, self.capacity)
+
+    def plan(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decide which of the next ``num_tokens`` tokens enter the reservoir and which slot each takes.
+
+        Algorithm R, vectorised: the token with global index ``n`` goes to slot ``n`` while ``n < capacity``;
+        afterwards it draws ``j`` uniformly from ``[0, n]`` and replaces slot ``j`` if ``j < capacity``. When two
+        tokens of this batch target the same slot only the later one is returned, which is what writing them one
+        after the other would leave.
+
+        Args:
+            num_tokens: Tokens in this batch, flattened over batch and time.
+
+        Returns:
+            ``(token_index, slot)``: LongTensors ``[N]``; ``token_index`` indexes this batch's flattened tokens
+            (ascending), ``slot`` the reservoir row each one overwrites (all distinct).
+        """
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        if self._pending_layers:
+            raise RuntimeError(
+                f"KVReservoir.plan called before put() for layers {sorted(self._pending_layers)} of the previous plan"
+            )
+        index = torch.arange(num_tokens, dtype=torch.long)
+        global_index = index + self._seen
+        # float64 keeps floor(u * (n + 1)) exact-enough for n far beyond any realistic token count.
+        draw = torch.rand(num_tokens, generator=self._generator, dtype=torch.float64)
+        slot = torch.floor(draw * (global_index + 1).to(torch.float64)).to(torch.long)
+        slot = torch.minimum(slot, global_index)  # rounding of u * (n + 1) must not reach n + 1
+        filling = global_index < self.capacity
+        slot = torch.where(filling, global_index, slot)
+        keep = slot < self.capacity
+        token_index, slot = index[keep], slot[keep]
+        if token_index.numel():
+            # The latest token per slot wins; amax is deterministic where scatter_ with duplicates is not.
+            last = torch.full((self.capacity,), -1, dtype=torch.long)
+            last.scatter_reduce_(0, slot, token_index, reduce="amax")
+            latest = last[slot] == token_index
+            token_index, slot = token_index[latest], slot[latest]
+            self._pending_layers = set(range(self.num_layers))
+        self._seen += num_tokens
+        return token_index, slot
+
+    def put(
+        self,
+        layer: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        token_index: torch.Tensor,
+        slot: torch.Tensor,
+    ) -> None:
+        """Store this batch's kept rows for one layer.
+
+        Args:
+            layer: Layer index in ``[0, num_layers)``.
+            keys: All tokens of the batch for this layer, ``[num_tokens, H, D]`` (any device and float dtype).
+            values: Same shape as ``keys``.
+            token_index: From :meth:`plan`, ``[N]``.
+            slot: From :meth:`plan`, ``[N]``.
+
+        Raises:
+            CaptureError: The kept rows contain NaN or inf.
+        """
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} is outside [0, {self.num_layers})")
+        expected = (self.num_kv_heads, self.head_dim)
+        if keys.dim() != 3 or tuple(keys.shape[1:]) != expected or keys.shape != values.shape:
+            raise ValueError(
+                f"expected keys and values of shape [num_tokens, {expected[0]}, {expected[1]}], "
+                f"got {tuple(keys.shape)} and {tuple(values.shape)}"
+            )
+        if token_index.numel() == 0:
+            self._pending_layers.discard(layer)
+            return
+        if self._keys is None or self._values is None:
+            shape = (self.capacity, self.num_layers, self.num_kv_heads, self.head_dim)
+            self._keys = torch.empty(shape, dtype=torch.float32)
+            self._values = torch.empty(shape, dtype=torch.float32)
+        # Gather on the capture device first so only the kept rows cross to host memory.
+        picked = token_index.to(keys.device)
+        kept_keys = keys.index_select(0, picked).to("cpu", torch.float32)
+        kept_values = values.index_select(0, picked).to("cpu", torch.float32)
+        if not (torch.isfinite(kept_keys).all() and torch.isfinite(kept_values).all()):
+            raise CaptureError(
+                f"captured K/V of layer {layer} contain NaN or inf; load the model in bfloat16 or float32 instead "
+                "of float16 and capture again"
+            )
+        self._keys[slot, layer] = kept_keys
+        self._values[slot, layer] = kept_values
+        self._pending_layers.discard(layer)
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept rows.
+
+        Returns:
+            ``(keys, values)``, each ``[n, L, H, D]`` float32 with ``n = min(num_seen, capacity)``. These are views
+            of the reservoir's storage: clone them before putting more batches if they must stay unchanged.
+        """
+        if self._pending_layers:
+            raise RuntimeError(f"KVReservoir.rows called before put() for layers {sorted(self._pending_layers)}")
+        n = len(self)
+        if self._keys is None or self._values is None:
+            empty = torch.empty((0, self.num_layers, self.num_kv_heads, self.head_dim), dtype=torch.float32)
+            return empty, empty.clone()
+        return self._keys[:n], self._values[:n]
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable; not every platform/filesystem lets a directory be opened, hence best effort.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see either the old file, no file, or the complete new file."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_shards(
+    directory: Path,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    rows_per_shard: int,
+    meta: dict,
+) -> dict:
+    """Write captured rows as safetensors shards plus a manifest, every file atomically.
+
+    Rows are written in the order given (shuffle before calling if needed). The manifest is written last, so a
+    directory whose manifest is missing or does not match its shards is never trusted (see :func:`load_manifest`).
+    A previous capture in the same directory is invalidated first and its leftover shards removed at the end.
+
+    Args:
+        directory: Destination, created if missing.
+        keys: ``[n, L, H, D]``.
+        values: ``[n, L, H, D]``, same shape as ``keys``.
+        rows_per_shard: Maximum rows per shard file.
+        meta: JSON-serialisable metadata stored in the manifest (model, data settings, ...).
+
+    Returns:
+        The manifest: ``files`` (``name``, ``rows``, ``bytes``, ``sha256``), ``num_rows``, ``row_shape``,
+        ``dtype`` and ``meta``.
+
+    Raises:
+        OutputError: The directory or a file in it cannot be written.
+    """
+    if keys.dim() != 4 or keys.shape != values.shape:
+        raise ValueError(
+            f"expected keys and values of shape [n, L, H, D], got {tuple(keys.shape)} and {tuple(values.shape)}"
+        )
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+    # Fail on unserialisable meta before spending time on the shards.
+    json.dumps(meta)
+    from safetensors.torch import save  # deferred: only capture code needs it
+
+    directory = Path(directory)
+    num = keys.shape[0]
+    files = []
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / MANIFEST_NAME).unlink(missing_ok=True)
+        for index, start in enumerate(range(0, num, rows_per_shard)):
+            name = _SHARD_PATTERN.format(index)
+            shard = {
+                "keys": keys[start : start + rows_per_shard].detach().cpu().contiguous(),
+                "values": values[start : start + rows_per_shard].detach().cpu().contiguous(),
+            }
+            blob = save(shard)
+            _atomic_write(directory / name, blob)
+            rows = shard["keys"].shape[0]
+            files.append({"name": name, "rows": rows, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()})
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "num_rows": num,
+            "row_shape": list(keys.shape[1:]),
+            "dtype": str(keys.dtype).removeprefix("torch."),
+            "files": files,
+            "meta": meta,
+        }
+        _atomic_write(directory / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        _fsync_directory(directory)
+        listed = {entry["name"] for entry in files}
+        for stale in directory.glob("shard-*.safetensors"):
+            if stale.name not in listed:
+                stale.unlink(missing_ok=True)
+    except OSError as error:
+        raise OutputError(
+            f"could not write captured K/V shards to {directory}: {error.strerror or error}; "
+            "choose a writable --capture-dir (or set KVLIGHT_CACHE) with enough free space"
+        ) from error
+    return manifest
+
+
+def _valid_entry(entry: object) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("name"), str)
+        and Path(entry["name"]).name == entry["name"]  # a plain file name: never read outside the directory
+        and isinstance(entry.get("rows"), int)
+        and isinstance(entry.get("bytes"), int)
+        and isinstance(entry.get("sha256"), str)
+    )
+
+
+def _read_manifest(directory: Path) -> dict | None:
+    """The manifest of ``directory`` if it is well formed, without looking at the shards; else ``None``."""
+    try:
+        manifest = json.loads((directory / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        return None
+    if manifest.get("version") != MANIFEST_VERSION:
+        return None
+    files = manifest.get("files")
+    if not isinstance(files, list) or not all(_valid_entry(entry) for entry in files):
+        return None
+    if sum(entry["rows"] for entry in files) != manifest.get("num_rows"):
+        return None
+    return manifest
+
+
+def load_manifest(directory: Path, verify: bool = True) -> dict | None:
+    """Read the manifest of a complete, intact capture.
+
+    Args:
+        directory: A directory written by :func:`write_shards`.
+        verify: Also check every shard's sha256 (reads all shards); sizes are always checked.
+
+    Returns:
+        The manifest, or ``None`` when the directory holds no complete, intact capture (missing or unreadable
+        manifest, missing shard, wrong size or checksum): the caller captures again. Never raises for that.
+    """
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    if manifest is None:
+        return None
+    try:
+        for entry in manifest["files"]:
+            path = directory / entry["name"]
+            if path.stat().st_size != entry["bytes"]:
+                return None
+            if verify and _sha256_file(path) != entry["sha256"]:
+                return None
+    except OSError:
+        return None
+    return manifest
+
+
+def num_rows(manifest: dict) -> int:
+    """Total number of rows listed in a manifest."""
+    return sum(int(entry["rows"]) for entry in manifest["files"])
+
+
+class KVShardStream(torch.utils.data.IterableDataset):
+    """Shuffled mini-batches of captured rows, read one shard at a time.
+
+    Each epoch visits the shards in a shuffled order and the rows of each shard in a shuffled order, both drawn
+    from ``torch.Generator(seed + epoch)``; batches may span two shards so all have exactly ``batch_size`` rows.
+    An epoch is exactly ``num_batches`` batches, cycling through the data again if it is too short and stopping
+    early if it is longer, so every DDP rank takes the same number of optimiser steps.
+
+    Yields:
+        ``{"keys": [batch_size, L, H, D], "values": [batch_size, L, H, D]}``.
+
+    Args:
+        directory: A capture written by :func:`write_shards`.
+        batch_size: Rows per batch.
+        num_batches: Batches per epoch.
+        seed: Base seed of the per-epoch shuffling.
+
+    Raises:
+        CaptureError: The directory holds no complete capture, holds no rows, or a shard fails its checksum
+            when opened.
+    """
+
+    def __init__(self, directory: Path, batch_size: int, num_batches: int, seed: int = 0):
+        super().__init__()
+        if batch_size < 1 or num_batches < 0:
+            raise ValueError(f"need batch_size >= 1 and num_batches >= 0, got {batch_size} and {num_batches}")
+        self.directory = Path(directory)
+        self.batch_size = batch_size
+        self.num_batches = num_batches
+        self.seed = seed
+        self.epoch = 0
+        # Shards are checked (size and sha256) as each one is opened, so a capture is read once per epoch.
+        manifest = _read_manifest(self.directory)
+        if manifest is None:
+            raise CaptureError(
+                f"no complete K/V capture in {self.directory} (missing or damaged manifest.json); delete the "
+                "directory and run again to recapture"
+            )
+        if num_rows(manifest) == 0:
+            raise CaptureError(
+                f"the K/V capture in {self.directory} holds no rows; raise --calibration-samples and run again"
+            )
+        self.manifest = manifest
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the shuffling of the next iteration (call once per epoch, like ``DistributedSampler``)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def _open(self, entry: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        from safetensors.torch import load  # deferred: only training needs it
+
+        path = self.directory / entry["name"]
+        try:
+            blob = path.read_bytes()
+        except OSError as error:
+            raise CaptureError(
+                f"could not read K/V shard {path}: {error.strerror or error}; delete {self.directory} and run again "
+                "to recapture"
+            ) from error
+        if len(blob) != entry["bytes"] or hashlib.sha256(blob).hexdigest() != entry["sha256"]:
+            raise CaptureError(
+                f"K/V shard {path} failed its checksum (damaged or modified); delete {self.directory} and run again "
+                "to recapture"
+            )
+        tensors = load(blob)
+        keys, values = tensors.get("keys"), tensors.get("values")
+        if keys is None or values is None or keys.shape != values.shape or keys.shape[0] != entry["rows"]:
+            raise CaptureError(
+                f"K/V shard {path} does not hold the 'keys'/'values' rows its manifest lists; delete "
+                f"{self.directory} and run again to recapture"
+            )
+        return keys, values
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        files = self.manifest["files"]
+        produced = 0
+        pending_keys: list[torch.Tensor] = []
+        pending_values: list[torch.Tensor] = []
+        pending = 0
+        while produced < self.num_batches:
+            # Each pass over the data draws a fresh shard order, so cycling does not repeat the same batches.
+            for shard_index in torch.randperm(len(files), generator=generator).tolist():
+                if files[shard_index]["rows"] == 0:
+                    continue
+                keys, values = self._open(files[shard_index])
+                order = torch.randperm(keys.shape[0], generator=generator)
+                start = 0
+                while start < order.numel():
+                    take = order[start : start + self.batch_size - pending]
+                    start += take.numel()
+                    pending_keys.append(keys[take])
+                    pending_values.append(values[take])
+                    pending += take.numel()
+                    if pending == self.batch_size:
+                        yield {"keys": torch.cat(pending_keys), "values": torch.cat(pending_values)}
+                        pending_keys, pending_values, pending = [], [], 0
+                        produced += 1
+                        if produced == self.num_batches:
+                            return
+                # Release the shard before the next one is read: only one is held at a time.
+                del keys, values
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker = torch.utils.data.get_worker_info()
+        if worker is None or worker.num_workers == 1:
+            yield from self._batches()
+            return
+        # DataLoader workers each replay the same deterministic sequence and keep every num_workers-th batch, so
+        # together they yield it once, in order, instead of each yielding a full copy.
+        for index, batch in enumerate(self._batches()):
+            if index % worker.num_workers == worker.id:
+                yield batch
