@@ -271,7 +271,13 @@ class CompressedCache(Cache):
 
 
 class CaptureLayer(DynamicLayer):
-    """Passes K/V straight through (one forward, no past) while handing pre-RoPE copies to a callback."""
+    """One forward, no past: hands pre-RoPE K/V to a callback, which may return replacements.
+
+    The callback gets ``(layer, keys_pre_rope, values)``, each ``[B, H, T, D]``. Returning None
+    leaves the forward untouched (capture); returning ``(keys_pre_rope, values)`` makes attention use
+    those instead (keys rotated again), e.g. with a zero perturbation that requires grad, to measure
+    the loss's sensitivity to each head's K and V.
+    """
 
     def __init__(self, layer_idx: int, owner: CaptureCache) -> None:
         super().__init__()
@@ -288,12 +294,14 @@ class CaptureLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.length = key_states.shape[2]
-        keys = key_states
-        if self.owner.tracker is not None:
-            positions = self.owner.tracker.current.expand(key_states.shape[0], -1)
-            keys = self.owner.tracker.unrotate(key_states, positions)
-        self.owner.sink(self.layer_idx, keys, value_states)
-        return key_states, value_states
+        tracker = self.owner.tracker
+        positions = None if tracker is None else tracker.current.expand(key_states.shape[0], -1)
+        keys = key_states if tracker is None else tracker.unrotate(key_states, positions)
+        replaced = self.owner.sink(self.layer_idx, keys, value_states)
+        if replaced is None:
+            return key_states, value_states
+        keys, values = replaced
+        return (keys if tracker is None else tracker.rotate(keys, positions)), values
 
 
 class CaptureCache(Cache):
@@ -302,7 +310,7 @@ class CaptureCache(Cache):
     def __init__(
         self,
         num_layers: int,
-        sink: Callable[[int, torch.Tensor, torch.Tensor], None],
+        sink: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None],
         tracker: PositionTracker | None = None,
     ) -> None:
         self.sink = sink
