@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from kvlight.compressors import KVCompressor
 from kvlight.models import KVGeometry, rotary_module
+from kvlight.quant import LatentQuantizer, QuantizedLatents
 
 #: keyword under which a model's forward takes a cache, for the pinned transformers range.
 CACHE_KWARG = "past_key_values"
@@ -128,6 +129,38 @@ class _PositionLog:
         return self.positions[:, start:stop].long()
 
 
+class LatentStore:
+    """The latents of one layer and kind, ``[B, T, R]``, in the K/V dtype or quantized (see kvlight.quant)."""
+
+    def __init__(self, quantizer: LatentQuantizer | None, template: torch.Tensor, width: int) -> None:
+        self.quantizer = quantizer
+        self.length = 0
+        self.data: torch.Tensor | QuantizedLatents = template.new_zeros(template.shape[0], 0, width)
+        if quantizer is not None:
+            self.data = quantizer.quantize(self.data)
+
+    def append(self, z: torch.Tensor) -> None:
+        """Store new latents ``z [B, T, R]``."""
+        self.length += z.shape[1]
+        if self.quantizer is None:
+            self.data = torch.cat([self.data, z], dim=1)
+        else:
+            self.data = self.data.cat(self.quantizer.quantize(z))
+
+    def read(self, dtype: torch.dtype) -> torch.Tensor:
+        """All stored latents ``[B, T, R]`` in ``dtype``."""
+        if self.quantizer is None:
+            return self.data.to(dtype)
+        return self.quantizer.dequantize(self.data, dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.data] if self.quantizer is None else self.data.tensors()
+
+    def select(self, fn) -> None:
+        """Apply a batch selection ``fn`` to the stored tensors."""
+        self.data = fn(self.data) if self.quantizer is None else self.data.index(fn)
+
+
 class CompressedLayer(DynamicLayer):
     """One layer's cache: exact sinks, latents, exact recent window; ``update`` returns reconstructed K/V."""
 
@@ -136,8 +169,8 @@ class CompressedLayer(DynamicLayer):
         self.layer_idx = layer_idx
         self.owner = owner
         self.length = 0
-        self.latent_k: torch.Tensor | None = None
-        self.latent_v: torch.Tensor | None = None
+        self.latent_k: LatentStore | None = None
+        self.latent_v: LatentStore | None = None
         self.sink_k = self.sink_v = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -146,8 +179,13 @@ class CompressedLayer(DynamicLayer):
         empty = key_states.new_zeros(batch, heads, 0, dim)
         self.keys, self.values = empty, empty.clone()  # the exact recent window
         self.sink_k, self.sink_v = empty.clone(), empty.clone()
-        self.latent_k = key_states.new_zeros(batch, 0, self.owner.compressor.codec(self.layer_idx, "k").latent_dim)
-        self.latent_v = key_states.new_zeros(batch, 0, self.owner.compressor.codec(self.layer_idx, "v").latent_dim)
+        latent_dtype = self.owner.latent_dtype or key_states.dtype
+        template = key_states.new_zeros(batch, 0, 0, dtype=latent_dtype)
+        stores = []
+        for kind in ("k", "v"):
+            codec = self.owner.compressor.codec(self.layer_idx, kind)
+            stores.append(LatentStore(self.owner.quantizer(codec), template, codec.latent_dim))
+        self.latent_k, self.latent_v = stores
 
     def get_seq_length(self) -> int:
         # Every token counts, wherever it is stored: positions and masks derive from this.
@@ -155,7 +193,7 @@ class CompressedLayer(DynamicLayer):
 
     @property
     def num_compressed(self) -> int:
-        return 0 if self.latent_k is None else self.latent_k.shape[1]
+        return 0 if self.latent_k is None else self.latent_k.length
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store new ``[B, H, T, D]`` K/V; return K/V ``[B, H, N, D]`` for all N cached positions."""
@@ -185,45 +223,44 @@ class CompressedLayer(DynamicLayer):
         owner = self.owner
         if owner.tracker is not None:
             keys = owner.tracker.unrotate(keys, owner.position_log.slice(first, first + keys.shape[2]))
-        z_k = owner.compressor.encode(self.layer_idx, "k", keys).to(owner.latent_dtype or keys.dtype)
-        z_v = owner.compressor.encode(self.layer_idx, "v", values).to(owner.latent_dtype or values.dtype)
-        self.latent_k = torch.cat([self.latent_k, z_k], dim=1)
-        self.latent_v = torch.cat([self.latent_v, z_v], dim=1)
+        dtype = owner.latent_dtype or keys.dtype
+        self.latent_k.append(owner.compressor.encode(self.layer_idx, "k", keys).to(dtype))
+        self.latent_v.append(owner.compressor.encode(self.layer_idx, "v", values).to(dtype))
 
     def _reconstruct(self) -> tuple[torch.Tensor, torch.Tensor]:
         owner = self.owner
-        dtype = self.dtype
-        keys = owner.compressor.decode(self.layer_idx, "k", self.latent_k.to(dtype))
-        values = owner.compressor.decode(self.layer_idx, "v", self.latent_v.to(dtype))
+        keys = owner.compressor.decode(self.layer_idx, "k", self.latent_k.read(self.dtype))
+        values = owner.compressor.decode(self.layer_idx, "v", self.latent_v.read(self.dtype))
         if owner.tracker is not None and self.num_compressed:
             first = self.sink_k.shape[2]
             keys = owner.tracker.rotate(keys, owner.position_log.slice(first, first + self.num_compressed))
         return keys, values
 
+    _EXACT = ("sink_k", "sink_v", "keys", "values")
+
     def stored_tensors(self) -> list[torch.Tensor]:
         """Every tensor this layer keeps for its tokens."""
         if not self.is_initialized:
             return []
-        return [self.sink_k, self.sink_v, self.latent_k, self.latent_v, self.keys, self.values]
+        exact = [getattr(self, name) for name in self._EXACT]
+        return exact + self.latent_k.tensors() + self.latent_v.tensors()
+
+    def _select(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        for name in self._EXACT:
+            setattr(self, name, fn(getattr(self, name)))
+        self.latent_k.select(fn)
+        self.latent_v.select(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if not self.is_initialized:
-            return
-        for name in ("sink_k", "sink_v", "latent_k", "latent_v", "keys", "values"):
-            tensor = getattr(self, name)
-            setattr(self, name, tensor.index_select(0, beam_idx.to(tensor.device)))
+        self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if not self.is_initialized:
-            return
-        for name in ("sink_k", "sink_v", "latent_k", "latent_v", "keys", "values"):
-            setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+        self._select(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if not self.is_initialized:
-            return
-        for name in ("sink_k", "sink_v", "latent_k", "latent_v", "keys", "values"):
-            setattr(self, name, getattr(self, name)[indices])
+        self._select(lambda t: t[indices])
 
     def reset(self) -> None:
         super().reset()
@@ -240,6 +277,7 @@ class CompressedCache(Cache):
         sink_tokens: first positions kept exact (None: the compressor's config).
         recent_window: newest positions kept exact (None: the compressor's config).
         latent_dtype: dtype latents are stored in (default: the K/V dtype).
+        latent_bits: 8, 4, 2 or "fp8" to store latents quantized (None: the compressor's config).
     """
 
     def __init__(
@@ -249,14 +287,23 @@ class CompressedCache(Cache):
         sink_tokens: int | None = None,
         recent_window: int | None = None,
         latent_dtype: torch.dtype | None = None,
+        latent_bits: int | str | None = None,
     ) -> None:
         self.compressor = compressor
+        self.latent_bits = compressor.config.latent_bits if latent_bits is None else latent_bits
+        self.quant_group_size = compressor.config.quant_group_size
         self.tracker = tracker
         self.sink_tokens = compressor.config.sink_tokens if sink_tokens is None else sink_tokens
         self.recent_window = compressor.config.recent_window if recent_window is None else recent_window
         self.latent_dtype = latent_dtype
         self.position_log = _PositionLog(tracker)
         super().__init__(layers=[CompressedLayer(i, self) for i in range(compressor.num_layers)])
+
+    def quantizer(self, codec) -> LatentQuantizer | None:
+        """The quantizer for one layer codec's latents, or None when latents stay in the K/V dtype."""
+        if self.latent_bits is None:
+            return None
+        return LatentQuantizer(self.latent_bits, self.quant_group_size, codec.latent_std.detach())
 
     def stored_bytes(self) -> int:
         """Exact bytes held for the cached tokens: every layer's tensors plus the shared positions."""

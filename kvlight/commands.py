@@ -51,20 +51,36 @@ def _positive(value: str) -> int:
     return number
 
 
+def _latent_bits(value: str) -> int | str:
+    if value == "fp8":
+        return value
+    if value in ("2", "4", "8"):
+        return int(value)
+    raise argparse.ArgumentTypeError(f"must be 8, 4, 2 or fp8, got {value}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvlight", description="Post-hoc KV-cache compression for HF causal LMs.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,validate,calibrate,config}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,validate,analyze,calibrate,config}")
     sub.add_parser("fit", help="calibrate a compressor (LightningCLI; see 'kvlight fit --help')")
     sub.add_parser("validate", help="baseline vs compressed perplexity (LightningCLI; 'kvlight validate --help')")
+    from kvlight.analyze import add_analyze_parser
+
+    add_analyze_parser(sub)
 
     cal = sub.add_parser("calibrate", help="fit + validate in one go; prints the seed's five result lines")
     cal.add_argument("--model", default=None, help="hub id, local dir or .gguf file (default: embedded SmolLM2-135M)")
     cal.add_argument("--compressor", choices=["kvsplice", "pca"], default="kvsplice")
     cal.add_argument("--config", default=None, help="compression config JSON (default: uniform --rank)")
-    cal.add_argument("--rank", type=_positive, default=None, help="uniform rank when no --config (default head_dim/2)")
+    cal.add_argument("--rank", type=_positive, default=None, help="uniform K and V rank when no --config")
+    cal.add_argument("--rank-k", type=_positive, default=None, help="uniform key rank when no --config")
+    cal.add_argument("--rank-v", type=_positive, default=None, help="uniform value rank when no --config")
+    cal.add_argument("--latent-bits", type=_latent_bits, default=None, help="store latents as 8, 4, 2 or fp8 (overrides config)")
     cal.add_argument("--sink-tokens", type=int, default=None, help="first positions kept exact (overrides config)")
     cal.add_argument("--recent-window", type=int, default=None, help="newest positions kept exact (overrides config)")
-    cal.add_argument("--calibration-dataset", default="builtin", help="'builtin', a local text/jsonl/parquet file, or a hub dataset")
+    cal.add_argument(
+        "--calibration-dataset", default="builtin", help="'builtin', a local text/jsonl/parquet file, or a hub dataset"
+    )
     cal.add_argument("--dataset-config", default=None, help="hub dataset config, e.g. wikitext-2-raw-v1")
     cal.add_argument("--split", default="train")
     cal.add_argument("--text-field", default="text")
@@ -72,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--eval-samples", type=_positive, default=8, help="evaluation windows")
     cal.add_argument("--seq-len", type=_positive, default=512, help="tokens per window")
     cal.add_argument("--batch-size", type=_positive, default=4, help="windows per forward pass")
-    cal.add_argument("--epochs", type=_positive, default=10, help="KVSplice training epochs (after the statistics pass)")
+    cal.add_argument(
+        "--epochs", type=_positive, default=10, help="KVSplice training epochs (after the statistics pass)"
+    )
     cal.add_argument("--lr", type=float, default=1e-3)
     cal.add_argument("--max-samples-per-head", type=_positive, default=10_000)
     cal.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
@@ -99,6 +117,10 @@ def run_command(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "calibrate":
         return calibrate(args)
+    if args.command == "analyze":
+        from kvlight.analyze import run_analyze
+
+        return run_analyze(args)
     if args.command == "config":
         return write_uniform_config(args)
     raise KVLightError(f"unknown command {args.command!r}")  # argparse rejects these first
@@ -126,7 +148,9 @@ def write_uniform_config(args: argparse.Namespace) -> int:
     ensure_writable(output.parent if str(output.parent) else Path("."))
     config.to_json(output)
     reduction = config.memory_reduction(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
-    print(f"wrote {output}: {geometry.num_layers} layers x {geometry.num_kv_heads} KV heads, latent memory reduction {100 * reduction:.1f}%")
+    print(
+        f"wrote {output}: {geometry.num_layers} layers x {geometry.num_kv_heads} KV heads, latent memory reduction {100 * reduction:.1f}%"
+    )
     return 0
 
 
@@ -146,8 +170,11 @@ def calibrate(args: argparse.Namespace) -> int:
         compression_config=args.config,
         compressor=args.compressor,
         rank=args.rank,
+        rank_k=args.rank_k,
+        rank_v=args.rank_v,
         sink_tokens=args.sink_tokens,
         recent_window=args.recent_window,
+        latent_bits=args.latent_bits,
         lr=args.lr,
         capture_batch_size=args.batch_size,
     )
@@ -164,6 +191,8 @@ def calibrate(args: argparse.Namespace) -> int:
         max_samples_per_head=args.max_samples_per_head,
         seed=args.seed,
     )
+    # Read the data before the Trainer exists: a bad source then fails with one line and writes no logs.
+    data.setup("fit")
     epochs = 1 + (args.epochs if module.compressor.trainable else 0)
     checkpoint = ModelCheckpoint(dirpath=output / "checkpoints", save_last=True, save_top_k=0)
     trainer = pl.Trainer(

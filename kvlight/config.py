@@ -10,7 +10,9 @@ Schema (the seed's, with optional additions marked +)::
         "num_layers": 30,                 # + model geometry, so a compressor can be built from the file alone
         "num_kv_heads": 3,                # +
         "sink_tokens": 0,                 # + first positions kept exact
-        "recent_window": 0                # + newest positions kept exact
+        "recent_window": 0,               # + newest positions kept exact
+        "latent_bits": null,              # + store latents as int8/int4/int2 codes (8, 4, 2) or "fp8"
+        "quant_group_size": 32            # + latent channels sharing one scale and zero point
       },
       "per_layer_head": {
         "0/0": {"enabled": true, "rank": 32, "algo": "kvsplice", "d_k": 64, "d_v": 64},
@@ -46,7 +48,11 @@ _GLOBAL_KEYS = {
     "num_kv_heads",
     "sink_tokens",
     "recent_window",
+    "latent_bits",
+    "quant_group_size",
 }
+#: Values ``global.latent_bits`` may take (None: latents in the K/V dtype).
+LATENT_BITS = (None, 2, 4, 8, "fp8")
 _HEAD_KEYS = {"enabled", "rank", "rank_k", "rank_v", "algo", "d_k", "d_v"}
 
 
@@ -71,6 +77,8 @@ class CompressionConfig:
     num_kv_heads: int | None = None
     sink_tokens: int = 0
     recent_window: int = 0
+    latent_bits: int | str | None = None
+    quant_group_size: int = 32
     per_layer_head: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ construction
@@ -96,7 +104,11 @@ class CompressionConfig:
             num_kv_heads=_optional_int(glob, "num_kv_heads", minimum=1),
             sink_tokens=_optional_int(glob, "sink_tokens", minimum=0) or 0,
             recent_window=_optional_int(glob, "recent_window", minimum=0) or 0,
+            latent_bits=glob.get("latent_bits"),
+            quant_group_size=_optional_int(glob, "quant_group_size", minimum=1) or 32,
         )
+        if cfg.latent_bits not in LATENT_BITS or isinstance(cfg.latent_bits, bool):
+            raise ConfigError(f'global.latent_bits = {cfg.latent_bits!r} must be one of 8, 4, 2, "fp8" or null')
         if not 0.0 <= cfg.target_memory_reduction < 1.0:
             raise ConfigError(
                 f"global.target_memory_reduction = {cfg.target_memory_reduction} must be in [0, 1) "
@@ -134,6 +146,7 @@ class CompressionConfig:
         algo: str = "kvsplice",
         sink_tokens: int = 0,
         recent_window: int = 0,
+        latent_bits: int | str | None = None,
         list_heads: bool = True,
     ) -> CompressionConfig:
         """One rank for every head (``rank`` or separate ``rank_k``/``rank_v``), listed head by head."""
@@ -150,6 +163,7 @@ class CompressionConfig:
             num_kv_heads=num_kv_heads,
             sink_tokens=sink_tokens,
             recent_window=recent_window,
+            latent_bits=latent_bits,
         )
         if list_heads:
             for layer in range(num_layers):
@@ -161,6 +175,28 @@ class CompressionConfig:
                         "rank_v": rank_v,
                     }
         return cfg
+
+    @classmethod
+    def recommended(cls, num_layers: int, num_kv_heads: int, head_dim: int, algo: str = "kvsplice") -> CompressionConfig:
+        """The default when no config or rank is given, chosen from bench/frontier.py on the embedded default.
+
+        Keys compress far better than values (pre-RoPE), so keys keep half the head_dim and values all
+        of it; latents are stored as int4 (whitened per channel, groups of 64); the first 4 tokens
+        (attention sinks) and the newest 16 stay exact. About 24 % of an fp16 cache at 512 tokens.
+        """
+        config = cls.uniform(
+            num_layers,
+            num_kv_heads,
+            head_dim,
+            rank_k=max(1, head_dim // 2),
+            rank_v=head_dim,
+            algo=algo,
+            sink_tokens=4,
+            recent_window=16,
+            latent_bits=4,
+        )
+        config.quant_group_size = 64
+        return config
 
     # ------------------------------------------------------------------ queries
     def default_rank(self, head_dim: int) -> int:
@@ -214,7 +250,7 @@ class CompressionConfig:
         if self.num_kv_heads is not None and self.num_kv_heads != num_kv_heads:
             raise ConfigError(f"global.num_kv_heads = {self.num_kv_heads} but the model has {num_kv_heads} KV heads")
         for (layer, head), entry in self.per_layer_head.items():
-            key = f"per_layer_head[\"{layer}/{head}\"]"
+            key = f'per_layer_head["{layer}/{head}"]'
             if layer >= num_layers:
                 raise ConfigError(f"{key}: layer {layer} is out of range (the model has layers 0..{num_layers - 1})")
             if head >= num_kv_heads:
@@ -238,6 +274,8 @@ class CompressionConfig:
             "num_kv_heads": self.num_kv_heads,
             "sink_tokens": self.sink_tokens,
             "recent_window": self.recent_window,
+            "latent_bits": self.latent_bits,
+            "quant_group_size": self.quant_group_size if self.latent_bits is not None else None,
         }
         glob = {k: v for k, v in glob.items() if v is not None}
         heads = {}
@@ -296,14 +334,14 @@ def _algo(value: Any, where: str) -> str:
 def _parse_head_key(key: Any) -> tuple[int, int]:
     parts = str(key).split("/")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ConfigError(f"per_layer_head key {key!r} must look like \"layer/head\", e.g. \"0/1\"")
+        raise ConfigError(f'per_layer_head key {key!r} must look like "layer/head", e.g. "0/1"')
     return int(parts[0]), int(parts[1])
 
 
 def _parse_head_entry(key: str, entry: Any) -> dict[str, Any]:
-    where = f"per_layer_head[\"{key}\"]"
+    where = f'per_layer_head["{key}"]'
     if not isinstance(entry, dict):
-        raise ConfigError(f"{where} must be a JSON object like {{\"rank\": 32}}")
+        raise ConfigError(f'{where} must be a JSON object like {{"rank": 32}}')
     bad = set(entry) - _HEAD_KEYS
     if bad:
         raise ConfigError(f"unknown key {where}.{sorted(bad)[0]} (known: {', '.join(sorted(_HEAD_KEYS))})")

@@ -159,7 +159,7 @@ def iter_texts(
               ``datasets.load_dataset(dataset, config, split=split, streaming=True)``.
         config: Hub dataset config; ``"wikitext"`` without one means ``"wikitext-2-raw-v1"``.
         split: Hub dataset split (local files have a single split).
-        text_field: Column holding the text (``.txt`` files always use ``"text"``).
+        text_field: Column holding the text (rows of ``.txt`` files have only ``"text"``).
 
     Returns:
         An iterator over documents, blank ones skipped.
@@ -408,23 +408,24 @@ class KVCalibrationDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ):
         super().__init__()
+        # Named as the user sets them: the kvlight calibrate flag where one exists, else the LightningCLI key.
         positive = {
             "--seq-len": seq_len,
             "--batch-size": batch_size,
-            "--kv-batch-size": kv_batch_size,
             "--max-samples-per-head": max_samples_per_head,
+            "data.kv_batch_size": kv_batch_size,
         }
         non_negative = {
             "--calibration-samples": calibration_samples,
             "--eval-samples": eval_samples,
-            "--num-workers": num_workers,
+            "data.num_workers": num_workers,
         }
-        for flag, value in positive.items():
+        for name, value in positive.items():
             if value < 1:
-                raise DataLoadError(f"{flag} must be at least 1, got {value}; pass a positive number")
-        for flag, value in non_negative.items():
+                raise DataLoadError(f"{name} must be at least 1, got {value}; pass a positive number")
+        for name, value in non_negative.items():
             if value < 0:
-                raise DataLoadError(f"{flag} must be at least 0, got {value}; pass zero or a positive number")
+                raise DataLoadError(f"{name} must be at least 0, got {value}; pass zero or a positive number")
         self.save_hyperparameters()
         self.tokenizer: PreTrainedTokenizerBase | None = None
         """Set it before ``setup`` to use this tokenizer instead of loading the one of ``model``."""

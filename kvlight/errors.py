@@ -31,3 +31,7 @@ class OutputError(KVLightError):
 
 class CaptureError(KVLightError):
     """Captured K/V are unusable (NaN/inf) or a shard failed its checksum."""
+
+
+class MetricsError(KVLightError):
+    """Imported sensitivity metrics (CSV, JSON, W&B) are malformed or do not fit the model."""

