@@ -51,7 +51,10 @@ def embedded_default(dtype: torch.dtype):
 def chunked_perplexity(
     model, windows: torch.Tensor, make_cache: Callable[[], object] | None, chunk: int = 64, batch: int = 4
 ) -> tuple[float, list[object]]:
-    """Perplexity with each window fed in chunks through a fresh cache per batch; returns (ppl, caches)."""
+    """Perplexity with each window fed in chunks through a fresh cache per batch.
+
+    Returns ``(perplexity, [(cache, batch_size), ...])``.
+    """
     nll, count, caches = 0.0, 0, []
     for i in range(0, len(windows), batch):
         x = windows[i : i + batch]
@@ -63,7 +66,7 @@ def chunked_perplexity(
         logp = torch.log_softmax(torch.cat(logits, 1)[:, :-1], -1)
         nll += -logp.gather(-1, x[:, 1:, None]).sum().item()
         count += x[:, 1:].numel()
-        caches.append(cache)
+        caches.append((cache, x.shape[0]))
     return math.exp(nll / count), caches
 
 

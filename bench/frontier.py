@@ -49,12 +49,12 @@ KVLIGHT_ROWS = [
 QUANT_ROWS = [("quanto", 4), ("quanto", 2), ("hqq", 4)]
 
 
-def quantized_cache_bytes(cache, group: int = 64) -> int:
+def quantized_cache_bytes(cache, geometry, batch: int, group: int = 64) -> int:
     """Bytes an HF QuantizedCache holds: codes + fp16 scale and zero per group + exact residual tokens."""
     total = 0
+    heads, dim = geometry.num_kv_heads, geometry.head_dim
     for layer in cache.layers:
         residual = 0 if layer.keys is None or layer.keys.dim() != 4 else layer.keys.shape[-2]
-        batch, heads, dim = layer._shape
         quantized_values = batch * heads * (layer.cumulative_length - residual) * dim
         total += 2 * (quantized_values * layer.nbits // 8 + (quantized_values // group) * 4)
         total += 2 * batch * heads * residual * dim * 2
@@ -100,7 +100,7 @@ def run(lengths: list[int], eval_windows: dict[int, int]) -> dict:
         def record(method: str, setting: str, make_cache, bytes_of, weights: int = 0) -> None:
             start = time.perf_counter()
             ppl, caches = chunked_perplexity(model, windows, make_cache)
-            stored = sum(bytes_of(c) for c in caches)
+            stored = sum(bytes_of(cache, batch) for cache, batch in caches)
             row = {
                 "length": length,
                 "method": method,
@@ -113,7 +113,7 @@ def run(lengths: list[int], eval_windows: dict[int, int]) -> dict:
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
 
-        record("none (DynamicCache)", "bf16", dynamic_cache, held_bytes)
+        record("none (DynamicCache)", "bf16", dynamic_cache, lambda c, b: held_bytes(c))
         for backend, bits in QUANT_ROWS:
             record(
                 f"HF QuantizedCache {backend}",
@@ -121,7 +121,7 @@ def run(lengths: list[int], eval_windows: dict[int, int]) -> dict:
                 lambda b=backend, n=bits: QuantizedCache(
                     backend=b, config=model.config, nbits=n, q_group_size=64, residual_length=RECENT
                 ),
-                quantized_cache_bytes,
+                lambda c, b: quantized_cache_bytes(c, geometry, b),
             )
         for spec, compressor in compressors.items():
             rank_k, rank_v, bits, sinks, recent = spec
@@ -131,7 +131,7 @@ def run(lengths: list[int], eval_windows: dict[int, int]) -> dict:
                 f"K{rank_k}/V{rank_v}, {'fp16' if bits is None else f'int{bits}' if bits != 'fp8' else 'fp8'} latents, "
                 f"sinks {sinks}, recent {recent}",
                 lambda c=compressor: CompressedCache(c, tracker),
-                lambda c: c.stored_bytes(),
+                lambda c, b: c.stored_bytes(),
                 weights,
             )
     tracker.close()

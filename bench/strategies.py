@@ -60,7 +60,7 @@ def calibrate(config: Path, work: Path, args: argparse.Namespace) -> dict:
         [
             "calibrate", "--compressor", "pca", "--config", str(config), "--output-dir", str(out),
             "--calibration-samples", str(args.calibration_samples), "--eval-samples", str(args.eval_samples),
-            "--seq-len", "512",
+            "--seq-len", "512", "--sink-tokens", str(args.sink_tokens),
         ]
     )  # fmt: skip
     return json.loads((out / "calibration_results_pca.json").read_text())
@@ -71,6 +71,7 @@ def main() -> int:
     parser.add_argument("--calibration-samples", type=int, default=16)
     parser.add_argument("--eval-samples", type=int, default=8)
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.75])
+    parser.add_argument("--sink-tokens", type=int, default=0, help="first positions kept exact (analysis and cache)")
     parser.add_argument("--work-dir", default=None, help="where configs and calibrations go (default: a temp dir)")
     args = parser.parse_args()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="kvlight-bench-strategies-"))
@@ -79,7 +80,8 @@ def main() -> int:
     window = ["--calibration-samples", str(args.calibration_samples), "--eval-samples", str(args.eval_samples)]
 
     # 1. One measurement, shared by every config.
-    run(["analyze", *window, "--seq-len", "512", "--output-dir", str(work / "analysis"), "--no-progress"])
+    sinks = ["--sink-tokens", str(args.sink_tokens)]
+    run(["analyze", *window, *sinks, "--seq-len", "512", "--output-dir", str(work / "analysis"), "--no-progress"])
     measure_s = time.perf_counter() - started
     metrics_file = work / "analysis" / "fim_metrics.json"
     geometry = geometry_of(None)
@@ -97,11 +99,11 @@ def main() -> int:
             configs.append((strategy, target, work / f"{name}.json"))
             run(["analyze", "--metrics-file", str(metrics_file), "--generate-compression-config", "--strategy",
                  strategy, "--target-memory-reduction", str(target), "--compression-config-output", f"{name}.json",
-                 "--algo", "pca", "--output-dir", str(work)])  # fmt: skip
+                 "--algo", "pca", *sinks, "--output-dir", str(work)])  # fmt: skip
     for label, source in (("tiers", metrics_file), ("tiers-seed-cond", seed_file)):
         configs.append((label, None, work / f"{label}.json"))
         run(["analyze", "--metrics-file", str(source), "--generate-compression-config", "--strategy", "tiers",
-             "--compression-config-output", f"{label}.json", "--algo", "pca", "--output-dir", str(work)])  # fmt: skip
+             "--compression-config-output", f"{label}.json", "--algo", "pca", *sinks, "--output-dir", str(work)])  # fmt: skip
 
     # 3. Calibrate + validate each.
     rows = []
@@ -137,17 +139,18 @@ def main() -> int:
         "protocol": {
             "calibration": f"{args.calibration_samples} windows x 512 tokens of the built-in corpus (after the eval windows)",
             "evaluation": f"{args.eval_samples} windows x 512 tokens, fed in chunks of 64 through the compressed cache",
-            "compressor": "pca, one K/V capture shared by every row; sink_tokens 0, recent_window 0",
+            "compressor": f"pca, one K/V capture shared by every row; sink_tokens {args.sink_tokens}, recent_window 0",
             "analysis": "kvlight analyze on the calibration windows (labels sampled from the model, seed 0)",
         },
         "measure_seconds": measure_s,
         "total_seconds": elapsed,
         "rows": rows,
     }
+    stem = "strategies" if args.sink_tokens == 0 else f"strategies_sink{args.sink_tokens}"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(RESULTS / "strategies.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(RESULTS / "strategies.md", markdown(report, args.targets))
-    print((RESULTS / "strategies.md").read_text())
+    atomic_write_text(RESULTS / f"{stem}.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(RESULTS / f"{stem}.md", markdown(report, args.targets))
+    print((RESULTS / f"{stem}.md").read_text())
     return 0
 
 

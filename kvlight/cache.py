@@ -156,8 +156,13 @@ class LatentStore:
     def tensors(self) -> list[torch.Tensor]:
         return [self.data] if self.quantizer is None else self.data.tensors()
 
+    def truncate(self, count: int) -> None:
+        """Keep the first ``count`` tokens."""
+        self.length = count
+        self.select(lambda t: t[:, :count])
+
     def select(self, fn) -> None:
-        """Apply a batch selection ``fn`` to the stored tensors."""
+        """Apply a batch selection (or token slice) ``fn`` to the stored tensors."""
         self.data = fn(self.data) if self.quantizer is None else self.data.index(fn)
 
 
@@ -262,6 +267,22 @@ class CompressedLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._select(lambda t: t[indices])
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the newest ``-tokens_to_remove`` tokens (assisted generation rolls rejected tokens back)."""
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        if not self.is_initialized or tokens_to_remove == 0:
+            return
+        keep = max(0, self.length + tokens_to_remove)
+        n_sink = min(self.sink_k.shape[2], keep)
+        n_compressed = min(self.num_compressed, keep - n_sink)
+        n_recent = keep - n_sink - n_compressed
+        self.sink_k, self.sink_v = self.sink_k[:, :, :n_sink], self.sink_v[:, :, :n_sink]
+        self.latent_k.truncate(n_compressed)
+        self.latent_v.truncate(n_compressed)
+        self.keys, self.values = self.keys[:, :, :n_recent], self.values[:, :, :n_recent]
+        self.length = keep
+
     def reset(self) -> None:
         super().reset()
         self.length = 0
@@ -310,6 +331,12 @@ class CompressedCache(Cache):
         total = sum(t.numel() * t.element_size() for layer in self.layers for t in layer.stored_tensors())
         positions = self.position_log.positions
         return total + (0 if positions is None else positions.numel() * positions.element_size())
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        positions = self.position_log.positions
+        if positions is not None:
+            self.position_log.positions = positions[:, : self.layers[0].length]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

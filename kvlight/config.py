@@ -125,9 +125,11 @@ class CompressionConfig:
     def from_json(cls, path: str | os.PathLike) -> CompressionConfig:
         """Read a config file; unreadable or malformed JSON is a one-line :class:`ConfigError`."""
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read compression config {str(path)!r}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"compression config {str(path)!r} is not UTF-8 text (expected JSON)") from None
         try:
             data = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

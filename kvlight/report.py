@@ -1,4 +1,4 @@
-"""What ``kvlight analyze`` shows a reader: the per-head summary table and the heatmap of ranks."""
+"""What a reader sees of an analysis: the per-head summary table, the heatmap of ranks, rank vs perplexity."""
 
 from __future__ import annotations
 
@@ -62,6 +62,33 @@ def summary_text(allocation: Allocation, metrics: HeadMetrics | None, header: li
                 row += f" {energy_k:>6.3f} {energy_v:>6.3f} {loss_k:>8.4f} {loss_v:>8.4f}"
             lines.append(row)
     return "\n".join([*lines, "", *NOTES]) + "\n"
+
+
+def perplexity_plot_png(rows: list[dict], baseline: float | None = None) -> bytes:
+    """A PNG of compressed perplexity against KV memory reduction, one line per strategy.
+
+    Args:
+        rows: ``{"strategy", "memory_reduction" (0..1), "perplexity"}`` per calibrated config.
+        baseline: the uncompressed perplexity, drawn as a horizontal line.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.5, 3.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
+    for strategy in sorted({row["strategy"] for row in rows}):
+        points = sorted((100 * r["memory_reduction"], r["perplexity"]) for r in rows if r["strategy"] == strategy)
+        axis.plot(*zip(*points, strict=True), marker="o", label=strategy)
+    if baseline is not None:
+        axis.axhline(baseline, color="gray", linestyle="--", label="uncompressed")
+    axis.set_xlabel("KV memory reduction (%)")
+    axis.set_ylabel("perplexity")
+    axis.set_yscale("log")
+    axis.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
 
 
 def heatmap_png(allocation: Allocation, title: str | None = None) -> bytes:

@@ -231,9 +231,7 @@ def fitted_compressor(tiny_models, tiny_rows):
         cfg = CompressionConfig.uniform(
             geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, rank=rank or geometry.head_dim, **config
         )
-        compressor = (
-            PCACompressor(cfg, geometry) if algo == "pca" else KVSpliceCompressor(cfg, geometry, init=init)
-        )
+        compressor = PCACompressor(cfg, geometry) if algo == "pca" else KVSpliceCompressor(cfg, geometry, init=init)
         keys, values = tiny_rows[arch]["calib"]
         compressor.fit_statistics([{"keys": keys, "values": values}])
         return compressor

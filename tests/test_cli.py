@@ -127,7 +127,9 @@ def test_fit_then_validate_from_checkpoint(case, tmp_path, tiny_model_paths, tin
     with torch.no_grad():
         assert math.isfinite(float(module.compressor.reconstruction_loss(*tiny_rows[arch]["heldout"])))
 
-    validated = lightning_cli(["validate", *lightning_args(config, model, tmp_path, *extra), "--ckpt_path", str(checkpoint)])
+    validated = lightning_cli(
+        ["validate", *lightning_args(config, model, tmp_path, *extra), "--ckpt_path", str(checkpoint)]
+    )
     results = validated.model.results
     assert_same_state({f"compressor.{k}": v for k, v in validated.model.compressor.state_dict().items()}, state)
     assert all(math.isfinite(results[key]) for key in ("baseline_perplexity", "compressed_perplexity"))
@@ -180,7 +182,10 @@ def tiny_calibrate_args(model: str, output: Path, *extra: str) -> list[str]:
 
 def test_config_uniform_then_calibrate_pca(tmp_path, tiny_llama_path, tiny_models, kvlight_cache, capsys):
     config_path = tmp_path / "cfg.json"
-    assert main(["config", "uniform", "--model", tiny_llama_path, "--rank", "8", "--algo", "pca", "-o", str(config_path)]) == 0
+    assert (
+        main(["config", "uniform", "--model", tiny_llama_path, "--rank", "8", "--algo", "pca", "-o", str(config_path)])
+        == 0
+    )
     capsys.readouterr()
 
     output = tmp_path / "out"

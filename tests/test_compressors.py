@@ -31,6 +31,25 @@ def test_pca_heldout_error_falls_monotonically_with_rank(arch, tiny_rows, fitted
     assert errors[-1] < 1e-10  # full rank: a rotation, nothing lost
 
 
+@pytest.mark.parametrize("rank", [1, 4, 12])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pca_error_is_the_discarded_variance(arch, rank, tiny_rows, fitted_compressor):
+    """On its own calibration rows PCA is optimal: the error is the sum of the smallest eigenvalues."""
+    keys, values = tiny_rows[arch]["calib"]
+    expected = 0.0
+    for rows in (keys, values):
+        for layer in range(rows.shape[1]):
+            x = rows[:, layer].double()  # [N, H, D]
+            centred = x - x.mean(dim=0)
+            covariance = torch.einsum("nhd,nhe->hde", centred, centred) / x.shape[0]
+            eigenvalues = torch.linalg.eigvalsh(covariance)  # ascending, [H, D]
+            expected += float(eigenvalues[:, : HEAD_DIM - rank].sum(dim=-1).mean()) / HEAD_DIM
+    expected /= keys.shape[1]
+    with torch.no_grad():
+        got = float(fitted_compressor(arch, "pca", rank=rank).reconstruction_loss(keys, values))
+    assert got == pytest.approx(expected, rel=1e-4)
+
+
 @pytest.mark.parametrize("rank", [2, 8])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_kvsplice_pca_init_equals_pca(arch, rank, tiny_rows, fitted_compressor):
@@ -38,7 +57,9 @@ def test_kvsplice_pca_init_equals_pca(arch, rank, tiny_rows, fitted_compressor):
     pca, splice = fitted_compressor(arch, "pca", rank=rank), fitted_compressor(arch, "kvsplice", rank=rank)
     x = tiny_rows[arch]["heldout"][0][:, 0].unsqueeze(0).transpose(1, 2)  # [1, H, N, D]
     with torch.no_grad():
-        torch.testing.assert_close(splice.codec(0, "k").reconstruct(x), pca.codec(0, "k").reconstruct(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            splice.codec(0, "k").reconstruct(x), pca.codec(0, "k").reconstruct(x), atol=1e-5, rtol=0
+        )
     assert heldout_loss(splice, tiny_rows[arch]) == pytest.approx(heldout_loss(pca, tiny_rows[arch]), rel=1e-4)
 
 
@@ -117,14 +138,18 @@ def trained(arch, algo, rows, fitted_compressor, rank=6):
 
 
 @pytest.mark.parametrize("arch,algo", ARCH_BACKEND)
-def test_state_dict_round_trip_into_compressor_built_from_config_json(arch, algo, tmp_path, tiny_rows, fitted_compressor):
+def test_state_dict_round_trip_into_compressor_built_from_config_json(
+    arch, algo, tmp_path, tiny_rows, fitted_compressor
+):
     """The seed's Step 3: ``Compressor(CompressionConfig.from_json(cfg))`` + ``load_state_dict(torch.load(pt))``."""
     compressor = trained(arch, algo, tiny_rows[arch], fitted_compressor)
     compressor.config.to_json(tmp_path / "config.json")
     torch.save(compressor.state_dict(), tmp_path / "compressor.pt")
 
     fresh = COMPRESSOR_CLASSES[algo](CompressionConfig.from_json(tmp_path / "config.json"))
-    assert not all(torch.equal(a, b) for a, b in zip(outputs(fresh, tiny_rows[arch]), outputs(compressor, tiny_rows[arch])))
+    assert not all(
+        torch.equal(a, b) for a, b in zip(outputs(fresh, tiny_rows[arch]), outputs(compressor, tiny_rows[arch]))
+    )
     fresh.load_state_dict(torch.load(tmp_path / "compressor.pt"))
 
     assert fresh.state_dict().keys() == compressor.state_dict().keys()
@@ -172,10 +197,16 @@ def test_mixed_backends_and_ranks_round_trip(arch, tmp_path, tiny_models, tiny_r
 
 def _other_geometries(geometry: KVGeometry):
     return {
-        "more_layers": KVGeometry(geometry.model_type, geometry.num_layers + 1, geometry.num_kv_heads, geometry.head_dim, geometry.rope),
+        "more_layers": KVGeometry(
+            geometry.model_type, geometry.num_layers + 1, geometry.num_kv_heads, geometry.head_dim, geometry.rope
+        ),
         "fewer_heads": KVGeometry(geometry.model_type, geometry.num_layers, 1, geometry.head_dim, geometry.rope),
-        "other_head_dim": KVGeometry(geometry.model_type, geometry.num_layers, geometry.num_kv_heads, 32, geometry.rope),
-        "rope_flipped": KVGeometry(geometry.model_type, geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, not geometry.rope),
+        "other_head_dim": KVGeometry(
+            geometry.model_type, geometry.num_layers, geometry.num_kv_heads, 32, geometry.rope
+        ),
+        "rope_flipped": KVGeometry(
+            geometry.model_type, geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, not geometry.rope
+        ),
     }
 
 

@@ -56,17 +56,9 @@ BAD_CONFIGS = {
 BAD_JSON = {
     "truncated_json": ('{"global": {"d_head": 16', ["not valid JSON"]),
     "empty_file": ("", ["not valid JSON"]),
-    "not_utf8": (b"\xff\xfe\x00garbage", ["not valid JSON"]),
+    "not_utf8": (b"\xff\xfe\x00garbage", ["not UTF-8"]),
 }
-KNOWN_BUGS = {
-    "not_utf8": pytest.mark.xfail(
-        strict=True,
-        raises=UnicodeDecodeError,
-        reason="BUG kvlight/config.py CompressionConfig.from_json: Path.read_text() decodes outside the try that "
-        "catches UnicodeDecodeError, so a non-UTF-8 file escapes as a traceback instead of a ConfigError",
-    )
-}
-ALL_BAD = [pytest.param(case, marks=KNOWN_BUGS.get(case, ())) for case in [*BAD_CONFIGS, *BAD_JSON]]
+ALL_BAD = [pytest.param(case) for case in [*BAD_CONFIGS, *BAD_JSON]]
 
 
 def _write(tmp_path, content) -> str:
@@ -96,7 +88,8 @@ def test_bad_config_is_a_config_error_naming_the_key(case, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "case", ["rank_above_head_dim", "unknown_head_algo", "layer_out_of_range", "d_head_not_the_models", "truncated_json"]
+    "case",
+    ["rank_above_head_dim", "unknown_head_algo", "layer_out_of_range", "d_head_not_the_models", "truncated_json"],
 )
 def test_bad_config_through_calibrate_is_one_line_exit_2(case, tmp_path, tiny_llama_path, kvlight_cache, capfd):
     content, fragments = {**BAD_CONFIGS, **BAD_JSON}[case]
