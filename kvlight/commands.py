@@ -93,7 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("--lr", type=float, default=1e-3)
     cal.add_argument("--max-samples-per-head", type=_positive, default=10_000)
-    cal.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
+    cal.add_argument(
+        "--model-dtype",
+        choices=["bfloat16", "float32", "float16"],
+        default="bfloat16",
+        help="dtype of the frozen model and its K/V (bf16: ~3x faster on CPUs with bf16 support, same perplexity)",
+    )
+    cal.add_argument("--precision", default="32-true", help="Lightning precision of the compressor, e.g. bf16-mixed")
     cal.add_argument("--accelerator", default="auto")
     cal.add_argument("--devices", default="1")
     cal.add_argument("--seed", type=int, default=0)
@@ -177,6 +183,7 @@ def calibrate(args: argparse.Namespace) -> int:
         latent_bits=args.latent_bits,
         lr=args.lr,
         capture_batch_size=args.batch_size,
+        model_dtype=args.model_dtype,
     )
     data = KVCalibrationDataModule(
         model=args.model,
@@ -228,6 +235,7 @@ def calibrate(args: argparse.Namespace) -> int:
             "seq_len": args.seq_len,
             "eval_chunk": module.hparams.eval_chunk,
             "precision": args.precision,
+            "model_dtype": args.model_dtype,
             "compression_config": module.compressor.config.to_dict(),
             "checkpoint": str(output / "checkpoints" / "last.ckpt"),
         }
@@ -239,7 +247,7 @@ def calibrate(args: argparse.Namespace) -> int:
     print(f"Baseline perplexity:    {results['baseline_perplexity']:.2f}")
     print(f"Compressed perplexity:  {results['compressed_perplexity']:.2f}")
     print(f"Perplexity degradation: {results['perplexity_degradation_pct']:+.2f}%")
-    print(f"Memory savings:         {results['memory_savings_pct']:.1f}%")
+    print(f"Memory savings:         {results['memory_savings_pct']:.1f}% (vs a {args.model_dtype} DynamicCache)")
     print(f"Calibration time:       {calibration_seconds:.1f}s")
     print(f"Results saved to {output}/calibration_results_{algo}.json and {output}/compressor_{algo}.pt")
     return 0

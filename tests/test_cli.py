@@ -155,7 +155,7 @@ PRINTED = {
 def parse_printed(stdout: str) -> dict[str, float]:
     values = {}
     for label, key in PRINTED.items():
-        match = re.search(rf"^{label}:\s+([+-]?[0-9.]+)[%s]?$", stdout, flags=re.MULTILINE)
+        match = re.search(rf"^{label}:\s+([+-]?[0-9.]+)[%s]?(?: \(.*\))?$", stdout, flags=re.MULTILINE)
         assert match, f"missing line {label!r} in:\n{stdout}"
         values[key] = float(match.group(1))
     return values
