@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -72,8 +73,11 @@ def main() -> int:
     parser.add_argument("--eval-samples", type=int, default=8)
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.75])
     parser.add_argument("--sink-tokens", type=int, default=0, help="first positions kept exact (analysis and cache)")
+    parser.add_argument("--rerender", action="store_true", help="only rewrite the markdown from the results JSON")
     parser.add_argument("--work-dir", default=None, help="where configs and calibrations go (default: a temp dir)")
     args = parser.parse_args()
+    if args.rerender:
+        return rerender()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="kvlight-bench-strategies-"))
     command = "python bench/strategies.py " + shlex.join(sys.argv[1:])
     started, load_before = time.perf_counter(), os.getloadavg()
@@ -142,6 +146,7 @@ def main() -> int:
             "compressor": f"pca, one K/V capture shared by every row; sink_tokens {args.sink_tokens}, recent_window 0",
             "analysis": "kvlight analyze on the calibration windows (labels sampled from the model, seed 0)",
         },
+        "targets": args.targets,
         "measure_seconds": measure_s,
         "total_seconds": elapsed,
         "rows": rows,
@@ -149,42 +154,50 @@ def main() -> int:
     stem = "strategies" if args.sink_tokens == 0 else f"strategies_sink{args.sink_tokens}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS / f"{stem}.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(RESULTS / f"{stem}.md", markdown(report, args.targets))
+    atomic_write_text(RESULTS / f"{stem}.md", markdown(report))
     print((RESULTS / f"{stem}.md").read_text())
     return 0
 
 
-def markdown(report: dict, targets: list[float]) -> str:
-    rows = report["rows"]
+def markdown(report: dict) -> str:
+    rows, targets = report["rows"], report["targets"]
     baseline = rows[0]["baseline_perplexity"]
     lines = [
         "# Rank strategies at equal KV memory (embedded default, PCA)",
         "",
         f"Command: `{report['command']}`  ",
         f"Machine: {report['machine']}; load average {report['load_average_before_after'][0]:.1f} before, "
-        f"{report['load_average_before_after'][1]:.1f} after (shared machine)  ",
+        f"{report['load_average_before_after'][1]:.1f} after (a shared machine: run time is not a benchmark)  ",
         f"Run time: {report['total_seconds'] / 60:.1f} min (analysis pass {report['measure_seconds']:.0f} s)  ",
         f"Protocol: calibration {report['protocol']['calibration']}; evaluation {report['protocol']['evaluation']}; "
-        f"{report['protocol']['compressor']}.  ",
+        f"{report['protocol']['compressor']}; analysis: {report['protocol']['analysis']}.  ",
         f"Baseline perplexity (no compression): {baseline:.3f}",
         "",
         "| target | strategy | KV memory reduction | mean rank K / V | uncompressed heads "
         "| predicted dNLL (nats) | perplexity | change |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for target in targets:
-        group = [r for r in rows if r["target"] == target] + [r for r in rows if r["target"] is None]
+    groups = [[r for r in rows if r["target"] == target] for target in targets]
+    groups.append([r for r in rows if r["target"] is None])
+    for group in groups:
         for r in group:
-            label = "-" if r["target"] is None else f"{100 * target:.0f} %"
+            label = "none (seed rules)" if r["target"] is None else f"{100 * r['target']:.0f} %"
             lines.append(
                 f"| {label} | {r['strategy']} | {100 * r['memory_reduction']:.2f} % | "
                 f"{r['mean_rank_k']:.1f} / {r['mean_rank_v']:.1f} | {r['uncompressed_heads']} | "
                 f"{r['predicted_nll_increase']:.3f} | {r['compressed_perplexity']:.3f} | "
                 f"{r['perplexity_change_pct']:+.1f} % |"
             )
-        if target != targets[-1]:
-            lines.append("| | | | | | | | |")
-    lines += ["", *findings(rows, targets), ""]
+    lines += [
+        "",
+        "`tiers` uses the seed's thresholds on kvlight's `cond` (all-ones null direction left out); "
+        "`tiers-seed-cond` uses them on the seed's own degenerate `cond = eigmax / (|eigmin| + 1e-8)` with "
+        "`eigmin = 0`, i.e. what the seed's rule did. Predicted dNLL is `kvlight analyze`'s second-order estimate "
+        "(summed over heads) that `budget` minimises.",
+        "",
+        *findings(rows, targets),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -193,26 +206,37 @@ def findings(rows: list[dict], targets: list[float]) -> list[str]:
     for target in targets:
         by = {r["strategy"]: r for r in rows if r["target"] == target}
         if {"budget", "uniform"} <= set(by):
-            b, u = by["budget"]["compressed_perplexity"], by["uniform"]["compressed_perplexity"]
-            verdict = "lower" if b < u else "NOT lower"
+            b, u = by["budget"], by["uniform"]
+            verdict = "lower" if b["compressed_perplexity"] < u["compressed_perplexity"] else "NOT lower"
             out.append(
-                f"- At {100 * target:.0f} %: budget perplexity {b:.3f} is {verdict} than uniform {u:.3f} "
-                f"({100 * (b / u - 1):+.1f} %)."
+                f"- At {100 * target:.0f} %: budget perplexity {b['compressed_perplexity']:.3f} is {verdict} than "
+                f"uniform {u['compressed_perplexity']:.3f} "
+                f"({100 * (b['compressed_perplexity'] / u['compressed_perplexity'] - 1):+.1f} %); predicted "
+                f"{b['predicted_nll_increase']:.3f} vs {u['predicted_nll_increase']:.3f} nats, measured "
+                f"{math.log(b['compressed_perplexity'] / b['baseline_perplexity']):.3f} vs "
+                f"{math.log(u['compressed_perplexity'] / u['baseline_perplexity']):.3f}."
             )
     for r in (r for r in rows if r["target"] is None):
         nearest = min(targets, key=lambda t: abs(t - r["memory_reduction"]))
         u = next((x for x in rows if x["strategy"] == "uniform" and x["target"] == nearest), None)
-        if u is not None:
-            verdict = "loses to" if r["compressed_perplexity"] > u["compressed_perplexity"] else "beats"
-            out.append(
-                f"- {r['strategy']} saves {100 * r['memory_reduction']:.2f} % and {verdict} uniform at "
-                f"{100 * nearest:.0f} % ({r['compressed_perplexity']:.3f} vs {u['compressed_perplexity']:.3f})."
-            )
-    out.append(
-        "- KV memory reduction counts latent numbers per token (config.memory_reduction); the cache-bytes column "
-        "of strategies.json also counts the stored positions."
-    )
+        if u is None:
+            continue
+        worse = r["compressed_perplexity"] > u["compressed_perplexity"]
+        saves = "less" if r["memory_reduction"] < u["memory_reduction"] else "more"
+        out.append(
+            f"- {r['strategy']} saves {100 * r['memory_reduction']:.2f} % ({saves} than uniform at {100 * nearest:.0f} %) "
+            f"with perplexity {r['compressed_perplexity']:.3f} vs uniform's {u['compressed_perplexity']:.3f}: "
+            + ("it loses to uniform." if worse else "it beats uniform.")
+        )
     return out
+
+
+def rerender() -> int:
+    """Rewrite every results markdown from its JSON (after a format change)."""
+    for path in sorted(RESULTS.glob("strategies*.json")):
+        atomic_write_text(path.with_suffix(".md"), markdown(json.loads(path.read_text())))
+        print(f"wrote {path.with_suffix('.md')}")
+    return 0
 
 
 if __name__ == "__main__":

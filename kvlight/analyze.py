@@ -19,6 +19,8 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from kvlight.allocate import STRATEGIES, TierThresholds, allocate, budget_units, check_rank_step, check_target
@@ -29,11 +31,26 @@ from kvlight.models import EMBEDDED_DEFAULT, KVGeometry, geometry_of, kv_geometr
 from kvlight.report import heatmap_png, summary_text
 
 METRICS_JSON, METRICS_CSV = "fim_metrics.json", "fim_metrics.csv"
+_DESCRIPTION = """\
+Measure, per layer and KV head, on calibrate's calibration windows:
+  - the seed's attention-Fisher metrics trace, eigmax and cond of F = mean_i(diag(p_i) - p_i p_i^T)
+    (query heads averaged into their KV head); F 1 = 0 always, so cond = eigmax / the smallest eigenvalue
+    orthogonal to the all-ones vector (the seed's eigmax / |eigmin| divided by that zero);
+  - the diagonal Fisher of the loss w.r.t. each head's K (pre-RoPE) and V in its principal directions,
+    giving the predicted loss increase (second-order KL, nats/token) of every rank;
+  - the share of K and V energy kept at every rank.
+Strategies: budget (K/V ranks minimising the predicted loss at exactly --target-memory-reduction),
+tiers (the seed's rules and thresholds, ranks scaled to head_dim), uniform (one rank everywhere)."""
 
 
 def add_analyze_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``analyze`` on the CLI's subparsers."""
-    p = sub.add_parser("analyze", help="per-head sensitivity metrics -> per-head ranks -> compression config")
+    p = sub.add_parser(
+        "analyze",
+        help="per-head sensitivity metrics -> per-head ranks -> compression config",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", default=None, help="hub id, local dir or .gguf file (default: embedded SmolLM2-135M)")
     p.add_argument(
         "--calibration-dataset", default="builtin", help="'builtin', a local text/jsonl/parquet file, or a hub dataset"
@@ -131,21 +148,15 @@ def measure_model(
     progress: bool = True,
 ) -> HeadMetrics:
     """Load ``model`` and measure every metric on calibrate's calibration windows of ``dataset``."""
+    from kvlight.sensitivity import measure_sensitivity  # deferred: it imports transformers' cache classes
+
     _check_lengths(seq_len, sink_tokens)
     windows = calibration_windows(model, dataset, calibration_samples, eval_samples, seq_len)
-    return _measure(
-        load_model(model), model, dataset, windows, batch_size, attention_tokens, sink_tokens, seed, progress
+    network = load_model(model)
+    metrics = measure_sensitivity(
+        network, kv_geometry(network), windows, batch_size, attention_tokens, sink_tokens, seed, progress
     )
-
-
-def _measure(
-    network, model, dataset, windows, batch_size, attention_tokens, sink_tokens, seed, progress
-) -> HeadMetrics:
-    from kvlight.sensitivity import measure_sensitivity
-
-    geometry = kv_geometry(network)
-    metrics = measure_sensitivity(network, geometry, windows, batch_size, attention_tokens, sink_tokens, seed, progress)
-    metrics.info.update({"model": model or EMBEDDED_DEFAULT, "dataset": dataset})
+    metrics.info.update({"model": model or EMBEDDED_DEFAULT, "dataset": dataset, "skipped_windows": eval_samples})
     return metrics
 
 
@@ -154,74 +165,39 @@ def _check_lengths(seq_len: int, sink_tokens: int) -> None:
         raise ConfigError(f"--seq-len {seq_len} must exceed --sink-tokens {sink_tokens} + 1 (and be at least 2)")
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What the command will do, fixed by the cheap checks that run before anything is loaded."""
+
+    target: float
+    geometry: KVGeometry
+    step: int
+    thresholds: TierThresholds
+    output: Path
+    config_path: Path | None  # None without --generate-compression-config
+
+
 def run_analyze(args: argparse.Namespace) -> int:
-    """The ``analyze`` command: check every input, measure or import, allocate, then write everything."""
-    target = check_target(args.target_memory_reduction)
-    if args.metrics_file and (args.entity or args.project):
-        raise ConfigError("pass either --metrics-file or --entity/--project, not both")
-    if bool(args.entity) != bool(args.project):
-        raise ConfigError("the W&B path needs both --entity and --project")
-    geometry = geometry_of(args.model)
-    step = check_rank_step(args.rank_step or max(1, geometry.head_dim // 16), geometry.head_dim)
-    generate = args.generate_compression_config
-    if generate and args.strategy in ("budget", "uniform"):
-        budget_units(geometry, target, step)  # an impossible budget fails before the long pass
-    thresholds = TierThresholds(args.trace_critical, args.trace_moderate, args.cond_excellent, args.cond_good)
-    output = Path(args.output_dir)
-    config_path = output / args.compression_config_output
-    metrics: HeadMetrics | None = None
-    if args.metrics_file:
-        metrics = read_metrics_file(args.metrics_file, geometry, args.run_name)
-        source = f"metrics: imported from {args.metrics_file}"
-    elif args.entity:
-        metrics = fetch_wandb_metrics(args.entity, args.project, geometry, args.run_name)
-        source = f"metrics: imported from W&B {args.entity}/{args.project}"
-    else:  # load what the pass needs first: a bad model or text fails before anything is created
-        _check_lengths(args.seq_len, args.sink_tokens)
-        windows = calibration_windows(
-            args.model,
-            args.calibration_dataset,
-            args.calibration_samples,
-            args.eval_samples,
-            args.seq_len,
-            args.dataset_config,
-            args.split,
-            args.text_field,
-        )
-        network = load_model(args.model)
-        source = (
-            f"metrics: measured on {windows.shape[0]} windows x {args.seq_len} tokens of {args.calibration_dataset!r}"
-            f" after {args.eval_samples} skipped (labels sampled from the model, seed {args.seed}); "
-            f"attention Fisher over the first {min(args.attention_tokens, args.seq_len)} tokens"
-        )
-    if metrics is not None and generate and args.strategy == "budget":
-        allocate("budget", metrics, geometry, target, step, thresholds)  # fails now if the curves are missing
-    _check_writable(output, config_path if generate else None)
+    """The ``analyze`` command: check every input, load or import, measure, allocate, then write everything."""
+    plan = _plan(args)
+    metrics, source, measure = _metrics_source(args, plan)
+    _check_writable(plan)
     if metrics is None:
-        progress = not args.no_progress
-        metrics = _measure(
-            network,
-            args.model,
-            args.calibration_dataset,
-            windows,
-            args.batch_size,
-            args.attention_tokens,
-            args.sink_tokens,
-            args.seed,
-            progress,
-        )
-    files: dict[Path, str | bytes] = {
-        output / METRICS_JSON: metrics_to_json(metrics),
-        output / METRICS_CSV: metrics_to_csv(metrics),
-    }
+        metrics = measure()
     allocation = None
-    if generate:
-        allocation = allocate(args.strategy, metrics, geometry, target, step, thresholds)
+    files: dict[Path, str | bytes] = {
+        plan.output / METRICS_JSON: metrics_to_json(metrics),
+        plan.output / METRICS_CSV: metrics_to_csv(metrics),
+    }
+    if plan.config_path is not None:
+        allocation = allocate(args.strategy, metrics, plan.geometry, plan.target, plan.step, plan.thresholds)
         config = allocation.to_config(args.algo, args.sink_tokens)
-        header = [f"model: {args.model or EMBEDDED_DEFAULT} ({_describe(geometry)})", source, f"rank step: {step}"]
-        files[config_path] = json.dumps(config.to_dict(), indent=2) + "\n"
-        files[config_path.with_name(config_path.stem + "_summary.txt")] = summary_text(allocation, metrics, header)
-        files[config_path.with_name(config_path.stem + "_ranks.png")] = heatmap_png(allocation)
+        model = f"model: {args.model or EMBEDDED_DEFAULT} ({_describe(plan.geometry)})"
+        files[plan.config_path] = json.dumps(config.to_dict(), indent=2) + "\n"
+        files[_beside(plan.config_path, "_summary.txt")] = summary_text(
+            allocation, metrics, [model, source, f"rank step: {plan.step}"]
+        )
+        files[_beside(plan.config_path, "_ranks.png")] = heatmap_png(allocation)
     for path, content in files.items():
         _atomic_write(path, content)
         print(f"wrote {path}")
@@ -234,18 +210,95 @@ def run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> _Plan:
+    """Flag combinations, target, rank step and budget feasibility: everything checkable from the model config."""
+    target = check_target(args.target_memory_reduction)
+    if args.metrics_file and (args.entity or args.project):
+        raise ConfigError("pass either --metrics-file or --entity/--project, not both")
+    if bool(args.entity) != bool(args.project):
+        raise ConfigError("the W&B path needs both --entity and --project")
+    geometry = geometry_of(args.model)
+    step = check_rank_step(args.rank_step or max(1, geometry.head_dim // 16), geometry.head_dim)
+    generate = args.generate_compression_config
+    if generate and args.strategy in ("budget", "uniform"):
+        budget_units(geometry, target, step)  # an impossible budget fails before the long pass
+    thresholds = TierThresholds(args.trace_critical, args.trace_moderate, args.cond_excellent, args.cond_good)
+    output = Path(args.output_dir)
+    return _Plan(
+        target, geometry, step, thresholds, output, output / args.compression_config_output if generate else None
+    )
+
+
+def _metrics_source(args: argparse.Namespace, plan: _Plan) -> tuple[HeadMetrics | None, str, Callable[[], HeadMetrics]]:
+    """``(imported metrics or None, where they come from, a function that measures them)``.
+
+    Measuring loads the text and the model here, so that a bad source fails before anything is created.
+    """
+    if args.metrics_file or args.entity:
+        if args.metrics_file:
+            metrics = read_metrics_file(args.metrics_file, plan.geometry, args.run_name)
+            source = f"metrics: imported from {args.metrics_file}"
+        else:
+            metrics = fetch_wandb_metrics(args.entity, args.project, plan.geometry, args.run_name)
+            source = f"metrics: imported from W&B {args.entity}/{args.project}"
+        if plan.config_path is not None and args.strategy == "budget":
+            allocate("budget", metrics, plan.geometry, plan.target, plan.step)  # fails now if the curves are missing
+        return metrics, source, lambda: metrics
+    _check_lengths(args.seq_len, args.sink_tokens)
+    windows = calibration_windows(
+        args.model,
+        args.calibration_dataset,
+        args.calibration_samples,
+        args.eval_samples,
+        args.seq_len,
+        args.dataset_config,
+        args.split,
+        args.text_field,
+    )
+    network = load_model(args.model)
+    source = (
+        f"metrics: measured on {windows.shape[0]} windows x {args.seq_len} tokens of {args.calibration_dataset!r}"
+        f" after {args.eval_samples} skipped (labels sampled from the model, seed {args.seed}); "
+        f"attention Fisher over the first {min(args.attention_tokens, args.seq_len)} tokens"
+    )
+
+    def measure() -> HeadMetrics:
+        from kvlight.sensitivity import measure_sensitivity
+
+        metrics = measure_sensitivity(
+            network,
+            plan.geometry,
+            windows,
+            args.batch_size,
+            args.attention_tokens,
+            args.sink_tokens,
+            args.seed,
+            progress=not args.no_progress,
+        )
+        info = {"model": args.model or EMBEDDED_DEFAULT, "dataset": args.calibration_dataset}
+        metrics.info.update({**info, "skipped_windows": args.eval_samples})
+        return metrics
+
+    return None, source, measure
+
+
+def _beside(path: Path, suffix: str) -> Path:
+    """``dir/compression_config.json`` -> ``dir/compression_config<suffix>`` (the seed's summary naming)."""
+    return path.with_name(path.stem + suffix)
+
+
 def _describe(geometry: KVGeometry) -> str:
     rope = ", RoPE (keys measured pre-RoPE)" if geometry.rope else ""
     return f"{geometry.num_layers} layers x {geometry.num_kv_heads} KV heads, head_dim {geometry.head_dim}{rope}"
 
 
-def _check_writable(output: Path, config_path: Path | None) -> None:
+def _check_writable(plan: _Plan) -> None:
     """Fail before the long pass if an output location cannot be written (creates the directories)."""
     from kvlight.commands import ensure_writable
 
-    ensure_writable(output)
-    if config_path is not None:
-        ensure_writable(config_path.parent)
+    ensure_writable(plan.output)
+    if plan.config_path is not None:
+        ensure_writable(plan.config_path.parent)
 
 
 def _atomic_write(path: Path, content: str | bytes) -> None:

@@ -177,6 +177,9 @@ class CompressedLayer(DynamicLayer):
         self.latent_k: LatentStore | None = None
         self.latent_v: LatentStore | None = None
         self.sink_k = self.sink_v = None
+        # Left padding: a row's first sink_tokens *positions* can sit past the sink slots and be compressed; their
+        # exact K/V are kept here, indexed by position, with the slot each occupies (-1: none). See _keep_row_sinks.
+        self.row_sink_k = self.row_sink_v = self.row_sink_slot = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -227,10 +230,38 @@ class CompressedLayer(DynamicLayer):
     def _compress(self, keys: torch.Tensor, values: torch.Tensor, first: int) -> None:
         owner = self.owner
         if owner.tracker is not None:
-            keys = owner.tracker.unrotate(keys, owner.position_log.slice(first, first + keys.shape[2]))
+            positions = owner.position_log.slice(first, first + keys.shape[2])
+            self._keep_row_sinks(keys, values, positions, first)
+            keys = owner.tracker.unrotate(keys, positions)
         dtype = owner.latent_dtype or keys.dtype
         self.latent_k.append(owner.compressor.encode(self.layer_idx, "k", keys).to(dtype))
         self.latent_v.append(owner.compressor.encode(self.layer_idx, "v", values).to(dtype))
+
+    def _keep_row_sinks(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, first: int) -> None:
+        """Keep exact the tokens about to be compressed whose position id is below ``sink_tokens``.
+
+        Without padding those tokens are the sink slots and never get here. With left padding a row's real tokens
+        start later (HF gives them positions 0, 1, ... from the attention mask), so they would be compressed where
+        the same row generated alone keeps them exact. Pads precede the real token of the same position, so the
+        latest token per position wins.
+        """
+        sinks = self.owner.sink_tokens
+        early = positions < sinks  # [B, n]
+        if not early.any():
+            return
+        if self.row_sink_k is None:
+            batch, heads, _, dim = keys.shape
+            self.row_sink_k = keys.new_zeros(batch, heads, sinks, dim)
+            self.row_sink_v = values.new_zeros(batch, heads, sinks, dim)
+            self.row_sink_slot = torch.full((batch, sinks), -1, dtype=torch.long, device=keys.device)
+        order = torch.arange(1, positions.shape[1] + 1, device=positions.device)
+        for position in positions[early].unique().tolist():
+            hit = positions == position
+            rows = hit.any(dim=1).nonzero().squeeze(1)
+            latest = (hit * order).argmax(dim=1)[rows]  # the last token of each row at this position
+            self.row_sink_k[rows, :, position] = keys[rows, :, latest]
+            self.row_sink_v[rows, :, position] = values[rows, :, latest]
+            self.row_sink_slot[rows, position] = first + latest
 
     def _reconstruct(self) -> tuple[torch.Tensor, torch.Tensor]:
         owner = self.owner
@@ -239,22 +270,31 @@ class CompressedLayer(DynamicLayer):
         if owner.tracker is not None and self.num_compressed:
             first = self.sink_k.shape[2]
             keys = owner.tracker.rotate(keys, owner.position_log.slice(first, first + self.num_compressed))
+        if self.row_sink_slot is not None:  # the exact copies of each row's sink positions replace their latents
+            rows, position = (self.row_sink_slot >= 0).nonzero(as_tuple=True)
+            column = self.row_sink_slot[rows, position] - self.sink_k.shape[2]
+            keys, values = keys.clone(), values.clone()
+            keys[rows, :, column] = self.row_sink_k[rows, :, position]
+            values[rows, :, column] = self.row_sink_v[rows, :, position]
         return keys, values
 
     _EXACT = ("sink_k", "sink_v", "keys", "values")
+    _ROW_SINKS = ("row_sink_k", "row_sink_v", "row_sink_slot")
 
     def stored_tensors(self) -> list[torch.Tensor]:
         """Every tensor this layer keeps for its tokens."""
         if not self.is_initialized:
             return []
         exact = [getattr(self, name) for name in self._EXACT]
-        return exact + self.latent_k.tensors() + self.latent_v.tensors()
+        row_sinks = [getattr(self, name) for name in self._ROW_SINKS if getattr(self, name) is not None]
+        return exact + row_sinks + self.latent_k.tensors() + self.latent_v.tensors()
 
     def _select(self, fn) -> None:
         if not self.is_initialized:
             return
-        for name in self._EXACT:
-            setattr(self, name, fn(getattr(self, name)))
+        for name in self._EXACT + self._ROW_SINKS:
+            if getattr(self, name) is not None:
+                setattr(self, name, fn(getattr(self, name)))
         self.latent_k.select(fn)
         self.latent_v.select(fn)
 
@@ -282,11 +322,14 @@ class CompressedLayer(DynamicLayer):
         self.latent_v.truncate(n_compressed)
         self.keys, self.values = self.keys[:, :, :n_recent], self.values[:, :, :n_recent]
         self.length = keep
+        if self.row_sink_slot is not None:  # exact copies of tokens no longer compressed are dropped
+            self.row_sink_slot[self.row_sink_slot >= n_sink + n_compressed] = -1
 
     def reset(self) -> None:
         super().reset()
         self.length = 0
         self.latent_k = self.latent_v = self.sink_k = self.sink_v = None
+        self.row_sink_k = self.row_sink_v = self.row_sink_slot = None
 
 
 class CompressedCache(Cache):

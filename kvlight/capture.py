@@ -42,12 +42,18 @@ def capture_kv(
     seed: int = 0,
     progress: bool = True,
 ) -> KVReservoir:
-    """Run ``model`` over batches of token windows ``[B, T]`` and reservoir-sample their K/V rows."""
+    """Run ``model`` over batches of token windows ``[B, T]`` and reservoir-sample their K/V rows.
+
+    ``windows`` may be any iterable, a generator over a stream included: it is consumed lazily and memory stays
+    bounded by ``capacity`` rows whatever the number of tokens.
+    """
     reservoir = KVReservoir(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, capacity, seed)
     tracker = PositionTracker(model) if geometry.rope else None
     device = next(model.parameters()).device
     try:
-        for batch in tqdm(list(windows), desc="capture K/V", disable=not progress, leave=False):
+        # Batches are pulled one at a time (never list()-ed): a streamed source stays a stream.
+        total = len(windows) if hasattr(windows, "__len__") else None
+        for batch in tqdm(windows, total=total, desc="capture K/V", disable=not progress, leave=False):
             batch = batch.to(device)
             token_index, slot = reservoir.plan(batch.numel())
 

@@ -134,6 +134,8 @@ class CompressionConfig:
             data = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"compression config {str(path)!r} is not valid JSON: {exc}") from None
+        except RecursionError:  # nesting deeper than Python's parser allows: not a config anyone wrote
+            raise ConfigError(f"compression config {str(path)!r} is nested too deeply to be a config") from None
         return cls.from_dict(data)
 
     @classmethod
@@ -286,9 +288,9 @@ class CompressionConfig:
             if self.d_head is not None:
                 out.setdefault("d_k", self.d_head)
                 out.setdefault("d_v", self.d_head)
-            if out.get("rank_k") is not None and out.get("rank_k") == out.get("rank_v") and "rank" not in out:
-                out = {"enabled": out.get("enabled", True), "rank": out.pop("rank_k"), **out}
-                out.pop("rank_v")
+            if "rank" not in out and out.get("rank_k") is not None and out.get("rank_k") == out.get("rank_v"):
+                out["rank"] = out.pop("rank_k")  # the seed's single `rank` when K and V agree
+                del out["rank_v"]
             heads[f"{layer}/{head}"] = out
         return {"global": glob, "per_layer_head": heads}
 

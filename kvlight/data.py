@@ -365,6 +365,40 @@ class _WindowBatches(IterableDataset):
             yield self.windows[start : start + self.batch_size]
 
 
+class ResumableKVLoader(DataLoader):
+    """The training loader over a :class:`KVShardStream`, resumable mid-epoch.
+
+    Lightning checkpoints the ``state_dict`` of a loader that has one (``{"epoch", "batches"}``: the stream's epoch
+    and the batches handed out in it) and hands it back to ``load_state_dict`` on ``--ckpt_path`` resume. The next
+    iteration then replays that epoch's shuffling and skips the batches already trained on, so a resumed fit sees
+    exactly the batches an uninterrupted one would. (Lightning does not call ``on_train_epoch_start`` again when it
+    resumes mid-epoch, so the epoch must come from here too.)
+    """
+
+    def __init__(self, stream: KVShardStream, num_workers: int = 0):
+        super().__init__(stream, batch_size=None, num_workers=num_workers)
+        self.delivered = 0
+        self._skip = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        skip, self._skip = self._skip, 0
+        self.delivered = skip
+        for index, batch in enumerate(super().__iter__()):
+            if index >= skip:  # the skipped batches are still read: the shuffling must advance exactly as before
+                self.delivered += 1
+                yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.dataset.epoch), "batches": int(self.delivered)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if batches >= len(self.dataset):  # saved after an epoch's last batch: resume at the next epoch's start
+            epoch, batches = epoch + 1, 0
+        self.dataset.set_epoch(epoch)
+        self._skip = batches
+
+
 class KVCalibrationDataModule(pl.LightningDataModule):
     """Token windows for evaluation and K/V capture, and streamed captured K/V rows for training.
 
@@ -433,7 +467,7 @@ class KVCalibrationDataModule(pl.LightningDataModule):
         """The training stream once ``train_dataloader`` ran; call its ``set_epoch`` at each epoch start."""
         self._eval_windows: torch.Tensor | None = None
         self._calibration_windows: torch.Tensor | None = None
-        self._kv_shards: tuple[Path, int] | None = None
+        self._kv_shards: tuple[Path, int, int] | None = None
 
     def rank_and_world_size(self) -> tuple[int, int]:
         """``(global_rank, world_size)`` of the attached trainer, ``(0, 1)`` without one."""
@@ -518,9 +552,16 @@ class KVCalibrationDataModule(pl.LightningDataModule):
         root = Path(self.hparams.capture_dir).expanduser() if self.hparams.capture_dir else default_capture_dir()
         return root / self.capture_key(model_fingerprint)[:16]
 
-    def set_kv_shards(self, directory: Path, num_batches: int) -> None:
-        """Record the captured shards to train on and the number of training batches per epoch."""
-        self._kv_shards = (Path(directory), num_batches)
+    def set_kv_shards(self, directory: Path, num_batches: int, exact_epochs: int = 0) -> None:
+        """Record the captured shards to train on, the training batches per epoch and the leading single-pass
+        (statistics) epochs, see :class:`~kvlight.shards.KVShardStream`."""
+        self._kv_shards = (Path(directory), num_batches, exact_epochs)
+
+    def calibration_indices(self) -> list[int]:
+        """Indices (into all calibration windows) of the windows :meth:`calibration_windows` returns on this rank."""
+        self.setup()
+        assert self._calibration_windows is not None
+        return shard_for_rank(self._calibration_windows.shape[0], *self.rank_and_world_size())
 
     def train_dataloader(self) -> DataLoader:
         """Captured K/V mini-batches from :class:`~kvlight.shards.KVShardStream`, already batched.
@@ -533,7 +574,7 @@ class KVCalibrationDataModule(pl.LightningDataModule):
                 "training needs captured K/V but none were set; the LightningModule must capture them and call "
                 "datamodule.set_kv_shards(...) before training starts"
             )
-        directory, num_batches = self._kv_shards
+        directory, num_batches, exact_epochs = self._kv_shards
         hp = self.hparams
-        self.kv_stream = KVShardStream(directory, hp.kv_batch_size, num_batches, hp.seed)
-        return DataLoader(self.kv_stream, batch_size=None, num_workers=hp.num_workers)
+        self.kv_stream = KVShardStream(directory, hp.kv_batch_size, num_batches, hp.seed, exact_epochs)
+        return ResumableKVLoader(self.kv_stream, num_workers=hp.num_workers)

@@ -5,8 +5,18 @@ what went wrong and what to do about it.
 """
 
 
+#: Characters str.splitlines() breaks on; messages quote user input (keys, file contents), which may hold them.
+_LINE_BREAKS = {c: c.encode("unicode_escape").decode() for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
 class KVLightError(Exception):
-    """Base class for every error kvlight raises on bad input."""
+    """Base class for every error kvlight raises on bad input. Its message is always one line."""
+
+    def __str__(self) -> str:
+        message = super().__str__()
+        if any(c in message for c in _LINE_BREAKS):
+            message = "".join(_LINE_BREAKS.get(c, c) for c in message)
+        return message
 
 
 class ConfigError(KVLightError):

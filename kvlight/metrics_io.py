@@ -87,8 +87,10 @@ def metrics_to_json(metrics: HeadMetrics) -> str:
         for name, array in metrics.curves.items():
             row[name] = [_json_float(x) for x in array[layer, head]]
         heads.append(row)
-    document = {"format": FORMAT, "geometry": metrics.geometry.to_dict(), "info": metrics.info, "heads": heads}
-    return json.dumps(document, indent=1) + "\n"
+    # One line per head: the per-direction arrays stay readable and the file small.
+    header = {"format": FORMAT, "geometry": metrics.geometry.to_dict(), "info": metrics.info}
+    rows = ",\n  ".join(json.dumps(row, separators=(",", ":")) for row in heads)
+    return json.dumps(header, indent=1)[:-2] + ',\n "heads": [\n  ' + rows + "\n ]\n}\n"
 
 
 def summary_ranks(head_dim: int) -> list[int]:
@@ -251,7 +253,8 @@ def fetch_wandb_metrics(entity: str, project: str, geometry: KVGeometry, run_nam
         ) from None
     where = f"W&B project {entity}/{project}"
     try:
-        runs = {run.display_name or run.name: dict(run.summary) for run in wandb.Api().runs(f"{entity}/{project}")}
+        api = wandb.Api(timeout=30)  # offline, fail in seconds rather than retry for minutes
+        runs = {run.display_name or run.name: dict(run.summary) for run in api.runs(f"{entity}/{project}")}
     except Exception as exc:  # wandb raises many types for auth and network failures
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise MetricsError(f"cannot read {where}: {reason}; {hint}") from None

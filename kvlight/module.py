@@ -27,6 +27,8 @@ from kvlight.models import geometry_of, load_model, model_fingerprint
 from kvlight.shards import num_rows
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Checkpoint key of the statistics sums when a checkpoint is taken inside the statistics epoch.
+STATISTICS_KEY = "kvlight_statistics"
 
 
 def resolve_config(
@@ -128,6 +130,7 @@ class KVCalibrationModule(pl.LightningModule):
         self.bytes_dynamic = SumMetric()
         self.results: dict[str, float] = {}
         self.capture_seconds = 0.0
+        self._saved_statistics: list[torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ the frozen model
     @property
@@ -145,6 +148,14 @@ class KVCalibrationModule(pl.LightningModule):
         object.__setattr__(self, "_frozen", model.to(self.device))
         if self.geometry.rope:
             object.__setattr__(self, "_tracker", PositionTracker(model))
+
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        # DDP refuses to wrap a module with nothing to train (every head PCA). One inert parameter satisfies it;
+        # no loss uses it and on_save_checkpoint keeps it out of checkpoints.
+        if stage == "fit" and isinstance(self.trainer.strategy, DDPStrategy) and not self.compressor.trainable:
+            self._ddp_anchor = torch.nn.Parameter(torch.zeros(1))
 
     def teardown(self, stage: str) -> None:
         if self._tracker is not None:
@@ -165,14 +176,24 @@ class KVCalibrationModule(pl.LightningModule):
             self.geometry,
             datamodule.calibration_windows(),
             directory,
-            capacity=datamodule.hparams.max_samples_per_head,
+            # Each rank samples its share of the windows, so the ranks together keep max_samples_per_head rows,
+            # as one process would: the result does not depend on the number of GPUs.
+            capacity=math.ceil(datamodule.hparams.max_samples_per_head / self.trainer.world_size),
             batch_size=self.hparams.capture_batch_size,
             seed=datamodule.hparams.seed,
+            meta={
+                "rank": self.global_rank,
+                "world_size": self.trainer.world_size,
+                "calibration_windows": datamodule.calibration_indices(),
+            },
         )
         self.capture_seconds = time.perf_counter() - start
         rows = torch.tensor(num_rows(manifest), device=self.device)
-        fewest = int(self.all_gather(rows).min())  # every rank must take the same number of steps
-        datamodule.set_kv_shards(directory, max(1, math.ceil(fewest / datamodule.hparams.kv_batch_size)))
+        # Every rank takes the same number of steps (DDP collectives must line up): enough for the rank with the
+        # most rows to see each once in the statistics epoch; ranks with fewer get empty or cycled batches.
+        most = int(self.all_gather(rows).max())
+        num_batches = max(1, math.ceil(most / datamodule.hparams.kv_batch_size))
+        datamodule.set_kv_shards(directory, num_batches, exact_epochs=self.stats_epochs)
 
     def configure_optimizers(self):
         params = [p for p in self.compressor.parameters() if p.requires_grad]
@@ -186,12 +207,32 @@ class KVCalibrationModule(pl.LightningModule):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(self.current_epoch)
         if self.current_epoch < self.stats_epochs:
-            self.compressor.begin_statistics(self.device)
+            self._saved_statistics = None  # a new statistics epoch starts from zero
+            self._begin_statistics()
+
+    def _begin_statistics(self) -> None:
+        """Start the float64 sums; after a mid-epoch resume, rank 0 starts from the checkpoint's (all ranks') sums."""
+        self.compressor.begin_statistics(self.device)
+        saved, self._saved_statistics = self._saved_statistics, None
+        if saved is not None and self.global_rank == 0:
+            for tensor, value in zip(self.compressor.statistics_tensors(), saved):
+                tensor.copy_(value)
+
+    def _finalize_statistics(self) -> None:
+        for tensor in self.compressor.statistics_tensors():
+            tensor.copy_(self.trainer.strategy.reduce(tensor, reduce_op="sum"))
+        self.compressor.finalize_statistics()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         keys, values = batch["keys"], batch["values"]
         if self.current_epoch < self.stats_epochs:
+            if not self.compressor.statistics_tensors():  # resumed mid-epoch: on_train_epoch_start was skipped
+                self._begin_statistics()
             self.compressor.accumulate(keys, values)
+            # Fitted at the epoch's last batch rather than in on_train_epoch_end, so the checkpoint saved after
+            # this batch, and a validation run at the end of the epoch, already hold the fitted compressor.
+            if batch_idx == self.trainer.num_training_batches - 1:
+                self._finalize_statistics()
             return None
         if not self.compressor.trainable:
             return None
@@ -204,11 +245,18 @@ class KVCalibrationModule(pl.LightningModule):
         return loss.detach()
 
     def on_train_epoch_end(self) -> None:
-        if self.current_epoch != self.stats_epochs - 1:
-            return
-        for tensor in self.compressor.statistics_tensors():
-            tensor.copy_(self.trainer.strategy.reduce(tensor, reduce_op="sum"))
-        self.compressor.finalize_statistics()
+        # Normally fitted at the last batch already; this covers an epoch cut short (max_steps, limit_train_batches).
+        if self.current_epoch == self.stats_epochs - 1 and self.compressor.statistics_tensors():
+            self._finalize_statistics()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"].pop("_ddp_anchor", None)
+        sums = self.compressor.statistics_tensors()
+        if sums:  # inside the statistics epoch: keep the sums so far, summed over ranks (every rank calls this)
+            checkpoint[STATISTICS_KEY] = [self.trainer.strategy.reduce(t.clone(), reduce_op="sum").cpu() for t in sums]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._saved_statistics = checkpoint.get(STATISTICS_KEY)
 
     # ------------------------------------------------------------------ validate
     def _chunked_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> torch.Tensor:

@@ -212,6 +212,7 @@ def _stack(table: dict, kind: str, geometry: KVGeometry) -> torch.Tensor:
 
 
 def _sensitivity_step(model, geometry, batch, tracker, sensitivity, attention, generator) -> None:
+    """One forward/backward of ``batch [B, T]`` through zero K/V perturbations; adds to both accumulators."""
     captured: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def perturb(layer: int, keys: torch.Tensor, values: torch.Tensor):

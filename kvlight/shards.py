@@ -356,6 +356,10 @@ class KVShardStream(torch.utils.data.IterableDataset):
     An epoch is exactly ``num_batches`` batches, cycling through the data again if it is too short and stopping
     early if it is longer, so every DDP rank takes the same number of optimiser steps.
 
+    The first ``exact_epochs`` epochs are single passes instead (the statistics epoch: means and covariances must
+    count every row exactly once): every row once, the last batch short if need be, then empty batches (0 rows) up
+    to ``num_batches`` so that ranks holding fewer rows still take the same number of steps.
+
     Yields:
         ``{"keys": [batch_size, L, H, D], "values": [batch_size, L, H, D]}``.
 
@@ -364,13 +368,15 @@ class KVShardStream(torch.utils.data.IterableDataset):
         batch_size: Rows per batch.
         num_batches: Batches per epoch.
         seed: Base seed of the per-epoch shuffling.
+        exact_epochs: Leading epochs that are single passes over the rows (see above).
 
     Raises:
         CaptureError: The directory holds no complete capture, holds no rows, or a shard fails its checksum
             when opened.
+        ValueError: ``num_batches`` batches cannot hold every row once while ``exact_epochs > 0``.
     """
 
-    def __init__(self, directory: Path, batch_size: int, num_batches: int, seed: int = 0):
+    def __init__(self, directory: Path, batch_size: int, num_batches: int, seed: int = 0, exact_epochs: int = 0):
         super().__init__()
         if batch_size < 1 or num_batches < 0:
             raise ValueError(f"need batch_size >= 1 and num_batches >= 0, got {batch_size} and {num_batches}")
@@ -378,6 +384,7 @@ class KVShardStream(torch.utils.data.IterableDataset):
         self.batch_size = batch_size
         self.num_batches = num_batches
         self.seed = seed
+        self.exact_epochs = exact_epochs
         self.epoch = 0
         # Shards are checked (size and sha256) as each one is opened, so a capture is read once per epoch.
         manifest = _read_manifest(self.directory)
@@ -391,6 +398,10 @@ class KVShardStream(torch.utils.data.IterableDataset):
                 f"the K/V capture in {self.directory} holds no rows; raise --calibration-samples and run again"
             )
         self.manifest = manifest
+        if exact_epochs and num_rows(manifest) > num_batches * batch_size:
+            raise ValueError(
+                f"{num_batches} batches of {batch_size} cannot hold the {num_rows(manifest)} rows of a single pass"
+            )
 
     def set_epoch(self, epoch: int) -> None:
         """Select the shuffling of the next iteration (call once per epoch, like ``DistributedSampler``)."""
@@ -431,7 +442,18 @@ class KVShardStream(torch.utils.data.IterableDataset):
         pending_keys: list[torch.Tensor] = []
         pending_values: list[torch.Tensor] = []
         pending = 0
+        single_pass, passes = self.epoch < self.exact_epochs, 0
         while produced < self.num_batches:
+            if single_pass and passes:  # the one pass is over: flush the short batch, then empty ones
+                if not pending:
+                    dtype = getattr(torch, str(self.manifest.get("dtype")), None)
+                    dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+                    pending_keys = [torch.empty((0, *self.manifest["row_shape"]), dtype=dtype)]
+                    pending_values = [pending_keys[0].clone()]
+                yield {"keys": torch.cat(pending_keys), "values": torch.cat(pending_values)}
+                pending_keys, pending_values, pending = [], [], 0
+                produced += 1
+                continue
             # Each pass over the data draws a fresh shard order, so cycling does not repeat the same batches.
             for shard_index in torch.randperm(len(files), generator=generator).tolist():
                 if files[shard_index]["rows"] == 0:
@@ -453,6 +475,7 @@ class KVShardStream(torch.utils.data.IterableDataset):
                             return
                 # Release the shard before the next one is read: only one is held at a time.
                 del keys, values
+            passes += 1
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker = torch.utils.data.get_worker_info()

@@ -16,6 +16,26 @@ from kvlight.compressors import KVCompressor
 from kvlight.models import kv_geometry
 
 
+def positions_from_mask(attention_mask: torch.Tensor | None, new_tokens: int | None) -> torch.Tensor | None:
+    """Position ids ``[B, new_tokens]`` of the newest tokens counted over real tokens only, or None when the
+    mask pads nothing (the model's own ``arange`` is then right).
+
+    ``attention_mask`` covers the cached and the new tokens, ``[B, past + new_tokens]``; leading pads get 0 like
+    in ``generate``, trailing pads repeat the last real position (both are masked out of attention).
+    """
+    if attention_mask is None or new_tokens is None or attention_mask.dim() != 2 or bool(attention_mask.all()):
+        return None
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    return positions[:, -new_tokens:]
+
+
+def _new_tokens(args: tuple, kwargs: dict) -> int | None:
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    return None if tokens is None else int(tokens.shape[1])
+
+
 class CompressedKVModelWrapper(nn.Module):
     """A causal LM whose KV cache stores the compressor's latents.
 
@@ -45,8 +65,17 @@ class CompressedKVModelWrapper(nn.Module):
         return kwargs
 
     def forward(self, *args, **kwargs):
-        """``model(...)`` with a compressed cache (a new one unless ``past_key_values`` is given)."""
-        return self.model(*args, **self._with_cache(kwargs))
+        """``model(...)`` with a compressed cache (a new one unless ``past_key_values`` is given).
+
+        With a padded ``attention_mask`` and no ``position_ids``, positions are counted over the real tokens (as
+        ``generate`` does), so a left-padded row gets the positions, and the logits, it gets alone.
+        """
+        kwargs = self._with_cache(kwargs)
+        if kwargs.get("position_ids") is None:
+            position_ids = positions_from_mask(kwargs.get("attention_mask"), _new_tokens(args, kwargs))
+            if position_ids is not None:
+                kwargs["position_ids"] = position_ids
+        return self.model(*args, **kwargs)
 
     @torch.no_grad()
     def generate(self, *args, **kwargs):

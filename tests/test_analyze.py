@@ -6,6 +6,8 @@ import io
 import itertools
 import json
 import math
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -478,7 +480,7 @@ BAD_ARGS = {
     "rank_step": (["--rank-step", "3"], ["divisor of the head_dim 16"]),
     "entity_alone": (["--entity", "me"], ["both --entity and --project"]),
     "two_sources": (["--entity", "me", "--project", "p", "--metrics-file", "m.csv"], ["either --metrics-file"]),
-    "wandb_offline": (["--entity", "me", "--project", "p"], ["--metrics-file"]),
+    "wandb_missing": (["--entity", "me", "--project", "p"], ["pip install wandb", "--metrics-file"]),
     "budget_without_curves": (["--metrics-file", "{csv}"], ["budget needs the K/V loss curves"]),
     "seq_len_too_short": (["--seq-len", "4", "--sink-tokens", "4"], ["--seq-len 4"]),
 }
@@ -488,7 +490,7 @@ BAD_ARGS = {
 def test_bad_arguments_are_one_line_exit_2(
     case, analyze_metrics_files, tiny_models, tiny_llama_path, tmp_path, capfd, monkeypatch
 ):
-    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: `import wandb` raises ImportError
     extra, fragments = BAD_ARGS[case]
     csv_file = tmp_path / "m.csv"
     geometry = kv_geometry(tiny_models["llama"])
@@ -507,6 +509,54 @@ def test_bad_target_is_a_config_error():
         uniform(KVGeometry("gpt2", 1, 1, 8, rope=False), 1.0)
     with pytest.raises(ConfigError, match="budget needs"):
         budget(HeadMetrics(KVGeometry("gpt2", 1, 1, 8, rope=False), *(np.zeros((1, 1)),) * 3), 0.5)
+
+
+def fake_wandb(runs: list | Exception) -> types.ModuleType:
+    """A stand-in ``wandb`` module whose ``Api().runs(path)`` returns ``runs`` (or raises them)."""
+
+    class Api:
+        def __init__(self, timeout=None):
+            self.timeout = timeout
+
+        def runs(self, path):
+            if isinstance(runs, Exception):
+                raise runs
+            return runs
+
+    return types.SimpleNamespace(Api=Api)
+
+
+def test_wandb_path_reads_the_seed_summary_keys(
+    analyze_metrics_files, tiny_models, tiny_llama_path, tmp_path, monkeypatch, capfd
+):
+    source = read_metrics_file(analyze_metrics_files["llama"], kv_geometry(tiny_models["llama"]))
+    summary = {
+        f"fisher/layer{r['layer']}/head{r['head']}/{name}": r[name]
+        for r in _wide_rows(source)
+        for name in ("trace", "cond")
+    }
+    run = types.SimpleNamespace(display_name="baseline", name="run-1", summary={**summary, "train/loss": 2.0})
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb([run]))
+    output = tmp_path / "out"
+    argv = analyze_args(tiny_llama_path, output, "--entity", "me", "--project", "fim", "--generate-compression-config")
+    assert main([*argv, "--strategy", "tiers"]) == 0
+    capfd.readouterr()
+    assert "imported from W&B me/fim" in (output / "cfg_summary.txt").read_text()
+    np.testing.assert_allclose(
+        read_metrics_file(output / "fim_metrics.json", source.geometry).cond, source.cond, rtol=1e-12
+    )
+
+
+def test_unreachable_wandb_is_one_line_pointing_to_metrics_file(tiny_llama_path, tmp_path, monkeypatch, capfd):
+    monkeypatch.setitem(
+        sys.modules, "wandb", fake_wandb(ConnectionError("Max retries exceeded\nwith url: api.wandb.ai"))
+    )
+    output = tmp_path / "out"
+    argv = analyze_args(tiny_llama_path, output, "--entity", "me", "--project", "fim", "--generate-compression-config")
+    assert main([*argv, "--strategy", "tiers"]) == 2
+    line = one_error_line(capfd.readouterr().err)
+    assert "W&B project me/fim" in line and "Max retries exceeded" in line and "--metrics-file" in line
+    assert_nothing_written(output)
 
 
 # ---------------------------------------------------------------------- 7. the walkthrough notebook

@@ -18,7 +18,7 @@ from torch import nn
 
 from kvlight.compressors.base import IdentityProjection, LayerCodec, RunningMoments
 from kvlight.config import CompressionConfig, atomic_write_text
-from kvlight.errors import ConfigError, GeometryMismatchError, KVLightError
+from kvlight.errors import CaptureError, ConfigError, GeometryMismatchError, KVLightError
 from kvlight.models import KVGeometry
 
 WEIGHTS_NAME = "compressor.safetensors"
@@ -133,6 +133,13 @@ class KVCompressor(nn.Module):
             if moments.count.item() == 0:
                 raise KVLightError("no captured rows reached the statistics pass; check the calibration data")
             mean, covariance = moments.mean_and_covariance()
+            finite = torch.isfinite(mean).all(-1) & torch.isfinite(covariance).flatten(1).all(-1)  # [H]
+            if not finite.all():
+                head = int((~finite).nonzero()[0])
+                raise CaptureError(
+                    f"captured {kind.upper()} of layer {layer}, KV head {head} contains NaN or inf; the capture is "
+                    "damaged or the model produces non-finite activations on this data (try float32 or other text)"
+                )
             for head, projection in enumerate(self.codec(layer, kind).heads):
                 projection.init_from_statistics(mean[head], covariance[head])
         self._moments = None
@@ -235,16 +242,19 @@ def load_compressor(directory: str | os.PathLike, geometry: KVGeometry | None = 
         raise KVLightError(f"{directory / CONFIG_NAME} is not a kvlight compressor description")
     config = CompressionConfig.from_dict(described.get("compression_config"))
     saved_geometry = described.get("geometry")
+    fitted = _saved_geometry(saved_geometry, directory / CONFIG_NAME) if saved_geometry is not None else None
+    latent_affine = described.get("latent_affine", True)
+    if not isinstance(latent_affine, bool):
+        raise KVLightError(f"{directory / CONFIG_NAME}: latent_affine must be true or false, got {latent_affine!r}")
     try:
-        fitted = KVGeometry.from_dict(saved_geometry) if saved_geometry else None
-    except (KeyError, TypeError) as exc:
-        raise KVLightError(f"{directory / CONFIG_NAME}: malformed geometry ({exc})") from None
-    compressor = KVCompressor(
-        config,
-        fitted,
-        latent_affine=bool(described.get("latent_affine", True)),
-        init=described.get("init", "pca") if described.get("init") in ("pca", "random") else "pca",
-    )
+        compressor = KVCompressor(
+            config,
+            fitted,
+            latent_affine=latent_affine,
+            init=described.get("init", "pca") if described.get("init") in ("pca", "random") else "pca",
+        )
+    except ConfigError as exc:
+        raise KVLightError(f"{directory / CONFIG_NAME}: its compression config does not fit its geometry: {exc}") from None
     if geometry is not None:
         compressor.check_geometry(geometry)
     try:
@@ -259,3 +269,16 @@ def load_compressor(directory: str | os.PathLike, geometry: KVGeometry | None = 
             f"{directory / WEIGHTS_NAME} does not match its config: {' '.join(first[:2])[:300]}"
         ) from None
     return compressor
+
+
+def _saved_geometry(saved: object, where: Path) -> KVGeometry:
+    """The geometry a compressor file names, checked field by field (a hand-edited file may hold anything)."""
+    fields = {"num_layers": int, "num_kv_heads": int, "head_dim": int, "model_type": str, "rope": bool}
+    if not isinstance(saved, dict) or set(fields) - set(saved):
+        raise KVLightError(f"{where}: malformed geometry (needs {', '.join(fields)})")
+    for name, kind in fields.items():
+        value = saved[name]
+        wrong_type = not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+        if wrong_type or (kind is int and value < 1):
+            raise KVLightError(f"{where}: malformed geometry: {name} = {value!r}")
+    return KVGeometry.from_dict(saved)
