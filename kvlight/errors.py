@@ -4,7 +4,6 @@ The CLI prints ``str(error)`` on one line and exits with code 2, so each message
 what went wrong and what to do about it.
 """
 
-
 #: Characters str.splitlines() breaks on; messages quote user input (keys, file contents), which may hold them.
 _LINE_BREAKS = {c: c.encode("unicode_escape").decode() for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
 

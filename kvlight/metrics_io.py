@@ -132,12 +132,17 @@ def read_metrics_file(path: str | Path, geometry: KVGeometry, run_name: str | No
     except UnicodeDecodeError:
         raise MetricsError(f"{where} is not text; pass a CSV or JSON file") from None
     if path.suffix.lower() == ".csv":
-        return _from_csv(text, geometry, where, run_name)
+        try:
+            return _from_csv(text, geometry, where, run_name)
+        except csv.Error as exc:  # e.g. a field beyond the csv module's size limit
+            raise MetricsError(f"{where} is not a readable CSV file: {exc}") from None
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise MetricsError(f"{where} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise MetricsError(f"{where} is nested too deeply to be a metrics file") from None
         return metrics_from_json_data(data, geometry, where, run_name)
     raise MetricsError(f"{where} must end in .csv or .json")
 

@@ -78,7 +78,9 @@ def test_yaml_parses_through_the_lightning_cli(config, capsys):
 
 @pytest.mark.parametrize("config", YAMLS, ids=[p.name for p in YAMLS])
 def test_yaml_instantiates_on_a_tiny_model(config, tiny_llama_path, tmp_path):
-    cli = lightning_cli(lightning_args(config, tiny_llama_path, tmp_path), run=False)
+    # lightning_args picks the CPU; FSDP refuses it, so multi-GPU YAMLs instantiate with the default strategy here.
+    single = ["--trainer.strategy", "auto", "--trainer.devices", "1"] if not torch.cuda.is_available() else []
+    cli = lightning_cli(lightning_args(config, tiny_llama_path, tmp_path, *single), run=False)
     written = yaml.safe_load(config.read_text())
     assert cli.model.hparams.compressor == written["model"]["compressor"]
     assert cli.model.compressor.latent_dims() == [(2 * 8, 2 * 8)] * 2  # 2 KV heads x rank 8, both layers

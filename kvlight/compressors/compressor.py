@@ -238,6 +238,8 @@ def load_compressor(directory: str | os.PathLike, geometry: KVGeometry | None = 
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise KVLightError(f"{directory / CONFIG_NAME} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise KVLightError(f"{directory / CONFIG_NAME} is nested too deeply to be a compressor description") from None
     if not isinstance(described, dict) or described.get("format") != "kvlight-compressor/1":
         raise KVLightError(f"{directory / CONFIG_NAME} is not a kvlight compressor description")
     config = CompressionConfig.from_dict(described.get("compression_config"))
@@ -254,7 +256,9 @@ def load_compressor(directory: str | os.PathLike, geometry: KVGeometry | None = 
             init=described.get("init", "pca") if described.get("init") in ("pca", "random") else "pca",
         )
     except ConfigError as exc:
-        raise KVLightError(f"{directory / CONFIG_NAME}: its compression config does not fit its geometry: {exc}") from None
+        raise KVLightError(
+            f"{directory / CONFIG_NAME}: its compression config does not fit its geometry: {exc}"
+        ) from None
     if geometry is not None:
         compressor.check_geometry(geometry)
     try:
@@ -268,6 +272,9 @@ def load_compressor(directory: str | os.PathLike, geometry: KVGeometry | None = 
         raise KVLightError(
             f"{directory / WEIGHTS_NAME} does not match its config: {' '.join(first[:2])[:300]}"
         ) from None
+    for name, tensor in state.items():  # a damaged or hand-made file: NaN weights would poison every generation
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise KVLightError(f"{directory / WEIGHTS_NAME}: {name} holds NaN or inf; calibrate the compressor again")
     return compressor
 
 

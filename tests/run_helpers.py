@@ -1,0 +1,160 @@
+"""Lightning callbacks and a calibration driver shared by the distributed, resume and precision tests.
+
+Importable by class path from a LightningCLI YAML (``run_helpers.Kill``) because pytest puts tests/ on sys.path;
+the DDP test runs this file as a script (``python tests/run_helpers.py MODEL OUT DEVICES``), which Lightning's
+DDP launcher then starts once more per extra rank with the same arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+#: Data settings of the distributed comparison: odd window counts, so the two ranks get unequal shares.
+DDP_DATA = ["--data.seq_len", "32", "--data.calibration_samples", "5", "--data.eval_samples", "3"]
+DDP_DATA += ["--data.batch_size", "2", "--data.seed", "0"]
+#: KVSplice from a random start: training has real work to do, so "reaches the same loss" means something.
+KVSPLICE = ["--model.init", "random", "--model.lr", "0.03", "--trainer.max_epochs", "30"]
+
+
+class SimulatedKill(RuntimeError):
+    """Raised by :class:`Kill` in place of a SIGKILL; nothing catches it."""
+
+
+class Kill(pl.Callback):
+    """Stops the fit like a crash at the end of batch ``batch`` of epoch ``epoch`` (before that batch's checkpoint).
+
+    ``batch=-1`` kills at the start of the epoch's first batch instead (after the previous epoch's last checkpoint).
+    """
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.batch == -1 and (trainer.current_epoch, batch_idx) == (self.epoch, 0):
+            raise SimulatedKill(f"killed before epoch {self.epoch}")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+            raise SimulatedKill(f"killed at epoch {self.epoch}, batch {batch_idx}")
+
+
+class Record(pl.Callback):
+    """Writes what one rank saw to ``{directory}/{tag}-rank{R}.json``.
+
+    ``rows``/``steps``: training rows and batches per epoch; ``capture``: the capture manifest's meta (which
+    calibration windows this rank captured); ``statistics_dtypes``: dtypes of the running sums during the
+    statistics epoch; ``results``: validation results (perplexities, bytes).
+    """
+
+    def __init__(self, directory: str, tag: str) -> None:
+        self.directory, self.tag = Path(directory), tag
+        self.record: dict = {"rows": defaultdict(int), "steps": defaultdict(int), "statistics_dtypes": []}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.record["rows"][trainer.current_epoch] += int(batch["keys"].shape[0])
+        self.record["steps"][trainer.current_epoch] += 1
+        dtypes = sorted({str(t.dtype) for t in pl_module.compressor.statistics_tensors()})
+        if dtypes and dtypes not in self.record["statistics_dtypes"]:
+            self.record["statistics_dtypes"].append(dtypes)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        stream = trainer.datamodule.kv_stream
+        self.record["capture"] = {**stream.manifest["meta"], "num_rows": stream.manifest["num_rows"]}
+        self._write(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.record["results"] = dict(pl_module.results)
+        self._write(trainer)
+
+    def _write(self, trainer) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"{self.tag}-rank{trainer.global_rank}.json"
+        path.write_text(json.dumps({**self.record, "world_size": trainer.world_size}, indent=1))
+
+
+def cli_args(config: str, model: str, root: Path, *extra: str) -> list[str]:
+    """``kvlight fit`` arguments for a tiny model in float32, quiet, no logger, everything under ``root``."""
+    return [
+        "--config",
+        config,
+        "--model.model",
+        model,
+        "--model.rank",
+        "8",
+        "--model.model_dtype",
+        "float32",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        *extra,
+    ]
+
+
+def record_config(directory: Path, tag: str, *callbacks: dict) -> str:
+    """A YAML with the shipped configs' checkpoint callback (last.ckpt after each epoch), a :class:`Record`, and
+    ``callbacks``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpoint = {"save_last": True, "save_top_k": 1, "save_on_train_epoch_end": True}
+    entries = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": checkpoint},
+        {"class_path": "run_helpers.Record", "init_args": {"directory": str(directory), "tag": tag}},
+        *callbacks,
+    ]
+    path = directory / f"{tag}.yaml"
+    path.write_text(json.dumps({"trainer": {"callbacks": entries}}))  # JSON is YAML
+    return str(path)
+
+
+def calibrate_suite(repo: Path, model: str, out: Path, devices: int) -> None:
+    """PCA fit + validate, then a KVSplice fit, with ``devices`` CPU processes; records under ``out``."""
+    from kvlight.cli import lightning_cli
+
+    parallel = ["--trainer.strategy", "ddp", "--trainer.devices", str(devices)] if devices > 1 else []
+    # The same effective batch (rows per optimizer step, summed over ranks) as the one-process run.
+    kv_batch = ["--data.kv_batch_size", str(32 // devices)]
+    pca_yaml = str(repo / "configs" / "smollm2_pca.yaml")
+    kvsplice_yaml = str(repo / "configs" / "smollm2_kvsplice.yaml")
+    pca = out / "pca"
+    lightning_cli(
+        ["fit", *cli_args(pca_yaml, model, pca, *DDP_DATA, *parallel, *kv_batch, "--config", record_config(out, "pca"))]
+    )
+    lightning_cli(
+        [
+            "validate",
+            *cli_args(pca_yaml, model, pca, *DDP_DATA, *parallel, "--config", record_config(out, "pca-validate")),
+            "--ckpt_path",
+            str(pca / "checkpoints" / "last.ckpt"),
+        ]
+    )
+    kvsplice = out / "kvsplice"
+    extra = [*DDP_DATA, *KVSPLICE, *parallel, *kv_batch, "--config", record_config(out, "kvsplice")]
+    lightning_cli(["fit", *cli_args(kvsplice_yaml, model, kvsplice, *extra)])
+
+
+def load_records(out: Path, tag: str) -> list[dict]:
+    """The per-rank records of one run, rank order."""
+    paths = sorted(out.glob(f"{tag}-rank*.json"))
+    return [json.loads(path.read_text()) for path in paths]
+
+
+def checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    _repo, _model, _out, _devices = sys.argv[1:5]
+    calibrate_suite(Path(_repo), _model, Path(_out), int(_devices))
