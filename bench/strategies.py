@@ -61,7 +61,7 @@ def calibrate(config: Path, work: Path, args: argparse.Namespace) -> dict:
         [
             "calibrate", "--compressor", "pca", "--config", str(config), "--output-dir", str(out),
             "--calibration-samples", str(args.calibration_samples), "--eval-samples", str(args.eval_samples),
-            "--seq-len", "512", "--sink-tokens", str(args.sink_tokens),
+            "--seq-len", "512", "--sink-tokens", str(args.sink_tokens), "--model-dtype", args.model_dtype,
         ]
     )  # fmt: skip
     return json.loads((out / "calibration_results_pca.json").read_text())
@@ -73,6 +73,7 @@ def main() -> int:
     parser.add_argument("--eval-samples", type=int, default=8)
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.75])
     parser.add_argument("--sink-tokens", type=int, default=0, help="first positions kept exact (analysis and cache)")
+    parser.add_argument("--model-dtype", default="float32", help="frozen model dtype in calibrate (analysis: float32)")
     parser.add_argument("--rerender", action="store_true", help="only rewrite the markdown from the results JSON")
     parser.add_argument("--work-dir", default=None, help="where configs and calibrations go (default: a temp dir)")
     args = parser.parse_args()
@@ -143,7 +144,8 @@ def main() -> int:
         "protocol": {
             "calibration": f"{args.calibration_samples} windows x 512 tokens of the built-in corpus (after the eval windows)",
             "evaluation": f"{args.eval_samples} windows x 512 tokens, fed in chunks of 64 through the compressed cache",
-            "compressor": f"pca, one K/V capture shared by every row; sink_tokens {args.sink_tokens}, recent_window 0",
+            "compressor": f"pca, one K/V capture shared by every row; sink_tokens {args.sink_tokens}, recent_window 0, "
+            f"frozen model {args.model_dtype}",
             "analysis": "kvlight analyze on the calibration windows (labels sampled from the model, seed 0)",
         },
         "targets": args.targets,

@@ -73,6 +73,7 @@ def perplexity_plot_png(rows: list[dict], baseline: float | None = None) -> byte
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
 
     figure = Figure(figsize=(5.5, 3.6), layout="constrained")
     FigureCanvasAgg(figure)
@@ -85,6 +86,8 @@ def perplexity_plot_png(rows: list[dict], baseline: float | None = None) -> byte
     axis.set_xlabel("KV memory reduction (%)")
     axis.set_ylabel("perplexity")
     axis.set_yscale("log")
+    axis.yaxis.set_major_formatter(ScalarFormatter())  # 20, 50 rather than 2x10^1
+    axis.yaxis.set_minor_formatter(ScalarFormatter())
     axis.legend()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
