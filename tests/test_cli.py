@@ -46,6 +46,16 @@ def lightning_args(config: Path, model: str, root: Path, *extra: str) -> list[st
         "false",
         "--model.rank",
         "8",
+        "--model.rank_k",  # a YAML may set rank_k/rank_v for the embedded default's head_dim 64
+        "8",
+        "--model.rank_v",
+        "8",
+        "--model.sink_tokens",  # plain latents, so the byte counts below follow the rank alone
+        "0",
+        "--model.recent_window",
+        "0",
+        "--model.latent_bits",
+        "null",
         *extra,
     ]
 
