@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kvlight.config import CompressionConfig, atomic_write_text
+from kvlight.config import CompressionConfig, atomic_write_text, default_file_mode
 from kvlight.errors import KVLightError, OutputError
 
 
@@ -39,6 +39,7 @@ def atomic_torch_save(obj, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(buffer.getvalue())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
