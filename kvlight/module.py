@@ -56,14 +56,11 @@ def resolve_config(
         config = CompressionConfig.from_dict(compression_config)
     else:
         config = CompressionConfig.from_json(compression_config)
-    if sink_tokens is not None:
-        config.sink_tokens = sink_tokens
-    if recent_window is not None:
-        config.recent_window = recent_window
-    if latent_bits is not None:
-        config = CompressionConfig.from_dict(
-            {**config.to_dict(), "global": {**config.to_dict()["global"], "latent_bits": latent_bits}}
-        )
+    overrides = {"sink_tokens": sink_tokens, "recent_window": recent_window, "latent_bits": latent_bits}
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    if overrides:  # through from_dict, so overridden values are checked like the config's own
+        data = config.to_dict()
+        config = CompressionConfig.from_dict({**data, "global": {**data["global"], **overrides}})
     return config.validate(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
 
 
