@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from kvlight import attention
 from kvlight.compressors import KVCompressor
 from kvlight.models import KVGeometry, rotary_module
 from kvlight.quant import LatentQuantizer, QuantizedLatents
@@ -128,42 +129,87 @@ class _PositionLog:
     def slice(self, start: int, stop: int) -> torch.Tensor:
         return self.positions[:, start:stop].long()
 
+    def extend(self, position_ids: torch.Tensor) -> None:
+        """Append ``position_ids [B, T]`` given directly (see CompressedCache.ingest), for this step's updates."""
+        position_ids = position_ids.to(torch.int32)
+        self.positions = position_ids if self.positions is None else torch.cat([self.positions, position_ids], dim=1)
+        self._step = None if self.tracker is None else self.tracker.step
+
 
 class LatentStore:
-    """The latents of one layer and kind, ``[B, T, R]``, in the K/V dtype or quantized (see kvlight.quant)."""
+    """The latents of one layer and kind, ``[B, T, R]``, in the K/V dtype or quantized (see kvlight.quant).
+
+    Stored in buffers preallocated in chunks of :attr:`GROW` tokens and filled in place, so a decode
+    step writes one token instead of copying the whole history (at most ``GROW - 1`` tokens of slack).
+    """
+
+    #: tokens added to the buffers whenever they are full.
+    GROW = 256
 
     def __init__(self, quantizer: LatentQuantizer | None, template: torch.Tensor, width: int) -> None:
         self.quantizer = quantizer
         self.length = 0
-        self.data: torch.Tensor | QuantizedLatents = template.new_zeros(template.shape[0], 0, width)
-        if quantizer is not None:
-            self.data = quantizer.quantize(self.data)
+        self._buffers = self._encode(template.new_zeros(template.shape[0], 0, width))
+
+    def _encode(self, z: torch.Tensor) -> list[torch.Tensor | None]:
+        """``z [B, T, R]`` -> the tensors stored for it: ``[latents]`` or ``[codes, scale, zero]``."""
+        if self.quantizer is None:
+            return [z]
+        q = self.quantizer.quantize(z)
+        return [q.codes, q.scale, q.zero]
+
+    @property
+    def capacity(self) -> int:
+        return self._buffers[0].shape[1]
+
+    @property
+    def data(self) -> torch.Tensor | QuantizedLatents:
+        """The stored latents of the ``length`` tokens (views of the buffers)."""
+        parts = [None if b is None else b[:, : self.length] for b in self._buffers]
+        return parts[0] if self.quantizer is None else QuantizedLatents(*parts)
 
     def append(self, z: torch.Tensor) -> None:
-        """Store new latents ``z [B, T, R]``."""
-        self.length += z.shape[1]
-        if self.quantizer is None:
-            self.data = torch.cat([self.data, z], dim=1)
-        else:
-            self.data = self.data.cat(self.quantizer.quantize(z))
+        """Store new latents ``z [B, T, R]`` after the existing ones (no copy of the history unless full)."""
+        new = self._encode(z)
+        count = z.shape[1]
+        if self.length + count > self.capacity:
+            capacity = -(-(self.length + count) // self.GROW) * self.GROW
+            grown = []
+            for buffer in self._buffers:
+                if buffer is None:
+                    grown.append(None)
+                    continue
+                bigger = buffer.new_zeros(buffer.shape[0], capacity, *buffer.shape[2:])
+                bigger[:, : self.length] = buffer[:, : self.length]
+                grown.append(bigger)
+            self._buffers = grown
+        for buffer, part in zip(self._buffers, new):
+            if buffer is not None:
+                buffer[:, self.length : self.length + count] = part
+        self.length += count
 
-    def read(self, dtype: torch.dtype) -> torch.Tensor:
-        """All stored latents ``[B, T, R]`` in ``dtype``."""
+    def read(self, dtype: torch.dtype, channel_scaled: bool = True) -> torch.Tensor:
+        """All stored latents ``[B, T, R]`` in ``dtype`` (``channel_scaled=False``: see LatentQuantizer.dequantize)."""
         if self.quantizer is None:
             return self.data.to(dtype)
-        return self.quantizer.dequantize(self.data, dtype)
+        return self.quantizer.dequantize(self.data, dtype, channel_scaled=channel_scaled)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.data] if self.quantizer is None else self.data.tensors()
+        """The stored tensors of the ``length`` tokens (what the byte accounting counts)."""
+        data = self.data
+        return [data] if self.quantizer is None else data.tensors()
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the buffers, slack included."""
+        return sum(b.numel() * b.element_size() for b in self._buffers if b is not None)
 
     def truncate(self, count: int) -> None:
         """Keep the first ``count`` tokens."""
-        self.length = count
-        self.select(lambda t: t[:, :count])
+        self.length = min(count, self.length)
 
     def select(self, fn) -> None:
-        """Apply a batch selection (or token slice) ``fn`` to the stored tensors."""
-        self.data = fn(self.data) if self.quantizer is None else self.data.index(fn)
+        """Apply a batch selection ``fn`` to the stored tensors (the result is exactly sized)."""
+        self._buffers = [None if b is None else fn(b[:, : self.length]).contiguous() for b in self._buffers]
 
 
 class CompressedLayer(DynamicLayer):
@@ -174,6 +220,7 @@ class CompressedLayer(DynamicLayer):
         self.layer_idx = layer_idx
         self.owner = owner
         self.length = 0
+        self.decode_steps = 0  # one-token updates since the last longer input (see update)
         self.latent_k: LatentStore | None = None
         self.latent_v: LatentStore | None = None
         self.sink_k = self.sink_v = None
@@ -220,12 +267,77 @@ class CompressedLayer(DynamicLayer):
         self.keys = torch.cat([self.keys, key_states[:, :, n_sink:]], dim=2)
         self.values = torch.cat([self.values, value_states[:, :, n_sink:]], dim=2)
         overflow = self.keys.shape[2] - owner.recent_window
-        if overflow > 0:
+        # Decode steps compress in blocks: every compress_block one-token steps (counted from the last longer input)
+        # the window is flushed to recent_window, so the encoder runs once per block instead of once per token. The
+        # flush depends on the step count, not on how full the window is, so a left-padded row is flushed at the same
+        # steps as the same row alone.
+        self.decode_steps = self.decode_steps + 1 if key_states.shape[2] == 1 else 0
+        if overflow > 0 and self.decode_steps % owner.compress_block == 0:
             first = self.sink_k.shape[2] + self.num_compressed  # sequence index of the oldest recent token
             self._compress(self.keys[:, :, :overflow], self.values[:, :, :overflow], first)
             self.keys, self.values = self.keys[:, :, overflow:], self.values[:, :, overflow:]
+        if owner.fast is not None and owner.fast.active and key_states.shape[2] == 1 and self.row_sink_slot is None:
+            # Decode step: attention reads the stored latents in place (kvlight.attention); these are placeholders.
+            attention.hand_over(key_states, self)
+            return key_states, value_states
         keys, values = self._reconstruct()
         return torch.cat([self.sink_k, keys, self.keys], dim=2), torch.cat([self.sink_v, values, self.values], dim=2)
+
+    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """Attention of one decode step over everything this layer stores, without rebuilding the history.
+
+        ``query [B, Hq, 1, D]`` (post-RoPE), ``mask [B|1, 1, 1, N]`` or None -> output ``[B, 1, Hq, D]``.
+        Values (and keys of models without RoPE) are read in latent space; pre-RoPE keys are reconstructed into
+        the cache's shared workspace and rotated in place.
+        """
+        owner = self.owner
+        batch, q_heads, _, dim = query.shape
+        heads = self.keys.shape[1]
+        dtype = query.dtype
+        q = query.reshape(batch, heads, q_heads // heads, dim)  # [B, H, G, D]
+        n = self.num_compressed
+        scores = [q @ self.sink_k.transpose(-1, -2)]
+        if n:
+            k_weight, k_bias = owner.decoder(self.layer_idx, "k", dtype)
+            z_k, k_scale, k_zero = self._latent_operand(self.latent_k, "k", dtype)
+            if owner.tracker is None:
+                scores.append(attention.latent_scores(q, z_k, k_weight, k_bias, k_scale, k_zero))
+            else:
+                workspace = owner.workspace(z_k.numel() // z_k.shape[-1] * dim, dtype)
+                keys = attention.decode_into(workspace, z_k, k_weight, k_bias, k_scale, k_zero)
+                cos, sin = owner.compressed_rope(self.sink_k.shape[2], n, dtype)
+                scores.append(q @ attention.rotate_in_place(keys, cos, sin).transpose(-1, -2))
+        scores.append(q @ self.keys.transpose(-1, -2))
+        scores = attention.apply_mask(torch.cat(scores, dim=-1).float() * scaling, mask)
+        probs = torch.softmax(scores, dim=-1).to(dtype)  # [B, H, G, N]
+        n_sink = self.sink_k.shape[2]
+        out = probs[..., :n_sink] @ self.sink_v + probs[..., n_sink + n :] @ self.values
+        if n:
+            v_weight, v_bias = owner.decoder(self.layer_idx, "v", dtype)
+            z_v, v_scale, v_zero = self._latent_operand(self.latent_v, "v", dtype)
+            out = out + attention.latent_values(probs[..., n_sink : n_sink + n], z_v, v_weight, v_bias, v_scale, v_zero)
+        return out.reshape(batch, q_heads, 1, dim).transpose(1, 2)
+
+    def _latent_operand(self, store: LatentStore, kind: str, dtype: torch.dtype):
+        """Stored latents as the decode path reads them: ``(z [B, H, n, r], scale, zero)``.
+
+        When every head's rank equals the quantization group (one group per head and token), ``z`` are the integer
+        codes and ``scale``/``zero`` ``[B, H, n, 1]`` their group's parameters, left for the attention math to fold
+        in; otherwise ``z`` is dequantized (without the channel scale, which the decoder weights carry).
+        """
+        splits = self._splits(kind)
+        quantizer = store.quantizer
+        if quantizer is None:
+            return attention.latents_per_head(store.data.to(dtype), splits), None, None
+        data = store.data
+        if quantizer.bits != "fp8" and set(splits) == {quantizer.group_size}:
+            codes = attention.latents_per_head(quantizer.codes_as(data.codes, dtype), splits)
+            scale, zero = (t.to(dtype).transpose(1, 2).unsqueeze(-1) for t in (data.scale, data.zero))
+            return codes, scale, zero
+        return attention.latents_per_head(quantizer.dequantize_fast(data, dtype), splits), None, None
+
+    def _splits(self, kind: str) -> list[int]:
+        return self.owner.compressor.codec(self.layer_idx, kind).splits
 
     def _compress(self, keys: torch.Tensor, values: torch.Tensor, first: int) -> None:
         owner = self.owner
@@ -289,9 +401,17 @@ class CompressedLayer(DynamicLayer):
         row_sinks = [getattr(self, name) for name in self._ROW_SINKS if getattr(self, name) is not None]
         return exact + row_sinks + self.latent_k.tensors() + self.latent_v.tensors()
 
+    def allocated_bytes(self) -> int:
+        """Bytes this layer holds, the latent buffers' unused slack included."""
+        if not self.is_initialized:
+            return 0
+        exact = [getattr(self, name) for name in self._EXACT + self._ROW_SINKS if getattr(self, name) is not None]
+        return sum(t.numel() * t.element_size() for t in exact) + self.latent_k.allocated_bytes() + self.latent_v.allocated_bytes()
+
     def _select(self, fn) -> None:
         if not self.is_initialized:
             return
+        self.owner.forget_rope()
         for name in self._EXACT + self._ROW_SINKS:
             if getattr(self, name) is not None:
                 setattr(self, name, fn(getattr(self, name)))
@@ -314,6 +434,7 @@ class CompressedLayer(DynamicLayer):
         if not self.is_initialized or tokens_to_remove == 0:
             return
         keep = max(0, self.length + tokens_to_remove)
+        self.owner.forget_rope()
         n_sink = min(self.sink_k.shape[2], keep)
         n_compressed = min(self.num_compressed, keep - n_sink)
         n_recent = keep - n_sink - n_compressed
@@ -327,7 +448,9 @@ class CompressedLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
+        self.owner.forget_rope()
         self.length = 0
+        self.decode_steps = 0
         self.latent_k = self.latent_v = self.sink_k = self.sink_v = None
         self.row_sink_k = self.row_sink_v = self.row_sink_slot = None
 
@@ -342,6 +465,11 @@ class CompressedCache(Cache):
         recent_window: newest positions kept exact (None: the compressor's config).
         latent_dtype: dtype latents are stored in (default: the K/V dtype).
         latent_bits: 8, 4, 2 or "fp8" to store latents quantized (None: the compressor's config).
+        compress_block: during one-token decode steps, the recent window is flushed to ``recent_window`` tokens every
+            ``compress_block`` steps (it holds up to ``recent_window + compress_block - 1`` exact tokens, counted in
+            the bytes); 1 compresses each token as it leaves. Longer inputs always leave ``recent_window`` exact.
+        fast: the model's open :class:`~kvlight.attention.LatentAttention`; while it is active, decode steps attend
+            to the stored latents in place. None: every step returns reconstructed K/V (the plain path).
     """
 
     def __init__(
@@ -352,8 +480,17 @@ class CompressedCache(Cache):
         recent_window: int | None = None,
         latent_dtype: torch.dtype | None = None,
         latent_bits: int | str | None = None,
+        fast: attention.LatentAttention | None = None,
+        compress_block: int = 16,
     ) -> None:
+        if compress_block < 1:
+            raise ValueError(f"compress_block must be >= 1, got {compress_block}")
+        self.compress_block = compress_block
         self.compressor = compressor
+        self.fast = fast
+        self._decoders: dict[tuple[int, str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._workspace: torch.Tensor | None = None
+        self._rope: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self.latent_bits = compressor.config.latent_bits if latent_bits is None else latent_bits
         self.quant_group_size = compressor.config.quant_group_size
         self.tracker = tracker
@@ -369,11 +506,89 @@ class CompressedCache(Cache):
             return None
         return LatentQuantizer(self.latent_bits, self.quant_group_size, codec.latent_std.detach())
 
+    @torch.no_grad()
+    def ingest(self, layers, position_ids: torch.Tensor | None = None) -> None:
+        """Store K/V that were computed elsewhere (e.g. an uncompressed prefill), as if the model had fed them.
+
+        Args:
+            layers: per layer ``(keys, values)``, each ``[B, H, T, D]`` as attention saw them (keys post-RoPE), e.g.
+                ``[(layer.keys, layer.values) for layer in dynamic_cache.layers]``.
+            position_ids: ``[B, T]`` the positions those keys were rotated with (default ``0..T-1``); ignored for
+                models without RoPE.
+        """
+        layers = list(layers)
+        if len(layers) != len(self.layers):
+            raise ValueError(f"ingest got {len(layers)} layers, the compressor has {len(self.layers)}")
+        batch, _, tokens, _ = layers[0][0].shape
+        if self.tracker is not None:
+            if position_ids is None:
+                start = self.get_seq_length()
+                position_ids = torch.arange(start, start + tokens, device=layers[0][0].device).expand(batch, -1)
+            self.position_log.extend(position_ids)
+        for index, (keys, values) in enumerate(layers):
+            self.layers[index].update(keys, values)
+
+    def decoder(self, layer: int, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer codec's affine decoder ``(A [H, r_max, D], c [H, D])`` in ``dtype``, channel scale folded in."""
+        key = (layer, kind, dtype)
+        if key not in self._decoders:
+            codec = self.compressor.codec(layer, kind)
+            scale = None if self.latent_bits is None else codec.latent_std.detach().float()
+            self._decoders[key] = attention.stacked_decoder(codec, scale, dtype)
+        return self._decoders[key]
+
+    def workspace(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat scratch buffer of at least ``numel`` elements, shared by all layers (grown in 256-token steps)."""
+        if self._workspace is None or self._workspace.numel() < numel or self._workspace.dtype != dtype:
+            device = self.layers[0].keys.device
+            self._workspace = torch.empty(int(numel * 1.05) + 4096, dtype=dtype, device=device)
+        return self._workspace
+
+    def compressed_rope(self, first: int, count: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin) [B|1, 1, count, D]`` for the compressed tokens at sequence slots ``first:first+count``.
+
+        Shared by every layer and extended only by the newly compressed tokens (the rotary module is not asked again
+        for the whole history each step). One row serves the batch when all rows have the same positions.
+        """
+        have = 0 if self._rope is None else self._rope[1].shape[2]
+        if self._rope is None or self._rope[0] != first or have > count or self._rope[1].dtype != dtype:
+            self._rope, have = None, 0
+        if have < count:
+            positions = self.position_log.slice(first + have, first + count)
+            if bool((positions == positions[:1]).all()):
+                positions = positions[:1]
+            cos, sin = (t.unsqueeze(1).to(dtype) for t in self.tracker.cos_sin(positions))
+            if self._rope is not None:
+                old_cos, old_sin = self._rope[1], self._rope[2]
+                if old_cos.shape[0] != cos.shape[0]:
+                    old_cos, old_sin = (t.expand(cos.shape[0], -1, -1, -1) for t in (old_cos, old_sin))
+                    cos, sin = cos.expand(old_cos.shape[0], -1, -1, -1), sin.expand(old_cos.shape[0], -1, -1, -1)
+                cos, sin = torch.cat([old_cos, cos], dim=2), torch.cat([old_sin, sin], dim=2)
+            self._rope = (first, cos, sin)
+        return self._rope[1], self._rope[2]
+
+    def forget_rope(self) -> None:
+        """Drop the rotation table (after a crop, a batch selection, or a reset); appends only extend it."""
+        self._rope = None
+
     def stored_bytes(self) -> int:
         """Exact bytes held for the cached tokens: every layer's tensors plus the shared positions."""
         total = sum(t.numel() * t.element_size() for layer in self.layers for t in layer.stored_tensors())
         positions = self.position_log.positions
         return total + (0 if positions is None else positions.numel() * positions.element_size())
+
+    def allocated_bytes(self) -> int:
+        """Bytes held for the cached tokens including buffer slack (at most ``LatentStore.GROW - 1`` tokens per store)."""
+        positions = self.position_log.positions
+        total = sum(layer.allocated_bytes() for layer in self.layers)
+        return total + (0 if positions is None else positions.numel() * positions.element_size())
+
+    def scratch_bytes(self) -> int:
+        """Bytes of decode scratch shared by all layers: the key workspace, the rotation table, the decoders."""
+        tensors = [] if self._workspace is None else [self._workspace]
+        tensors += [] if self._rope is None else list(self._rope[1:])
+        tensors += [t for pair in self._decoders.values() for t in pair]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)

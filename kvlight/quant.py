@@ -70,16 +70,48 @@ class LatentQuantizer:
         codes = codes.flatten(-2)[..., : self.width]
         return QuantizedLatents(self._pack(codes), scale.squeeze(-1).half(), low.squeeze(-1).half())
 
-    def dequantize(self, q: QuantizedLatents, dtype: torch.dtype) -> torch.Tensor:
-        """Packed latents -> ``[B, T, R]`` in ``dtype``."""
-        scale = self.channel_scale.to(q.codes.device)
+    def dequantize(self, q: QuantizedLatents, dtype: torch.dtype, channel_scaled: bool = True) -> torch.Tensor:
+        """Packed latents -> ``[B, T, R]`` in ``dtype`` (computed in float32).
+
+        With ``channel_scaled=False`` the static per-channel scale is left out (the caller folds
+        ``channel_scale`` into its own weights, saving one pass over the latents).
+        """
         if self.bits == "fp8":
-            return (q.codes.float() * scale).to(dtype)
-        codes = self._unpack(q.codes).float()
+            x = q.codes.float()
+        else:
+            codes = self._grouped_codes(self.codes_as(q.codes, torch.float32))
+            x = (codes * q.scale.float().unsqueeze(-1) + q.zero.float().unsqueeze(-1)).flatten(-2)[..., : self.width]
+        if channel_scaled:
+            x = x * self.channel_scale.to(x.device)
+        return x.to(dtype)
+
+    def dequantize_fast(self, q: QuantizedLatents, dtype: torch.dtype) -> torch.Tensor:
+        """Like ``dequantize(..., channel_scaled=False)`` but computed in ``dtype`` in place (decode path)."""
+        if self.bits == "fp8":
+            return q.codes.to(dtype)
+        codes = self.codes_as(q.codes, dtype)
+        grouped = self._grouped_codes(codes)
+        grouped.mul_(q.scale.to(dtype).unsqueeze(-1)).add_(q.zero.to(dtype).unsqueeze(-1))
+        return grouped.flatten(-2)[..., : self.width]
+
+    def codes_as(self, packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Integer codes ``[B, T, R]`` unpacked straight into ``dtype`` (one pass; no intermediate uint8 copy)."""
+        per_byte = 8 // self.bits
+        if per_byte == 1:
+            return packed.to(dtype)
+        slot = packed.shape[-1]
+        out = torch.empty(*packed.shape[:-1], slot * per_byte, dtype=dtype, device=packed.device)
+        mask = 2**self.bits - 1
+        for i in range(per_byte):
+            part = packed if i == 0 else packed >> (i * self.bits)
+            out[..., i * slot : (i + 1) * slot] = part if i == per_byte - 1 else part & mask
+        return out[..., : self.width]
+
+    def _grouped_codes(self, codes: torch.Tensor) -> torch.Tensor:
         pad = (-self.width) % self.group_size
-        codes = torch.nn.functional.pad(codes, (0, pad)).unflatten(-1, (-1, self.group_size))
-        x = codes * q.scale.float().unsqueeze(-1) + q.zero.float().unsqueeze(-1)
-        return (x.flatten(-2)[..., : self.width] * scale).to(dtype)
+        if pad:
+            codes = torch.nn.functional.pad(codes, (0, pad))
+        return codes.unflatten(-1, (-1, self.group_size))
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
         pad = (-self.width) % self.group_size
@@ -88,18 +120,22 @@ class LatentQuantizer:
         return x.unflatten(-1, (-1, self.group_size))
 
     def _pack(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes ``[..., R]`` -> bytes ``[..., ceil(R / k)]`` with ``k = 8 // bits`` codes per byte.
+
+        Slot ``i`` of every byte holds channels ``[i * S, (i + 1) * S)`` (``S`` bytes per token), so unpacking
+        writes contiguous blocks of channels instead of interleaving them.
+        """
         per_byte = 8 // self.bits
         if per_byte == 1:
             return codes
         pad = (-codes.shape[-1]) % per_byte
-        codes = torch.nn.functional.pad(codes, (0, pad)).unflatten(-1, (-1, per_byte))
-        shifts = torch.arange(per_byte, device=codes.device, dtype=torch.uint8) * self.bits
-        return (codes << shifts).sum(dim=-1, dtype=torch.uint8)
+        codes = torch.nn.functional.pad(codes, (0, pad))
+        slot = codes.shape[-1] // per_byte
+        packed = codes[..., :slot].clone()
+        for i in range(1, per_byte):
+            packed |= codes[..., i * slot : (i + 1) * slot] << (i * self.bits)
+        return packed
 
     def _unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        per_byte = 8 // self.bits
-        if per_byte == 1:
-            return packed
-        shifts = torch.arange(per_byte, device=packed.device, dtype=torch.uint8) * self.bits
-        codes = (packed.unsqueeze(-1) >> shifts) & (2**self.bits - 1)
-        return codes.flatten(-2)[..., : self.width]
+        """Bytes -> uint8 codes ``[..., R]`` (the inverse of :meth:`_pack`)."""
+        return self.codes_as(packed, torch.uint8) if 8 // self.bits > 1 else packed

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kvlight.attention import LatentAttention
 from kvlight.cache import CACHE_KWARG, CompressedCache, PositionTracker
 from kvlight.compressors import KVCompressor
 from kvlight.models import kv_geometry
@@ -43,20 +44,30 @@ class CompressedKVModelWrapper(nn.Module):
         model: a Hugging Face causal LM of the geometry the compressor was fitted to.
         compressor: a fitted :class:`KVCompressor` (PCA, KVSplice or mixed).
         latent_dtype: dtype to store latents in (default: the model's K/V dtype).
+        fast_decode: decode steps attend to the stored latents in place (kvlight.attention) instead of
+            reconstructing the whole history; False keeps the plain reconstruction path. Switching the model to
+            kvlight's attention function (sdpa or eager models only) lasts until :meth:`close`.
     """
 
-    def __init__(self, model: nn.Module, compressor: KVCompressor, latent_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        compressor: KVCompressor,
+        latent_dtype: torch.dtype | None = None,
+        fast_decode: bool = True,
+    ) -> None:
         super().__init__()
         self.geometry = kv_geometry(model)
         compressor.check_geometry(self.geometry)
         self.model = model
         self.compressor = compressor.to(device=next(model.parameters()).device)
         self.latent_dtype = latent_dtype
+        self.fast = LatentAttention(model) if fast_decode else None  # first: it refuses a model already wrapped
         self.tracker = PositionTracker(model) if self.geometry.rope else None
 
     def new_cache(self) -> CompressedCache:
         """An empty compressed cache bound to this model's positions."""
-        return CompressedCache(self.compressor, self.tracker, latent_dtype=self.latent_dtype)
+        return CompressedCache(self.compressor, self.tracker, latent_dtype=self.latent_dtype, fast=self.fast)
 
     def _with_cache(self, kwargs: dict) -> dict:
         if kwargs.get(CACHE_KWARG) is None and kwargs.get("use_cache", True):
@@ -83,7 +94,10 @@ class CompressedKVModelWrapper(nn.Module):
         return self.model.generate(*args, **self._with_cache(kwargs))
 
     def close(self) -> None:
-        """Detach from the model (remove the position hook)."""
+        """Detach from the model: remove the position hook and restore its attention implementation."""
+        if self.fast is not None:
+            self.fast.close()
+            self.fast = None
         if self.tracker is not None:
             self.tracker.close()
             self.tracker = None

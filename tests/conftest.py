@@ -226,11 +226,23 @@ def fitted_compressor(tiny_models, tiny_rows):
     from kvlight.config import CompressionConfig
     from kvlight.models import kv_geometry
 
-    def make(arch: str, algo: str, rank: int | None = None, init: str = "pca", **config):
+    def make(
+        arch: str,
+        algo: str,
+        rank: int | None = None,
+        init: str = "pca",
+        heads: dict | None = None,
+        quant_group_size: int | None = None,
+        **config,
+    ):
         geometry = kv_geometry(tiny_models[arch])
         cfg = CompressionConfig.uniform(
             geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, rank=rank or geometry.head_dim, **config
         )
+        if quant_group_size is not None:
+            cfg.quant_group_size = quant_group_size
+        for key, override in (heads or {}).items():  # per-(layer, head) changes, e.g. {(0, 1): {"rank_k": 3}}
+            cfg.per_layer_head[key].update(override)
         compressor = PCACompressor(cfg, geometry) if algo == "pca" else KVSpliceCompressor(cfg, geometry, init=init)
         keys, values = tiny_rows[arch]["calib"]
         compressor.fit_statistics([{"keys": keys, "values": values}])

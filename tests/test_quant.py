@@ -61,7 +61,7 @@ def test_cache_accounting_with_quantized_latents(arch, bits, tiny_models, tiny_w
             fields.pop("latent_k"), fields.pop("latent_v")
             held += held_tensors(fields)
         positions = [] if tracker is None else [cache.position_log.positions]
-        assert cache.stored_bytes() == nbytes(held) + nbytes(positions)
+        assert cache.allocated_bytes() == nbytes(held) + nbytes(positions)
         per_value, scaled = BITS[bits]
         batch, compressed = input_ids.shape[0], input_ids.shape[1] - 2 - 5
         layers, heads = compressor.num_layers, compressor.num_kv_heads

@@ -1,0 +1,254 @@
+"""Decode speed with the compressed cache: tokens/s and cache bytes vs DynamicCache and HF QuantizedCache.
+
+Protocol (issue 5): the embedded default (SmolLM2-135M-Instruct) in bf16; prompts of 512, 2048 and
+8192 tokens cut from the built-in offline corpus; batch 1 and 8; 128 new tokens, greedy, one token
+per forward, timed with ``time.perf_counter`` around the decode loop only. Each (length, batch)
+prompt is prefilled once into a ``DynamicCache`` (in chunks of 1024 tokens); every method's cache is
+then filled from that prefill (``DynamicCache``: a copy; ``QuantizedCache``: its own ``update``;
+kvlight: ``CompressedCache.ingest``), so all rows decode from the same history and only decoding is
+timed. Methods run one after another in one process, so their ratios share the machine's state.
+
+Rows: ``DynamicCache``; HF ``QuantizedCache`` (quanto int4, group 64, residual 16); kvlight PCA and
+KVSplice at the recommended configuration (K64/V64 int4 latents, 4 sinks, 16 recent), on the fast
+path (latents read in place) and, for reference, on the plain path (history reconstructed each step).
+Cache bytes are counted from the tensors each cache holds at the end of decoding (as in
+``bench/frontier.py``); peak memory is ``torch.cuda.max_memory_allocated`` on a GPU, the growth of
+the process's peak RSS during the decode loop on CPU.
+
+    python bench/decode.py                                   # every length and batch (slow on CPU)
+    python bench/decode.py --lengths 512 2048 --batches 8 --new-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import captured_rows, embedded_default, machine, offline_windows  # noqa: E402
+from kvlight.cache import CompressedCache, cache_kwargs, dynamic_cache, dynamic_cache_bytes  # noqa: E402
+from kvlight.compressors import KVCompressor, load_compressor  # noqa: E402
+from kvlight.config import CompressionConfig  # noqa: E402
+from kvlight.wrapper import CompressedKVModelWrapper  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PREFILL_CHUNK = 1024
+
+
+def _rss_peak_reset() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def compressors(model, geometry, tokenizer, args) -> dict[str, KVCompressor]:
+    """PCA and KVSplice at the recommended configuration: loaded from ``--pca``/``--kvsplice`` directories (what
+    ``kvlight calibrate`` wrote), otherwise fitted here from the statistics of 8 windows of 512 tokens (KVSplice
+    then keeps its PCA initialisation: the same arithmetic per token, so the same speed, as a trained one)."""
+    out = {}
+    rows = None
+    for algo in ("pca", "kvsplice"):
+        directory = getattr(args, algo)
+        if directory:
+            out[algo] = load_compressor(directory, geometry)
+            continue
+        if rows is None:
+            rows = captured_rows(model, geometry, offline_windows(tokenizer, 512, skip=100, count=8))
+        config = CompressionConfig.recommended(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, algo)
+        compressor = KVCompressor(config, geometry, algo=algo)
+        compressor.fit_statistics([rows])
+        out[algo] = compressor
+    return {algo: c.to(next(model.parameters()).dtype) for algo, c in out.items()}
+
+
+@torch.no_grad()
+def prefill(model, prompts: torch.Tensor):
+    cache = dynamic_cache()
+    logits = None
+    for start in range(0, prompts.shape[1], PREFILL_CHUNK):
+        logits = model(input_ids=prompts[:, start : start + PREFILL_CHUNK], **cache_kwargs(cache)).logits[:, -1]
+    return cache, logits.argmax(-1, keepdim=True)
+
+
+@torch.no_grad()
+def decode(model, cache, first: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+    """Greedy decode ``new_tokens`` one at a time; returns (seconds, tokens ``[B, new_tokens]``)."""
+    token, out = first, []
+    model(input_ids=token, **cache_kwargs(cache))  # warm-up step: allocations, dispatch (not timed)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        token = model(input_ids=token, **cache_kwargs(cache)).logits[:, -1].argmax(-1, keepdim=True)
+        out.append(token)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, torch.cat(out, dim=1)
+
+
+def quantized_bytes(cache, group: int = 64, bits: int = 4) -> int:
+    """Bytes an HF QuantizedCache (quanto) holds: packed codes, fp16 scale and zero per group, exact residual."""
+    total = 0
+    for layer in cache.layers:
+        for q, exact in ((layer._quantized_keys, layer.keys), (layer._quantized_values, layer.values)):
+            values = q.numel() if hasattr(q, "numel") else 0
+            total += values * bits // 8 + 2 * 2 * values // group
+            total += exact.numel() * exact.element_size()
+    return total
+
+
+def held_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def run(args) -> dict:
+    from transformers.cache_utils import QuantizedCache
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    model, tokenizer, geometry = embedded_default(dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    fitted = {name: c.to(device) for name, c in compressors(model, geometry, tokenizer, args).items()}
+    rows = []
+    for length in args.lengths:
+        corpus = offline_windows(tokenizer, length, skip=0, count=max(args.batches)).to(device)
+        for batch in args.batches:
+            prompts = corpus[:batch]
+            reference, first = prefill(model, prompts)
+            full_fp16 = dynamic_cache_bytes(geometry, batch, length + args.new_tokens + 1, torch.float16)
+            methods = [("DynamicCache", "bf16", lambda: dynamic_cache(), None, None)]
+            methods.append(
+                (
+                    "HF QuantizedCache",
+                    "quanto int4 g64 res16",
+                    lambda: QuantizedCache(backend="quanto", config=model.config, nbits=4, q_group_size=64, residual_length=16),
+                    None,
+                    None,
+                )
+            )
+            for algo in ("pca", "kvsplice"):
+                for fast in (True, False) if args.plain else (True,):
+                    methods.append((f"kvlight {algo}", "fast path" if fast else "plain path", None, algo, fast))
+            baseline = None
+            for method, setting, make, algo, fast in methods:
+                wrapper = None
+                if algo is None:
+                    cache = make()
+                    for index, layer in enumerate(reference.layers):
+                        cache.update(layer.keys.clone(), layer.values.clone(), index)
+                else:
+                    wrapper = CompressedKVModelWrapper(model, fitted[algo], fast_decode=fast)
+                    cache = wrapper.new_cache()
+                    cache.ingest([(layer.keys, layer.values) for layer in reference.layers])
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
+                _rss_peak_reset()
+                rss_before = _rss_kib("VmRSS")
+                seconds, tokens = decode(model, cache, first, args.new_tokens)
+                if device == "cuda":
+                    peak = torch.cuda.max_memory_allocated() - before
+                else:
+                    peak = (_rss_kib("VmHWM") - rss_before) * 1024
+                if algo is not None:
+                    stored, allocated, scratch = cache.stored_bytes(), cache.allocated_bytes(), cache.scratch_bytes()
+                elif method == "DynamicCache":
+                    stored = allocated = held_bytes(cache)
+                    scratch = 0
+                else:
+                    stored = allocated = quantized_bytes(cache)
+                    scratch = 0
+                tps = batch * args.new_tokens / seconds
+                if baseline is None:
+                    baseline = (tps, tokens)
+                row = {
+                    "length": length,
+                    "batch": batch,
+                    "method": method,
+                    "setting": setting,
+                    "tokens_per_s": tps,
+                    "ratio_vs_dynamic": tps / baseline[0],
+                    "cache_bytes": stored,
+                    "allocated_bytes": allocated,
+                    "scratch_bytes": scratch,
+                    "cache_fraction_fp16": stored / full_fp16,
+                    "peak_growth_bytes": peak,
+                    "tokens_equal_dynamic": float((tokens == baseline[1]).float().mean()),
+                }
+                rows.append(row)
+                print(
+                    f"L={length} B={batch} {method:18s} {setting:22s} {tps:8.1f} tok/s  x{row['ratio_vs_dynamic']:.2f}  "
+                    f"cache {row['cache_fraction_fp16'] * 100:5.1f} % of fp16  peak +{peak / 2**20:7.1f} MiB",
+                    flush=True,
+                )
+                if wrapper is not None:
+                    wrapper.close()
+                del cache
+                gc.collect()
+            del reference
+            gc.collect()
+    return {
+        "machine": machine(),
+        "command": "python bench/decode.py " + " ".join(sys.argv[1:]),
+        "dtype": args.dtype,
+        "new_tokens": args.new_tokens,
+        "peak_kind": "torch.cuda.max_memory_allocated growth" if device == "cuda" else "peak RSS growth during decode",
+        "rows": rows,
+    }
+
+
+def write(results: dict, name: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [
+        f"# Decode speed ({results['new_tokens']} new tokens, {results['dtype']})",
+        "",
+        f"Machine: {results['machine']}  ",
+        f"Command: `{results['command']}`  ",
+        f"Peak memory: {results['peak_kind']}.",
+        "",
+        "| prompt | batch | method | setting | tokens/s | vs DynamicCache | cache bytes (% of fp16) | peak growth MiB | tokens = DynamicCache |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["rows"]:
+        lines.append(
+            f"| {r['length']} | {r['batch']} | {r['method']} | {r['setting']} | {r['tokens_per_s']:.1f} | "
+            f"{r['ratio_vs_dynamic']:.2f}x | {r['cache_bytes'] / 2**20:.1f} MiB ({r['cache_fraction_fp16'] * 100:.1f} %) | "
+            f"{r['peak_growth_bytes'] / 2**20:.1f} | {r['tokens_equal_dynamic'] * 100:.0f} % |"
+        )
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--pca", default=None, help="directory of a calibrated PCA compressor (kvlight calibrate)")
+    parser.add_argument("--kvsplice", default=None, help="directory of a calibrated KVSplice compressor")
+    parser.add_argument("--plain", action="store_true", help="also time the plain reconstruction path")
+    parser.add_argument("--name", default="decode", help="results file name under bench/results/")
+    args = parser.parse_args()
+    write(run(args), args.name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Decode attention that reads the compressed cache where it lies, instead of rebuilding K/V.
+
+When one token arrives, :class:`~kvlight.cache.CompressedLayer` does not reconstruct its history:
+``update()`` hands the layer over to :func:`_latent_attention_forward` (registered in transformers'
+``AttentionInterface`` under ``kvlight_<original>`` while a :class:`LatentAttention` is open), which
+calls the layer's ``attend``. The numeric core is below, for one layer and one decode step, with
+``H`` KV heads, ``G`` query heads per KV head and latents ``z`` of rank ``r`` per head::
+
+    decode(z) = z @ A + c                      (A [H, r, D], c [H, D]: every backend decodes affinely)
+    scores    = (q @ A^T) @ z^T + q . c        keys stored post-RoPE or with no RoPE: O(r) per token
+    output    = (p @ z) @ A + sum(p) * c       values: weights times latents, one up-projection per head
+
+Keys of RoPE models are stored pre-RoPE (rotation depends on each token's position, so the query
+cannot be projected once); they are reconstructed into one preallocated workspace and rotated in
+place. Calls that are not a pending decode step (prefill, other caches) go to the model's original
+attention function unchanged, with the original mask function, so outputs there are identical.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import torch
+from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+#: original attention implementations the decode path can stand in for (their masks are bool or additive).
+SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
+_PREFIX = "kvlight_"
+_STATE = threading.local()
+
+
+def hand_over(key_states: torch.Tensor, layer) -> None:
+    """Mark ``layer`` as the one the next attention call reads, if it receives ``key_states`` (same object)."""
+    _STATE.pending = (key_states, layer)
+
+
+def _take(key: torch.Tensor):
+    pending = getattr(_STATE, "pending", None)
+    _STATE.pending = None
+    if pending is None or pending[0] is not key:
+        return None
+    return pending[1]
+
+
+def _original_forward(name: str, module: nn.Module):
+    if name == "eager":  # each modeling file defines its own eager function
+        return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def _make_forward(original: str):
+    def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        layer = _take(key)
+        if layer is None or kwargs.get("output_attentions"):
+            return _original_forward(original, module)(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return layer.attend(query, attention_mask, scale), None
+
+    forward.__name__ = f"{_PREFIX}{original}_attention_forward"
+    return forward
+
+
+class LatentAttention:
+    """Switches ``model`` to kvlight's decode attention until :meth:`close` restores the original.
+
+    Only models on the ``sdpa`` or ``eager`` implementation are switched (:attr:`active` stays False
+    otherwise, and the compressed cache then returns reconstructed K/V as before).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.original = getattr(model.config, "_attn_implementation", None) or "eager"
+        self.active = False
+        if self.original.startswith(_PREFIX):
+            raise ValueError("this model is already served by another kvlight wrapper; close that one first")
+        if self.original not in SUPPORTED_IMPLEMENTATIONS:
+            return
+        name = _PREFIX + self.original
+        AttentionInterface.register(name, _make_forward(self.original))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[self.original])
+        model.set_attn_implementation(name)
+        self.active = True
+
+    def close(self) -> None:
+        if self.active:
+            self.model.set_attn_implementation(self.original)
+            self.active = False
+
+
+def stacked_decoder(codec, channel_scale: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer codec's affine decoders, stacked and padded to the largest rank.
+
+    Returns ``A [H, r_max, D]`` (rows past a head's rank are zero) and ``c [H, D]``, with the static
+    per-channel scale of quantized latents (``channel_scale [sum_h r_h]``) folded into ``A``.
+    """
+    weights, biases = [], []
+    offset = 0
+    r_max = max(codec.splits)
+    for proj in codec.heads:
+        probe = torch.cat([torch.zeros(1, proj.rank), torch.eye(proj.rank)]).to(proj.mean)
+        with torch.no_grad():
+            decoded = proj.decode(probe).float()
+        bias, weight = decoded[0], decoded[1:] - decoded[0]
+        if channel_scale is not None:
+            weight = weight * channel_scale[offset : offset + proj.rank, None].to(weight)
+        offset += proj.rank
+        weights.append(torch.nn.functional.pad(weight, (0, 0, 0, r_max - proj.rank)))
+        biases.append(bias)
+    return torch.stack(weights).to(dtype), torch.stack(biases).to(dtype)
+
+
+def latents_per_head(z: torch.Tensor, splits: list[int]) -> torch.Tensor:
+    """``z [B, n, sum_h r_h] -> [B, H, n, r_max]`` (a view when ranks are equal, zero-padded otherwise)."""
+    batch, tokens, _ = z.shape
+    if len(set(splits)) == 1:
+        return z.view(batch, tokens, len(splits), splits[0]).transpose(1, 2)
+    r_max = max(splits)
+    parts = [torch.nn.functional.pad(part, (0, r_max - part.shape[-1])) for part in torch.split(z, splits, dim=-1)]
+    return torch.stack(parts, dim=1)
+
+
+def latent_scores(
+    q: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale=None, zero=None
+) -> torch.Tensor:
+    """``q . decode(z)`` without decoding: ``q [B, H, G, D]``, ``z [B, H, n, r]`` -> ``[B, H, G, n]``.
+
+    With ``scale``/``zero`` (``[B, H, n, 1]``), ``z`` holds integer codes and the latent is
+    ``scale * z + zero`` (one quantization group per head): the scores are then
+    ``scale * (q_latent . z) + zero * sum(q_latent)``, so the codes are never dequantized.
+    """
+    q_latent = q @ weight.transpose(-1, -2)  # [B, H, G, r]: the query projected once per step
+    scores = q_latent @ z.transpose(-1, -2)
+    if scale is not None:
+        scores = scores * scale.transpose(-1, -2) + q_latent.sum(-1, keepdim=True) * zero.transpose(-1, -2)
+    return scores + (q * bias[:, None, :]).sum(-1, keepdim=True)
+
+
+def latent_values(
+    p: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale=None, zero=None
+) -> torch.Tensor:
+    """``p @ decode(z)`` without decoding: ``p [B, H, G, n]``, ``z [B, H, n, r]`` -> ``[B, H, G, D]``.
+
+    With ``scale``/``zero`` (``[B, H, n, 1]``, see :func:`latent_scores`) the weights absorb the scales:
+    ``p @ (scale * z + zero) = (p * scale) @ z + p @ zero``.
+    """
+    if scale is None:
+        mixed = p @ z
+    else:
+        mixed = (p * scale.transpose(-1, -2)) @ z + p @ zero
+    return mixed @ weight + p.sum(-1, keepdim=True) * bias[:, None, :]
+
+
+def decode_into(
+    workspace: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale=None, zero=None
+) -> torch.Tensor:
+    """Reconstruct ``z [B, H, n, r]`` into the front of the flat ``workspace``; returns the ``[B, H, n, D]`` view.
+
+    With ``scale``/``zero`` (codes, see :func:`latent_scores`): ``scale * (z @ A) + zero * sum_r(A) + c``, in place.
+    """
+    batch, heads, tokens, _ = z.shape
+    out = workspace[: batch * heads * tokens * weight.shape[-1]].view(batch, heads, tokens, weight.shape[-1])
+    torch.matmul(z, weight, out=out)
+    if scale is not None:
+        out.mul_(scale).addcmul_(zero, weight.sum(-2)[None, :, None, :])
+    return out.add_(bias[:, None, :, :] if bias.dim() == 3 else bias[:, None, :])
+
+
+def rotate_in_place(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE ``keys * cos + rotate_half(keys) * sin`` in place; ``keys [B, H, n, D]``, ``cos/sin [B|1, 1, n, D]``."""
+    half = keys.shape[-1] // 2
+    first, second = keys[..., :half], keys[..., half:]
+    saved = first.clone()
+    first.mul_(cos[..., :half]).sub_(second * sin[..., :half])
+    second.mul_(cos[..., half:]).add_(saved * sin[..., half:])
+    return keys
+
+
+def apply_mask(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Scores ``[B, H, G, N]`` (float32) with a transformers mask ``[B|1, 1, 1, N]`` (bool: True attends; float: added)."""
+    if mask is None:
+        return scores
+    mask = mask[:, :, -1:, :]  # [B|1, 1, 1, N]: the decode step's row, broadcast over heads
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, float("-inf"))
+    return scores + mask.float()
