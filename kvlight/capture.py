@@ -81,9 +81,10 @@ def capture_to_shards(
     batch_size: int = 4,
     seed: int = 0,
     meta: dict | None = None,
+    reuse: bool = True,
 ) -> dict:
-    """Reuse the intact capture in ``directory`` or make it; returns the shard manifest."""
-    manifest = load_manifest(directory)
+    """Reuse the intact capture in ``directory`` (unless ``reuse`` is False) or make it; returns the shard manifest."""
+    manifest = load_manifest(directory) if reuse else None
     if manifest is not None:
         return manifest
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]

@@ -77,6 +77,16 @@ def rotary_module(model: nn.Module) -> nn.Module | None:
     return getattr(decoder, "rotary_emb", None)
 
 
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks (``model.layers``, GPT-2's ``transformer.h``): the FSDP units."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for name in ("layers", "h"):
+        blocks = getattr(decoder, name, None)
+        if isinstance(blocks, nn.ModuleList):
+            return blocks
+    raise ModelLoadError(f"{type(model).__name__}: no list of decoder blocks (layers or h) to shard")
+
+
 def model_fingerprint(model: nn.Module, name: str | None) -> str:
     """A short id of a model's identity for capture reuse: its name, geometry and a hash of a few weights."""
     digest = hashlib.sha256(str(name).encode())

@@ -23,8 +23,8 @@ from kvlight.compressors import KVCompressor
 from kvlight.config import CompressionConfig
 from kvlight.errors import ConfigError, KVLightError
 from kvlight.metrics import TokenPerplexity
-from kvlight.models import geometry_of, load_model, model_fingerprint
-from kvlight.shards import num_rows
+from kvlight.models import decoder_blocks, geometry_of, load_model, model_fingerprint
+from kvlight.shards import load_manifest, num_rows
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Checkpoint key of the statistics sums when a checkpoint is taken inside the statistics epoch.
@@ -119,6 +119,7 @@ class KVCalibrationModule(pl.LightningModule):
         self.automatic_optimization = False
         self.strict_loading = False
         self._frozen: torch.nn.Module | None = None
+        self._fingerprint: str | None = None
         self._tracker: PositionTracker | None = None
         self.stats_epochs = 1
         self.ppl_baseline = TokenPerplexity()
@@ -136,22 +137,66 @@ class KVCalibrationModule(pl.LightningModule):
             self.configure_model()
         return self._frozen
 
+    @property
+    def sharded(self) -> bool:
+        """True under ``ModelParallelStrategy``: the frozen model's blocks are sharded across processes (FSDP2)."""
+        return getattr(self, "_device_mesh", None) is not None
+
     def configure_model(self) -> None:
         if self._frozen is not None:
             return
         model = load_model(self.hparams.model, _DTYPES[self.hparams.model_dtype])
         self.compressor.check_geometry(self.geometry)
-        # Not a submodule: no optimizer, no checkpoint, no DDP wrapping for the frozen weights.
-        object.__setattr__(self, "_frozen", model.to(self.device))
+        self._fingerprint = model_fingerprint(model, self.hparams.model)  # of the whole weights, before sharding
+        if self.sharded:
+            model = self._shard(model)
+        else:
+            model = model.to(self.device)
+        # Not a submodule: no optimizer, no checkpoint, no DDP wrapping for the frozen weights (FSDP2 shards it
+        # directly, above, so a model too big for one GPU is split across them).
+        object.__setattr__(self, "_frozen", model)
         if self.geometry.rope:
             object.__setattr__(self, "_tracker", PositionTracker(model))
 
-    def setup(self, stage: str) -> None:
-        from lightning.pytorch.strategies import DDPStrategy
+    def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
+        """FSDP2 ``fully_shard`` on every decoder block, then on the whole frozen model, over the data-parallel mesh.
 
-        # DDP refuses to wrap a module with nothing to train (every head PCA). One inert parameter satisfies it;
-        # no loss uses it and on_save_checkpoint keeps it out of checkpoints.
-        if stage == "fit" and isinstance(self.trainer.strategy, DDPStrategy) and not self.compressor.trainable:
+        Each process then holds 1/N of the frozen weights on its device; a block's weights are gathered for its
+        forward and freed after. Tensor parallelism is not supported (the cache code needs whole heads per rank).
+        """
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self._device_mesh
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ConfigError(
+                "kvlight shards the frozen model with FSDP only: set ModelParallelStrategy's tensor_parallel_size: 1 "
+                "and data_parallel_size to the number of processes"
+            )
+        data_parallel = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        for block in decoder_blocks(model):
+            fully_shard(block, mesh=data_parallel)
+        # The root too frees its gathered weights (embeddings, head) after each forward: no backward follows.
+        fully_shard(model, mesh=data_parallel, reshard_after_forward=True)
+        return model
+
+    def _same_forward_count(self, batches: int, what: str) -> None:
+        """With a sharded model every process must run the same number of forward passes (FSDP gathers weights
+        collectively in each); refuse a split that would leave one process waiting forever."""
+        counts = self.all_gather(torch.tensor(batches, device=self.device)).flatten().tolist()
+        if len(set(counts)) > 1:
+            raise ConfigError(
+                f"with a sharded model every process runs the same number of forward passes, but the {what} split "
+                f"gives {counts} batches per process: make the number of windows a multiple of devices x batch_size"
+            )
+
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+        # DDP refuses to wrap a module with nothing to train (every head PCA), and ModelParallelStrategy's checkpoint
+        # maps optimizer state to the module's parameters. One inert registered parameter satisfies both; no loss
+        # uses it and on_save_checkpoint keeps it out of checkpoints.
+        parallel = isinstance(self.trainer.strategy, (DDPStrategy, ModelParallelStrategy))
+        if stage == "fit" and parallel and not self.compressor.trainable:
             self._ddp_anchor = torch.nn.Parameter(torch.zeros(1))
 
     def teardown(self, stage: str) -> None:
@@ -165,13 +210,23 @@ class KVCalibrationModule(pl.LightningModule):
         datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "set_kv_shards"):
             raise KVLightError("kvlight fit needs the KVCalibrationDataModule (data: in the YAML)")
-        self.frozen.to(self.device)
-        directory = datamodule.capture_path(model_fingerprint(self.frozen, self.hparams.model))
+        if not self.sharded:
+            self.frozen.to(self.device)
+        self.frozen  # noqa: B018 - loads the model (and its fingerprint) if configure_model has not run
+        directory = datamodule.capture_path(self._fingerprint)
+        windows = datamodule.calibration_windows()
+        reuse = True
+        if self.sharded:
+            batch = self.hparams.capture_batch_size
+            self._same_forward_count(math.ceil(len(windows) / batch), "calibration")
+            # A process that reuses its capture runs no forward: all reuse, or all capture again.
+            intact = load_manifest(directory) is not None
+            reuse = bool(self.all_gather(torch.tensor(int(intact), device=self.device)).min())
         start = time.perf_counter()
         manifest = capture_to_shards(
             self.frozen,
             self.geometry,
-            datamodule.calibration_windows(),
+            windows,
             directory,
             # Each rank samples its share of the windows, so the ranks together keep max_samples_per_head rows,
             # as one process would: the result does not depend on the number of GPUs.
@@ -183,6 +238,7 @@ class KVCalibrationModule(pl.LightningModule):
                 "world_size": self.trainer.world_size,
                 "calibration_windows": datamodule.calibration_indices(),
             },
+            reuse=reuse,
         )
         self.capture_seconds = time.perf_counter() - start
         rows = torch.tensor(num_rows(manifest), device=self.device)
@@ -195,7 +251,8 @@ class KVCalibrationModule(pl.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.compressor.parameters() if p.requires_grad]
         if not params:  # PCA only: a dummy optimizer keeps Lightning's manual loop happy
-            params = [torch.nn.Parameter(torch.zeros(1, device=self.device))]
+            anchor = getattr(self, "_ddp_anchor", None)
+            params = [anchor if anchor is not None else torch.nn.Parameter(torch.zeros(1, device=self.device))]
         return torch.optim.Adam(params, lr=self.hparams.lr)
 
     def on_train_epoch_start(self) -> None:
@@ -237,6 +294,12 @@ class KVCalibrationModule(pl.LightningModule):
         loss = self.compressor.reconstruction_loss(keys, values)
         optimizer.zero_grad()
         self.manual_backward(loss)
+        if self.sharded and self.trainer.world_size > 1:
+            # No DDP wrapper under ModelParallelStrategy: average the (small) compressor's gradients by hand.
+            for param in self.compressor.parameters():
+                if param.grad is not None:
+                    torch.distributed.all_reduce(param.grad)
+                    param.grad /= self.trainer.world_size
         optimizer.step()
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=keys.shape[0])
         return loss.detach()
@@ -264,6 +327,11 @@ class KVCalibrationModule(pl.LightningModule):
             out = self.frozen(input_ids=input_ids[:, start : start + chunk], attention_mask=mask, **cache_kwargs(cache))
             logits.append(out.logits)
         return torch.cat(logits, dim=1)
+
+    def on_validation_epoch_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        if self.sharded and datamodule is not None and hasattr(datamodule, "eval_windows"):
+            self._same_forward_count(math.ceil(len(datamodule.eval_windows()) / datamodule.hparams.batch_size), "evaluation")
 
     def validation_step(self, batch, batch_idx: int) -> None:
         input_ids = batch["input_ids"] if isinstance(batch, dict) else batch

@@ -66,6 +66,10 @@ class Record(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         stream = trainer.datamodule.kv_stream
         self.record["capture"] = {**stream.manifest["meta"], "num_rows": stream.manifest["num_rows"]}
+        # How much of the frozen model this process holds (FSDP: a shard of each weight).
+        params = list(pl_module.frozen.parameters())
+        local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params)
+        self.record["frozen_numel"] = {"local": local, "global": sum(p.numel() for p in params)}
         self._write(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -118,11 +122,17 @@ def record_config(directory: Path, tag: str, *callbacks: dict) -> str:
     return str(path)
 
 
-def calibrate_suite(repo: Path, model: str, out: Path, devices: int) -> None:
+#: FSDP2 through Lightning's ModelParallelStrategy (the frozen model's blocks sharded over the processes).
+FSDP = ["--trainer.strategy", '{"class_path": "kvlight.strategy.FrozenModelFSDP"}']
+
+
+def calibrate_suite(repo: Path, model: str, out: Path, devices: int, strategy: str = "ddp") -> None:
     """PCA fit + validate, then a KVSplice fit, with ``devices`` CPU processes; records under ``out``."""
     from kvlight.cli import lightning_cli
 
-    parallel = ["--trainer.strategy", "ddp", "--trainer.devices", str(devices)] if devices > 1 else []
+    parallel = []
+    if devices > 1:
+        parallel = (["--trainer.strategy", "ddp"] if strategy == "ddp" else FSDP) + ["--trainer.devices", str(devices)]
     # The same effective batch (rows per optimizer step, summed over ranks) as the one-process run.
     kv_batch = ["--data.kv_batch_size", str(32 // devices)]
     pca_yaml = str(repo / "configs" / "smollm2_pca.yaml")
@@ -157,4 +167,4 @@ def checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     _repo, _model, _out, _devices = sys.argv[1:5]
-    calibrate_suite(Path(_repo), _model, Path(_out), int(_devices))
+    calibrate_suite(Path(_repo), _model, Path(_out), int(_devices), *sys.argv[5:6])

@@ -41,19 +41,22 @@ def run_process_group(command: list[str], env: dict, timeout: float, cwd=None) -
 
 @pytest.fixture(scope="module")
 def runs(tiny_llama_path, tmp_path_factory):
-    """``{1: out_dir, 2: out_dir}``: the suite with one process (in-process) and with two (a subprocess)."""
+    """``{1: out_dir, 2: out_dir, "fsdp": out_dir}``: the suite with one process (in-process), with two under DDP
+    and with two under FSDP (ModelParallelStrategy, the frozen model sharded), each 2-process run a subprocess."""
     root = tmp_path_factory.mktemp("distributed")
-    env = {**os.environ, "KVLIGHT_CACHE": str(root / "cache-2"), "PYTHONPATH": str(REPO / "tests")}
-    env["OMP_NUM_THREADS"] = "1"
-    script = str(REPO / "tests" / "run_helpers.py")
-    command = [sys.executable, script, str(REPO), tiny_llama_path, str(root / "two"), "2"]
-    returncode, stderr = run_process_group(command, env, timeout=400)
-    assert returncode == 0, stderr[-4000:]
+    out = {1: root / "one", 2: root / "two", "fsdp": root / "fsdp"}
+    for key, strategy in ((2, "ddp"), ("fsdp", "fsdp")):
+        env = {**os.environ, "KVLIGHT_CACHE": str(root / f"cache-{strategy}"), "PYTHONPATH": str(REPO / "tests")}
+        env["OMP_NUM_THREADS"] = "1"
+        script = str(REPO / "tests" / "run_helpers.py")
+        command = [sys.executable, script, str(REPO), tiny_llama_path, str(out[key]), "2", strategy]
+        returncode, stderr = run_process_group(command, env, timeout=400)
+        assert returncode == 0, stderr[-4000:]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KVLIGHT_CACHE", str(root / "cache-1"))
         patch.setattr("sys.argv", ["kvlight"])
-        calibrate_suite(REPO, tiny_llama_path, root / "one", devices=1)
-    return {1: root / "one", 2: root / "two"}
+        calibrate_suite(REPO, tiny_llama_path, out[1], devices=1)
+    return out
 
 
 def test_windows_are_split_across_ranks_none_repeated_or_dropped(runs):
@@ -103,9 +106,10 @@ def _aligned(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return other * signs
 
 
-def test_pca_fitted_with_two_processes_equals_the_one_process_fit(runs):
+@pytest.mark.parametrize("parallel", [2, "fsdp"], ids=["ddp", "fsdp"])
+def test_pca_fitted_with_two_processes_equals_the_one_process_fit(runs, parallel):
     one = checkpoint_state(runs[1] / "pca" / "checkpoints" / "last.ckpt")
-    two = checkpoint_state(runs[2] / "pca" / "checkpoints" / "last.ckpt")
+    two = checkpoint_state(runs[parallel] / "pca" / "checkpoints" / "last.ckpt")
     assert one.keys() == two.keys()  # nothing extra (DDP's placeholder parameter stays out of the checkpoint)
     bases = [key for key in one if key.endswith(".basis")]
     assert len(bases) == 2 * 2 * 2  # layers x K/V x KV heads
@@ -114,7 +118,8 @@ def test_pca_fitted_with_two_processes_equals_the_one_process_fit(runs):
         torch.testing.assert_close(other, one[key], rtol=0, atol=1e-5, msg=key)
 
 
-def test_kvsplice_under_ddp_reaches_the_one_process_loss(runs, tiny_rows):
+@pytest.mark.parametrize("parallel", [2, "fsdp"], ids=["ddp", "fsdp"])
+def test_kvsplice_with_two_processes_reaches_the_one_process_loss(runs, tiny_rows, parallel):
     keys, values = tiny_rows["llama"]["heldout"]
 
     def heldout_loss(out: Path, algo: str) -> float:
@@ -122,21 +127,33 @@ def test_kvsplice_under_ddp_reaches_the_one_process_loss(runs, tiny_rows):
         with torch.no_grad():
             return float(module.compressor.reconstruction_loss(keys, values))
 
-    one, two = heldout_loss(runs[1], "kvsplice"), heldout_loss(runs[2], "kvsplice")
+    one, two = heldout_loss(runs[1], "kvsplice"), heldout_loss(runs[parallel], "kvsplice")
     assert abs(two - one) <= 0.02 * one, (one, two)
     # Both trained from a random start to near the PCA optimum (the best a linear autoencoder can do on MSE).
     optimum = heldout_loss(runs[1], "pca")
     assert one < 1.1 * optimum and two < 1.1 * optimum, (one, two, optimum)
 
 
-def test_validation_perplexity_is_the_same_with_one_and_two_processes(runs):
+@pytest.mark.parametrize("parallel", [2, "fsdp"], ids=["ddp", "fsdp"])
+def test_validation_perplexity_is_the_same_with_one_and_two_processes(runs, parallel):
     one = load_records(runs[1], "pca-validate")[0]["results"]
-    two = [rank["results"] for rank in load_records(runs[2], "pca-validate")]
+    two = [rank["results"] for rank in load_records(runs[parallel], "pca-validate")]
     assert two[0] == two[1]  # the metrics are synchronised: every rank reports the global numbers
     for key in ("baseline_perplexity", "compressed_perplexity"):
         assert two[0][key] == pytest.approx(one[key], rel=1e-5), key
     for key in ("compressed_cache_bytes", "dynamic_cache_bytes"):  # every evaluation window counted once
         assert two[0][key] == one[key], key
+
+
+def test_fsdp_shards_the_frozen_model(runs):
+    """Under FSDP each process holds half of the frozen weights (DDP: all of them), and the runs agree on windows."""
+    for tag in ("pca", "kvsplice"):
+        ddp, fsdp = load_records(runs[2], tag), load_records(runs["fsdp"], tag)
+        for rank in fsdp:
+            numel = rank["frozen_numel"]
+            assert numel["local"] <= numel["global"] // 2 + 64, numel  # a shard (plus rounding of odd dims)
+        assert all(rank["frozen_numel"]["local"] == rank["frozen_numel"]["global"] for rank in ddp)
+        assert [r["capture"]["calibration_windows"] for r in fsdp] == [r["capture"]["calibration_windows"] for r in ddp]
 
 
 @pytest.mark.gpu
