@@ -46,6 +46,8 @@ KVLIGHT_ROWS = [
     (32, 64, 2, 4, RECENT),
     (16, 32, 4, 4, RECENT),
 ]
+#: the kvlight rows of ``--rows core`` (for slow, long windows): the default and the ranks and bits around the targets.
+CORE_ROWS = [(64, 64, 4, 4, RECENT), (48, 64, 4, 4, RECENT), (32, 64, 4, 4, RECENT), (32, 64, 2, 4, RECENT)]
 QUANT_ROWS = [("quanto", 4), ("quanto", 2), ("hqq", 4)]
 
 
@@ -66,7 +68,7 @@ def held_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-def run(lengths: list[int], eval_windows: dict[int, int]) -> dict:
+def run(lengths: list[int], eval_windows: dict[int, int], kvlight_rows: list[tuple] = KVLIGHT_ROWS) -> dict:
     from transformers.cache_utils import QuantizedCache
 
     torch.manual_seed(0)
@@ -78,7 +80,7 @@ def run(lengths: list[int], eval_windows: dict[int, int]) -> dict:
     tracker = PositionTracker(model)
     results = {"machine": machine(), "command": "python " + " ".join(sys.argv), "rows": []}
     compressors = {}
-    for spec in KVLIGHT_ROWS:
+    for spec in kvlight_rows:
         rank_k, rank_v, bits, sinks, recent = spec
         config = CompressionConfig.uniform(
             geometry.num_layers,
@@ -102,6 +104,8 @@ def run(lengths: list[int], eval_windows: dict[int, int]) -> dict:
             ppl, caches = chunked_perplexity(model, windows, make_cache)
             stored = sum(bytes_of(cache, batch) for cache, batch in caches)
             row = {
+                "command": results["command"],
+                "machine": results["machine"],
                 "length": length,
                 "method": method,
                 "setting": setting,
@@ -145,7 +149,7 @@ def write(results: dict) -> None:
         "# Quality frontier: perplexity change vs stored KV bytes",
         "",
         f"Machine: {results['machine']}  ",
-        f"Command: `{results['command']}`",
+        f"Command of the newest run: `{results['command']}` (each section names its own)",
         "",
         "Protocol: embedded default SmolLM2-135M-Instruct (bf16), built-in offline corpus, windows from its start, "
         "each fed in chunks of 64 tokens through the cache. Bytes: what the cache holds at the end of the window "
@@ -159,6 +163,8 @@ def write(results: dict) -> None:
         base = next(r["perplexity"] for r in rows if r["method"].startswith("none"))
         lines += [
             f"## {length}-token windows",
+            "",
+            f"Command: `{rows[0].get('command', results['command'])}` on {rows[0].get('machine', results['machine'])}",
             "",
             "| method | setting | bytes vs fp16 | perplexity | change | weights |",
             "|---|---|---|---|---|---|",
@@ -208,9 +214,23 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--windows-512", type=int, default=8)
     parser.add_argument("--windows-2048", type=int, default=4)
+    parser.add_argument("--rows", choices=["all", "core"], default="all", help="core: 4 kvlight rows (long windows)")
+    parser.add_argument(
+        "--merge", action="store_true", help="keep the rows of other lengths from the existing frontier.json"
+    )
     args = parser.parse_args()
     counts = {512: args.windows_512, 2048: args.windows_2048}
-    write(run(args.lengths, {n: counts.get(n, 4) for n in args.lengths}))
+    results = run(args.lengths, {n: counts.get(n, 4) for n in args.lengths}, CORE_ROWS if args.rows == "core" else KVLIGHT_ROWS)
+    previous = RESULTS / "frontier.json"
+    if args.merge and previous.exists():
+        old = json.loads(previous.read_text())
+        kept = [
+            {"command": old["command"], "machine": old["machine"], **row}
+            for row in old["rows"]
+            if row["length"] not in args.lengths
+        ]
+        results["rows"] = kept + results["rows"]
+    write(results)
 
 
 if __name__ == "__main__":

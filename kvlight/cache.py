@@ -10,7 +10,9 @@ Layout of one :class:`CompressedLayer`, in sequence order::
 New tokens enter the recent window; tokens pushed out of it are compressed once (keys of RoPE
 models are rotated back to pre-RoPE with the positions the model actually used, then encoded).
 ``update()`` returns every position, the compressed ones reconstructed, so attention always reads
-what the cache stores. Nothing here patches the model: positions are observed by a forward
+what the cache stores; on one-token decode steps under an open :class:`~kvlight.attention.LatentAttention`
+it instead hands the layer to kvlight's attention function, which reads the stored latents in place
+(:meth:`CompressedLayer.attend`). Nothing here patches the model: positions are observed by a forward
 pre-hook that :class:`PositionTracker` registers on the model's rotary module, and removes.
 """
 

@@ -156,6 +156,23 @@ def test_fsdp_shards_the_frozen_model(runs):
         assert [r["capture"]["calibration_windows"] for r in fsdp] == [r["capture"]["calibration_windows"] for r in ddp]
 
 
+def test_fsdp_refuses_a_split_with_unequal_forward_counts(tiny_llama_path, tmp_path):
+    """9 windows over 2 processes in capture batches of 4: 2 forwards on one rank, 1 on the other. With a sharded
+    model that would hang in FSDP's collective gathers, so the fit stops first, on every rank, with one line."""
+    from run_helpers import FSDP
+
+    command = [sys.executable, "-m", "kvlight.cli", "fit", "--config", str(REPO / "configs" / "smollm2_pca.yaml")]
+    command += ["--model.model", tiny_llama_path, "--model.rank", "8", "--model.model_dtype", "float32"]
+    command += ["--data.seq_len", "32", "--data.calibration_samples", "9", "--data.eval_samples", "2"]
+    command += ["--trainer.accelerator", "cpu", "--trainer.devices", "2", *FSDP]
+    command += ["--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"]
+    env = {**os.environ, "KVLIGHT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    returncode, stderr = run_process_group(command, env, timeout=300, cwd=tmp_path)
+    assert returncode != 0
+    assert "same number of forward passes" in stderr and "[2, 1] batches per process" in stderr, stderr[-3000:]
+    assert not (tmp_path / "checkpoints").exists()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP needs CUDA devices")
 def test_fsdp_yaml_calibrates_on_gpus(tiny_llama_path, tmp_path, tiny_rows):
