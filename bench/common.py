@@ -70,10 +70,13 @@ def chunked_perplexity(
     return math.exp(nll / count), caches
 
 
-def captured_rows(model, geometry, windows: torch.Tensor, capacity: int = 10_000) -> dict[str, torch.Tensor]:
-    """Pre-RoPE K/V rows ``[N, L, H, D]`` of the calibration windows."""
+def captured_rows(
+    model, geometry, windows: torch.Tensor, capacity: int = 10_000, queries=None
+) -> dict[str, torch.Tensor]:
+    """Pre-RoPE K/V rows ``[N, L, H, D]`` of the calibration windows (and, with a QueryMoments, query moments)."""
     start = time.perf_counter()
-    reservoir = capture_kv(model, geometry, [windows[i : i + 4] for i in range(0, len(windows), 4)], capacity)
+    batches = [windows[i : i + 4] for i in range(0, len(windows), 4)]
+    reservoir = capture_kv(model, geometry, batches, capacity, queries=queries)
     keys, values = reservoir.rows()
     print(f"captured {keys.shape[0]} rows in {time.perf_counter() - start:.1f}s", flush=True)
     return {"keys": keys, "values": values}
@@ -83,4 +86,13 @@ def fitted_pca(config: CompressionConfig, geometry, rows: dict[str, torch.Tensor
     """A PCA compressor for ``config`` fitted on ``rows`` (float64 statistics)."""
     compressor = KVCompressor(config, geometry, algo="pca")
     compressor.fit_statistics([rows])
+    return compressor.to(dtype)
+
+
+def fitted_query_weighted(
+    config: CompressionConfig, geometry, rows: dict[str, torch.Tensor], key_weights: torch.Tensor, dtype: torch.dtype
+) -> KVCompressor:
+    """KVSplice heads at their closed-form start: keys query-weighted (``key_weights [L, H, D, D]``), values PCA."""
+    compressor = KVCompressor(config, geometry, algo="kvsplice", latent_affine=False)
+    compressor.fit_statistics([rows], key_weights=key_weights)
     return compressor.to(dtype)

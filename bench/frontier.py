@@ -27,7 +27,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import captured_rows, chunked_perplexity, embedded_default, fitted_pca, machine, offline_windows  # noqa: E402
+from bench.common import (  # noqa: E402
+    captured_rows,
+    chunked_perplexity,
+    embedded_default,
+    fitted_pca,
+    fitted_query_weighted,
+    machine,
+    offline_windows,
+)
+from kvlight.capture import QueryMoments  # noqa: E402
+from kvlight.compressors.weighting import score_weight  # noqa: E402
+from kvlight.models import rotary_module  # noqa: E402
 from kvlight.cache import CompressedCache, PositionTracker, dynamic_cache, dynamic_cache_bytes  # noqa: E402
 from kvlight.config import CompressionConfig  # noqa: E402
 
@@ -48,6 +59,8 @@ KVLIGHT_ROWS = [
 ]
 #: the kvlight rows of ``--rows core`` (for slow, long windows): the default and the ranks and bits around the targets.
 CORE_ROWS = [(64, 64, 4, 4, RECENT), (48, 64, 4, 4, RECENT), (32, 64, 4, 4, RECENT), (32, 64, 2, 4, RECENT)]
+#: kvlight rows whose keys start from the query-weighted closed form (kvlight.compressors.weighting, "near").
+QUERY_WEIGHTED_ROWS = [(48, 64, 4, 4, RECENT), (40, 64, 4, 4, RECENT), (32, 64, 4, 4, RECENT), (48, 64, 2, 4, RECENT)]
 QUANT_ROWS = [("quanto", 4), ("quanto", 2), ("hqq", 4)]
 
 
@@ -76,7 +89,9 @@ def run(lengths: list[int], eval_windows: dict[int, int], kvlight_rows: list[tup
     model, tokenizer, geometry = embedded_default(dtype)
     longest = max(length * eval_windows[length] for length in lengths)
     calibration = offline_windows(tokenizer, 512, skip=-(-longest // 512), count=16)
-    rows = captured_rows(model, geometry, calibration)
+    queries = QueryMoments(geometry)
+    rows = captured_rows(model, geometry, calibration, queries=queries)
+    key_weights = score_weight(queries.mean(), rotary_module(model).inv_freq, window=512, weighting="near")
     tracker = PositionTracker(model)
     results = {"machine": machine(), "command": "python " + " ".join(sys.argv), "rows": []}
     compressors = {}
@@ -94,7 +109,22 @@ def run(lengths: list[int], eval_windows: dict[int, int], kvlight_rows: list[tup
             latent_bits=bits,
         )
         config.quant_group_size = 64
-        compressors[spec] = fitted_pca(config, geometry, rows, dtype)
+        compressors[("pca", *spec)] = fitted_pca(config, geometry, rows, dtype)
+    for spec in QUERY_WEIGHTED_ROWS:
+        rank_k, rank_v, bits, sinks, recent = spec
+        config = CompressionConfig.uniform(
+            geometry.num_layers,
+            geometry.num_kv_heads,
+            geometry.head_dim,
+            rank_k=rank_k,
+            rank_v=rank_v,
+            algo="kvsplice",
+            sink_tokens=sinks,
+            recent_window=recent,
+            latent_bits=bits,
+        )
+        config.quant_group_size = 64
+        compressors[("query-weighted", *spec)] = fitted_query_weighted(config, geometry, rows, key_weights, dtype)
     for length in lengths:
         windows = offline_windows(tokenizer, length, skip=0, count=eval_windows[length])
         full = dynamic_cache_bytes(geometry, 1, length, torch.float16) * len(windows)
@@ -128,10 +158,10 @@ def run(lengths: list[int], eval_windows: dict[int, int], kvlight_rows: list[tup
                 lambda c, b: quantized_cache_bytes(c, geometry, b),
             )
         for spec, compressor in compressors.items():
-            rank_k, rank_v, bits, sinks, recent = spec
+            family, rank_k, rank_v, bits, sinks, recent = spec
             weights = sum(t.numel() for t in compressor.state_dict().values()) * 2  # fp16
             record(
-                "kvlight PCA",
+                "kvlight PCA" if family == "pca" else "kvlight query-weighted keys",
                 f"K{rank_k}/V{rank_v}, {'fp16' if bits is None else f'int{bits}' if bits != 'fp8' else 'fp8'} latents, "
                 f"sinks {sinks}, recent {recent}",
                 lambda c=compressor: CompressedCache(c, tracker),

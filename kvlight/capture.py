@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from kvlight.cache import CaptureCache, PositionTracker, cache_kwargs
 from kvlight.errors import CaptureError
-from kvlight.models import KVGeometry
+from kvlight.models import KVGeometry, decoder_blocks
 from kvlight.shards import KVReservoir, load_manifest, write_shards
 
 ROWS_PER_SHARD = 2048
@@ -33,6 +33,46 @@ def check_finite(layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
             )
 
 
+class QueryMoments:
+    """Float64 sums of pre-RoPE query outer products per layer and KV head, ``[L, H, D, D]``, from ``q_proj`` hooks.
+
+    The query heads that share a KV head are pooled: they all read its keys. :meth:`attach` hooks the model for
+    the duration of a capture pass; :meth:`mean` gives ``E[q q^T]`` (the input of
+    :func:`kvlight.compressors.weighting.score_weight`).
+    """
+
+    def __init__(self, geometry: KVGeometry) -> None:
+        self.geometry = geometry
+        shape = (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, geometry.head_dim)
+        self.sums = torch.zeros(shape, dtype=torch.float64)
+        self.count = 0
+
+    def attach(self, model: nn.Module) -> list:
+        handles = []
+        for layer, block in enumerate(decoder_blocks(model)):
+            projection = getattr(getattr(block, "self_attn", None), "q_proj", None)
+            if projection is None:
+                raise ValueError(f"{type(model).__name__} has no self_attn.q_proj to measure queries on")
+            handles.append(projection.register_forward_hook(self._hook(layer)))
+        return handles
+
+    def _hook(self, layer: int):
+        heads, dim = self.geometry.num_kv_heads, self.geometry.head_dim
+
+        def observe(module, args, output) -> None:
+            q = output.detach().to(torch.float64).reshape(-1, heads, output.shape[-1] // (heads * dim), dim)
+            self.sums[layer] += torch.einsum("nhgd,nhge->hde", q, q).cpu()
+            if layer == 0:
+                self.count += q.shape[0] * q.shape[2]
+
+        return observe
+
+    def mean(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("no queries were observed")
+        return self.sums / self.count
+
+
 @torch.no_grad()
 def capture_kv(
     model: nn.Module,
@@ -41,15 +81,18 @@ def capture_kv(
     capacity: int,
     seed: int = 0,
     progress: bool = True,
+    queries: QueryMoments | None = None,
 ) -> KVReservoir:
     """Run ``model`` over batches of token windows ``[B, T]`` and reservoir-sample their K/V rows.
 
     ``windows`` may be any iterable, a generator over a stream included: it is consumed lazily and memory stays
-    bounded by ``capacity`` rows whatever the number of tokens.
+    bounded by ``capacity`` rows whatever the number of tokens. With ``queries``, the same pass also sums the
+    query second moments (for query-weighted keys).
     """
     reservoir = KVReservoir(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, capacity, seed)
     tracker = PositionTracker(model) if geometry.rope else None
     device = next(model.parameters()).device
+    handles = [] if queries is None else queries.attach(model)
     try:
         # Batches are pulled one at a time (never list()-ed): a streamed source stays a stream.
         total = len(windows) if hasattr(windows, "__len__") else None
@@ -67,9 +110,27 @@ def capture_kv(
             cache = CaptureCache(geometry.num_layers, keep, tracker)
             model(input_ids=batch, **cache_kwargs(cache))
     finally:
+        for handle in handles:
+            handle.remove()
         if tracker is not None:
             tracker.close()
     return reservoir
+
+
+#: file next to the shards holding the query moments of the same pass: {"sums": [L, H, D, D] float64, "count": int}.
+QUERY_FILE = "query_moments.pt"
+
+
+def load_query_moments(directory: Path) -> dict | None:
+    """What :func:`capture_to_shards` saved with ``queries=True``, or None when absent or unreadable."""
+    path = Path(directory) / QUERY_FILE
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError):
+        return None
+    if not isinstance(saved, dict) or not isinstance(saved.get("sums"), torch.Tensor) or "count" not in saved:
+        return None
+    return saved
 
 
 def capture_to_shards(
@@ -82,13 +143,24 @@ def capture_to_shards(
     seed: int = 0,
     meta: dict | None = None,
     reuse: bool = True,
+    queries: bool = False,
 ) -> dict:
-    """Reuse the intact capture in ``directory`` (unless ``reuse`` is False) or make it; returns the shard manifest."""
+    """Reuse the intact capture in ``directory`` (unless ``reuse`` is False) or make it; returns the shard manifest.
+
+    With ``queries`` the same pass also sums query second moments, saved to :data:`QUERY_FILE` before the manifest
+    (the manifest marks a complete capture); a capture without them is not reused.
+    """
     manifest = load_manifest(directory) if reuse else None
-    if manifest is not None:
+    if manifest is not None and (not queries or load_query_moments(directory) is not None):
         return manifest
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-    reservoir = capture_kv(model, geometry, batches, capacity, seed)
+    moments = QueryMoments(geometry) if queries else None
+    reservoir = capture_kv(model, geometry, batches, capacity, seed, queries=moments)
+    if moments is not None:
+        from kvlight.commands import atomic_torch_save  # deferred: commands imports the CLI's dependencies
+
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        atomic_torch_save({"sums": moments.sums, "count": moments.count}, Path(directory) / QUERY_FILE)
     keys, values = reservoir.rows()
     order = torch.randperm(keys.shape[0], generator=torch.Generator().manual_seed(seed))
     info = {"geometry": geometry.to_dict(), "tokens_seen": reservoir.num_seen, **(meta or {})}

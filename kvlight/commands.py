@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs", type=_positive, default=10, help="KVSplice training epochs (after the statistics pass)"
     )
     cal.add_argument("--lr", type=float, default=1e-3)
+    cal.add_argument(
+        "--key-objective",
+        choices=["mse", "query"],
+        default="mse",
+        help="fit keys by plain error or by the error attention scores see (query; KVSplice only)",
+    )
     cal.add_argument("--max-samples-per-head", type=_positive, default=10_000)
     cal.add_argument(
         "--model-dtype",
@@ -185,6 +191,7 @@ def calibrate(args: argparse.Namespace) -> int:
         lr=args.lr,
         capture_batch_size=args.batch_size,
         model_dtype=args.model_dtype,
+        key_objective=args.key_objective,
     )
     data = KVCalibrationDataModule(
         model=args.model,
@@ -237,6 +244,7 @@ def calibrate(args: argparse.Namespace) -> int:
             "eval_chunk": module.hparams.eval_chunk,
             "precision": args.precision,
             "model_dtype": args.model_dtype,
+            "key_objective": args.key_objective,
             "compression_config": module.compressor.config.to_dict(),
             "checkpoint": str(output / "checkpoints" / "last.ckpt"),
         }

@@ -18,15 +18,19 @@ import torch
 from torchmetrics import SumMetric
 
 from kvlight.cache import CompressedCache, PositionTracker, cache_kwargs, dynamic_cache_bytes
-from kvlight.capture import capture_to_shards
+from kvlight.capture import capture_to_shards, load_query_moments
+from kvlight.compressors.weighting import score_weight
 from kvlight.compressors import KVCompressor
 from kvlight.config import CompressionConfig
-from kvlight.errors import ConfigError, KVLightError
+from kvlight.errors import CaptureError, ConfigError, KVLightError
 from kvlight.metrics import TokenPerplexity
-from kvlight.models import decoder_blocks, geometry_of, load_model, model_fingerprint
+from kvlight.models import decoder_blocks, geometry_of, load_model, model_fingerprint, rotary_module
 from kvlight.shards import load_manifest, num_rows
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: "mse": keys fitted by plain reconstruction error; "query": by the error attention scores see (KVSplice heads start
+#: from kvlight.compressors.weighting's closed form and train on the weighted loss; query moments from the capture).
+KEY_OBJECTIVES = ("mse", "query")
 #: Checkpoint key of the statistics sums when a checkpoint is taken inside the statistics epoch.
 STATISTICS_KEY = "kvlight_statistics"
 
@@ -83,6 +87,7 @@ class KVCalibrationModule(pl.LightningModule):
         eval_chunk: validation feeds each window in chunks of this many tokens through the compressed cache.
         capture_batch_size: windows per forward pass while capturing K/V.
         model_dtype: dtype the frozen model is loaded in (float32, bfloat16, float16).
+        key_objective: "mse" or "query" (see :data:`KEY_OBJECTIVES`; "query" needs KVSplice key heads).
     """
 
     def __init__(
@@ -102,10 +107,13 @@ class KVCalibrationModule(pl.LightningModule):
         eval_chunk: int = 64,
         capture_batch_size: int = 4,
         model_dtype: str = "float32",
+        key_objective: str = "mse",
     ) -> None:
         super().__init__()
         if model_dtype not in _DTYPES:
             raise ConfigError(f"model_dtype {model_dtype!r} is not one of {', '.join(_DTYPES)}")
+        if key_objective not in KEY_OBJECTIVES:
+            raise ConfigError(f"key_objective {key_objective!r} must be one of {', '.join(KEY_OBJECTIVES)}")
         if init not in ("pca", "random"):
             raise ConfigError(f"init {init!r} must be 'pca' or 'random'")
         self.save_hyperparameters()
@@ -116,6 +124,13 @@ class KVCalibrationModule(pl.LightningModule):
         # The checkpoint carries the resolved config itself, so `validate --ckpt_path` needs no file.
         self.hparams["compression_config"] = config.to_dict()
         self.compressor = KVCompressor(config, self.geometry, algo=compressor, latent_affine=latent_affine, init=init)
+        if key_objective == "query":
+            algos = {self.compressor.codec(layer, "k").heads[h].algo for layer in range(self.geometry.num_layers)
+                     for h in range(self.geometry.num_kv_heads)} - {"none"}
+            if algos - {"kvsplice"}:
+                raise ConfigError("key_objective query needs KVSplice key heads (separate encoder and decoder): "
+                                  "use --compressor kvsplice")
+        self._key_weights: torch.Tensor | None = None
         self.automatic_optimization = False
         self.strict_loading = False
         self._frozen: torch.nn.Module | None = None
@@ -220,7 +235,9 @@ class KVCalibrationModule(pl.LightningModule):
             batch = self.hparams.capture_batch_size
             self._same_forward_count(math.ceil(len(windows) / batch), "calibration")
             # A process that reuses its capture runs no forward: all reuse, or all capture again.
-            intact = load_manifest(directory) is not None
+            intact = load_manifest(directory) is not None and (
+                self.hparams.key_objective != "query" or load_query_moments(directory) is not None
+            )
             reuse = bool(self.all_gather(torch.tensor(int(intact), device=self.device)).min())
         start = time.perf_counter()
         manifest = capture_to_shards(
@@ -239,14 +256,28 @@ class KVCalibrationModule(pl.LightningModule):
                 "calibration_windows": datamodule.calibration_indices(),
             },
             reuse=reuse,
+            queries=self.hparams.key_objective == "query",
         )
         self.capture_seconds = time.perf_counter() - start
+        if self.hparams.key_objective == "query":
+            self._key_weights = self._score_weights(directory, datamodule.hparams.seq_len)
         rows = torch.tensor(num_rows(manifest), device=self.device)
         # Every rank takes the same number of steps (DDP collectives must line up): enough for the rank with the
         # most rows to see each once in the statistics epoch; ranks with fewer get empty or cycled batches.
         most = int(self.all_gather(rows).max())
         num_batches = max(1, math.ceil(most / datamodule.hparams.kv_batch_size))
         datamodule.set_kv_shards(directory, num_batches, exact_epochs=self.stats_epochs)
+
+    def _score_weights(self, directory, window: int) -> torch.Tensor:
+        """``[L, H, D, D]`` score weights from the capture's query moments, summed over every process."""
+        saved = load_query_moments(directory)
+        if saved is None:
+            raise CaptureError(f"the capture in {directory} has no query moments; delete it to capture again")
+        sums = self.trainer.strategy.reduce(saved["sums"].to(self.device), reduce_op="sum")
+        count = self.trainer.strategy.reduce(torch.tensor(float(saved["count"]), device=self.device), reduce_op="sum")
+        rotary = rotary_module(self.frozen)
+        inv_freq = None if rotary is None else rotary.inv_freq.detach().cpu()
+        return score_weight((sums / count).cpu().double(), inv_freq, window=window)
 
     def configure_optimizers(self):
         params = [p for p in self.compressor.parameters() if p.requires_grad]
@@ -275,7 +306,7 @@ class KVCalibrationModule(pl.LightningModule):
     def _finalize_statistics(self) -> None:
         for tensor in self.compressor.statistics_tensors():
             tensor.copy_(self.trainer.strategy.reduce(tensor, reduce_op="sum"))
-        self.compressor.finalize_statistics()
+        self.compressor.finalize_statistics(self._key_weights)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         keys, values = batch["keys"], batch["values"]
@@ -291,7 +322,7 @@ class KVCalibrationModule(pl.LightningModule):
         if not self.compressor.trainable:
             return None
         optimizer = self.optimizers()
-        loss = self.compressor.reconstruction_loss(keys, values)
+        loss = self.compressor.reconstruction_loss(keys, values, self._key_weights)
         optimizer.zero_grad()
         self.manual_backward(loss)
         if self.sharded and self.trainer.world_size > 1:

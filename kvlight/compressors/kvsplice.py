@@ -46,10 +46,27 @@ class KVSpliceProjection(HeadProjection):
         """``z [..., r] -> x_hat [..., D]``."""
         return z @ self.expand.to(z.dtype).T + self.mean.to(z.dtype)
 
-    def init_from_statistics(self, mean: torch.Tensor, covariance: torch.Tensor) -> None:
-        """Centre on the data mean; with ``init='pca'`` also start from the PCA basis (scale 1, shift 0)."""
+    def init_from_statistics(
+        self, mean: torch.Tensor, covariance: torch.Tensor, score_weight: torch.Tensor | None = None
+    ) -> None:
+        """Centre on the data mean; with ``init='pca'`` also start from the PCA basis (scale 1, shift 0).
+
+        With ``score_weight`` ``W [D, D]`` (keys; see kvlight.compressors.weighting) start instead from the closed-form
+        minimiser of ``E[e^T W e]``, the error attention scores see.
+        """
         with torch.no_grad():
             self.mean.copy_(mean.to(self.mean.dtype))
+            if score_weight is not None:
+                from kvlight.compressors.weighting import weighted_projection
+
+                encoder, decoder, std = weighted_projection(covariance, score_weight, self.rank)
+                self.compress.copy_(encoder.to(self.compress.dtype))
+                self.expand.copy_(decoder.to(self.expand.dtype))
+                self.latent_std.copy_(std.to(self.latent_std.dtype))
+                if self.latent_affine:
+                    self.latent_scale.fill_(inverse_softplus(1.0))
+                    self.latent_shift.zero_()
+                return
             if self.init == "pca":
                 basis = principal_basis(covariance, self.rank).to(self.compress.dtype)
                 self.latent_std.copy_(latent_std_of(basis, covariance).to(self.latent_std.dtype))

@@ -1,0 +1,88 @@
+"""Key projections that weigh reconstruction error as attention sees it (closed form).
+
+Attention reads a key only through scores ``q_m . k_n`` (post-RoPE). For pre-RoPE keys with error
+``e = k - k_hat`` that is ``q^T R(n - m) e`` (``R(d)`` the RoPE rotation by distance ``d``), so the
+score error a fit should minimise is ``E[e^T W e]`` with
+
+    W = E_d[ R(d)^T E[q q^T] R(d) ]        (d = key position - query position <= 0)
+
+averaged over distances with weights ``w(d)``. Closed form for rank ``r``: whiten with ``S = W^(1/2)``,
+take the top-``r`` principal directions ``U`` of ``S Cov S``, encode ``z = U^T S (k - mean)`` and
+decode ``k_hat = S^-1 U z + mean``. With ``W = I`` this is PCA. Measured on the embedded default
+(512-token windows, int4 latents, 4 sinks, 16 recent): keys at rank 48 cost +1.07 % perplexity with
+``near`` weights vs +3.00 % for PCA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+#: distance weights w(d, window) for d = 0..window-1: "near" (1 / (d + 1), attention mostly reads nearby keys),
+#: "pairs" (window - d: every query-key pair of a causal window counts once).
+DISTANCE_WEIGHTS: dict[str, Callable[[int, int], float]] = {
+    "near": lambda d, window: 1.0 / (d + 1),
+    "pairs": lambda d, window: float(window - d),
+}
+
+
+def rope_rotation(distance: float, inv_freq: torch.Tensor) -> torch.Tensor:
+    """``[D, D]`` float64 matrix of HF's RoPE (``x cos + rotate_half(x) sin``) at angle ``distance * inv_freq``."""
+    half = inv_freq.shape[0]
+    angle = distance * inv_freq.double()
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rotation = torch.zeros(2 * half, 2 * half, dtype=torch.float64)
+    index = torch.arange(half)
+    rotation[index, index], rotation[index, index + half] = cos, -sin
+    rotation[index + half, index], rotation[index + half, index + half] = sin, cos
+    return rotation
+
+
+def score_weight(
+    query_moments: torch.Tensor,
+    inv_freq: torch.Tensor | None,
+    window: int = 512,
+    weighting: str = "near",
+    stride: int = 2,
+) -> torch.Tensor:
+    """``W [..., D, D]`` from pre-RoPE query second moments ``E[q q^T]`` (``[..., D, D]``, float64).
+
+    ``inv_freq`` None (no RoPE): ``W = E[q q^T]``. Otherwise the rotation-averaged form above over distances
+    ``0, stride, ..., window - 1`` with :data:`DISTANCE_WEIGHTS` ``[weighting]``.
+    """
+    moments = query_moments.double()
+    if inv_freq is None:
+        return moments
+    if weighting not in DISTANCE_WEIGHTS:
+        raise ValueError(f"weighting must be one of {sorted(DISTANCE_WEIGHTS)}, got {weighting!r}")
+    weight_of = DISTANCE_WEIGHTS[weighting]
+    total, out = 0.0, torch.zeros_like(moments)
+    for distance in range(0, window, stride):
+        rotation = rope_rotation(-distance, inv_freq)  # the key sits `distance` tokens before the query
+        w = weight_of(distance, window)
+        out += w * (rotation.T @ moments @ rotation)
+        total += w
+    return out / total
+
+
+def weighted_projection(
+    covariance: torch.Tensor, weight: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` minimiser of ``E[e^T W e]``: ``(encoder [r, D], decoder [D, r], latent_std [r])``, float64.
+
+    ``covariance`` is the centred key covariance ``[D, D]``, ``weight`` the symmetric PSD ``W [D, D]``.
+    """
+    eigenvalues, vectors = torch.linalg.eigh(weight.double())
+    eigenvalues = eigenvalues.clamp_min(float(eigenvalues.max()) * 1e-8 + 1e-30)
+    root = vectors @ torch.diag(eigenvalues.sqrt()) @ vectors.T
+    inverse_root = vectors @ torch.diag(eigenvalues.rsqrt()) @ vectors.T
+    spectrum, directions = torch.linalg.eigh(root @ covariance.double() @ root)
+    order = spectrum.argsort(descending=True)[:rank]
+    directions, spectrum = directions[:, order], spectrum[order].clamp_min(0)
+    pivot = directions.abs().argmax(dim=0)  # deterministic signs, as principal_basis
+    signs = torch.sign(directions[pivot, torch.arange(rank)])
+    signs[signs == 0] = 1
+    directions = directions * signs
+    std = spectrum.sqrt()
+    return directions.T @ root, inverse_root @ directions, std.clamp_min(float(std.max()) * 1e-6 + 1e-12)
