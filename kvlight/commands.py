@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--rank-k", type=_positive, default=None, help="uniform key rank when no --config")
     cal.add_argument("--rank-v", type=_positive, default=None, help="uniform value rank when no --config")
     cal.add_argument("--latent-bits", type=_latent_bits, default=None, help="store latents as 8, 4, 2 or fp8 (overrides config)")
+    cal.add_argument(
+        "--quant-group-size", type=_positive, default=None, help="latent channels per scale/zero (overrides config)"
+    )
     cal.add_argument("--sink-tokens", type=int, default=None, help="first positions kept exact (overrides config)")
     cal.add_argument("--recent-window", type=int, default=None, help="newest positions kept exact (overrides config)")
     cal.add_argument(
@@ -188,6 +191,7 @@ def calibrate(args: argparse.Namespace) -> int:
         sink_tokens=args.sink_tokens,
         recent_window=args.recent_window,
         latent_bits=args.latent_bits,
+        quant_group_size=args.quant_group_size,
         lr=args.lr,
         capture_batch_size=args.batch_size,
         model_dtype=args.model_dtype,

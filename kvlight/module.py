@@ -44,10 +44,12 @@ def resolve_config(
     sink_tokens: int | None = None,
     recent_window: int | None = None,
     latent_bits: int | str | None = None,
+    quant_group_size: int | None = None,
 ) -> CompressionConfig:
     """The config file/dict, a uniform one from the ranks, or :meth:`CompressionConfig.recommended`.
 
-    ``sink_tokens``, ``recent_window`` and ``latent_bits`` override what the config says when given.
+    ``sink_tokens``, ``recent_window``, ``latent_bits`` and ``quant_group_size`` override what the config says
+    when given.
     """
     shape = (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
     if compression_config is None and rank is None and rank_k is None and rank_v is None:
@@ -60,7 +62,12 @@ def resolve_config(
         config = CompressionConfig.from_dict(compression_config)
     else:
         config = CompressionConfig.from_json(compression_config)
-    overrides = {"sink_tokens": sink_tokens, "recent_window": recent_window, "latent_bits": latent_bits}
+    overrides = {
+        "sink_tokens": sink_tokens,
+        "recent_window": recent_window,
+        "latent_bits": latent_bits,
+        "quant_group_size": quant_group_size,
+    }
     overrides = {key: value for key, value in overrides.items() if value is not None}
     if overrides:  # through from_dict, so overridden values are checked like the config's own
         data = config.to_dict()
@@ -81,6 +88,7 @@ class KVCalibrationModule(pl.LightningModule):
         sink_tokens: override the config's exact first positions.
         recent_window: override the config's exact newest positions.
         latent_bits: override how latents are stored: 8, 4, 2 (integer codes) or "fp8".
+        quant_group_size: override how many latent channels share one scale and zero point.
         lr: Adam learning rate for KVSplice heads.
         init: KVSplice initialisation, ``pca`` or ``random``.
         latent_affine: KVSplice latent scale and shift.
@@ -101,6 +109,7 @@ class KVCalibrationModule(pl.LightningModule):
         sink_tokens: int | None = None,
         recent_window: int | None = None,
         latent_bits: int | str | None = None,
+        quant_group_size: int | None = None,
         lr: float = 1e-3,
         init: str = "pca",
         latent_affine: bool = True,
@@ -119,7 +128,15 @@ class KVCalibrationModule(pl.LightningModule):
         self.save_hyperparameters()
         self.geometry = geometry_of(model)
         config = resolve_config(
-            compression_config, self.geometry, rank, rank_k, rank_v, sink_tokens, recent_window, latent_bits
+            compression_config,
+            self.geometry,
+            rank,
+            rank_k,
+            rank_v,
+            sink_tokens,
+            recent_window,
+            latent_bits,
+            quant_group_size,
         )
         # The checkpoint carries the resolved config itself, so `validate --ckpt_path` needs no file.
         self.hparams["compression_config"] = config.to_dict()

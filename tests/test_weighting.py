@@ -136,8 +136,11 @@ def test_calibrate_with_query_weighted_keys(tmp_path, tiny_llama_path, tiny_rows
     for objective in ("mse", "query"):
         output = tmp_path / objective
         extra = ["--compressor", "kvsplice", "--rank-k", "4", "--rank-v", "8", "--epochs", "2", "--key-objective", objective]
+        extra += ["--latent-bits", "4", "--quant-group-size", "4"]
         assert main(tiny_calibrate_args(tiny_llama_path, output, *extra)) == 0
-        assert json.loads((output / "calibration_results_kvsplice.json").read_text())["key_objective"] == objective
+        results = json.loads((output / "calibration_results_kvsplice.json").read_text())
+        assert results["key_objective"] == objective
+        assert results["compression_config"]["global"]["quant_group_size"] == 4
         fitted[objective] = KVCalibrationModule.load_from_checkpoint(output / "checkpoints" / "last.ckpt").compressor
     capsys.readouterr()
     captures = list(kvlight_cache.rglob("query_moments.pt"))
