@@ -9,7 +9,10 @@ zero points, exact sink/recent tokens, positions), counted from the tensors them
 ``QuantizedCache`` the codes (nbits per value) plus one scale and one zero point (2 bytes each)
 per group of 64, plus its exact residual tokens. The per-model projection weights of kvlight
 are reported separately (they do not grow with context). kvlight is calibrated once on 16
-windows of 512 tokens that come after every evaluation window (PCA, pre-RoPE keys).
+windows of 512 tokens that come after every evaluation window, from statistics only: PCA rows, and
+"query-weighted keys" rows (KVSplice heads at the closed form of kvlight.compressors.weighting, query
+moments from the same capture pass, RoPE averaged over distances up to the evaluated window length
+with weights 1/(d+1); values PCA). Keys are pre-RoPE.
 
     python bench/frontier.py                 # writes bench/results/frontier.{md,json,png}
     python bench/frontier.py --lengths 512   # quicker
@@ -60,7 +63,13 @@ KVLIGHT_ROWS = [
 #: the kvlight rows of ``--rows core`` (for slow, long windows): the default and the ranks and bits around the targets.
 CORE_ROWS = [(64, 64, 4, 4, RECENT), (48, 64, 4, 4, RECENT), (32, 64, 4, 4, RECENT), (32, 64, 2, 4, RECENT)]
 #: kvlight rows whose keys start from the query-weighted closed form (kvlight.compressors.weighting, "near").
-QUERY_WEIGHTED_ROWS = [(48, 64, 4, 4, RECENT), (40, 64, 4, 4, RECENT), (32, 64, 4, 4, RECENT), (48, 64, 2, 4, RECENT)]
+QUERY_WEIGHTED_ROWS = [
+    (48, 64, 4, 4, RECENT),
+    (44, 64, 4, 4, RECENT),
+    (40, 64, 4, 4, RECENT),
+    (32, 64, 4, 4, RECENT),
+    (48, 64, 2, 4, RECENT),
+]
 QUANT_ROWS = [("quanto", 4), ("quanto", 2), ("hqq", 4)]
 
 
@@ -91,7 +100,6 @@ def run(lengths: list[int], eval_windows: dict[int, int], kvlight_rows: list[tup
     calibration = offline_windows(tokenizer, 512, skip=-(-longest // 512), count=16)
     queries = QueryMoments(geometry)
     rows = captured_rows(model, geometry, calibration, queries=queries)
-    key_weights = score_weight(queries.mean(), rotary_module(model).inv_freq, window=512, weighting="near")
     tracker = PositionTracker(model)
     results = {"machine": machine(), "command": "python " + " ".join(sys.argv), "rows": []}
     compressors = {}
@@ -110,21 +118,24 @@ def run(lengths: list[int], eval_windows: dict[int, int], kvlight_rows: list[tup
         )
         config.quant_group_size = 64
         compressors[("pca", *spec)] = fitted_pca(config, geometry, rows, dtype)
-    for spec in QUERY_WEIGHTED_ROWS:
-        rank_k, rank_v, bits, sinks, recent = spec
-        config = CompressionConfig.uniform(
-            geometry.num_layers,
-            geometry.num_kv_heads,
-            geometry.head_dim,
-            rank_k=rank_k,
-            rank_v=rank_v,
-            algo="kvsplice",
-            sink_tokens=sinks,
-            recent_window=recent,
-            latent_bits=bits,
-        )
-        config.quant_group_size = 64
-        compressors[("query-weighted", *spec)] = fitted_query_weighted(config, geometry, rows, key_weights, dtype)
+    for length in lengths:
+        # Score weights average RoPE over the query-key distances of the context served: here the window length.
+        key_weights = score_weight(queries.mean(), rotary_module(model).inv_freq, window=length, weighting="near")
+        for spec in QUERY_WEIGHTED_ROWS:
+            rank_k, rank_v, bits, sinks, recent = spec
+            config = CompressionConfig.uniform(
+                geometry.num_layers,
+                geometry.num_kv_heads,
+                geometry.head_dim,
+                rank_k=rank_k,
+                rank_v=rank_v,
+                algo="kvsplice",
+                sink_tokens=sinks,
+                recent_window=recent,
+                latent_bits=bits,
+            )
+            config.quant_group_size = 64
+            compressors[("query-weighted", length, *spec)] = fitted_query_weighted(config, geometry, rows, key_weights, dtype)
     for length in lengths:
         windows = offline_windows(tokenizer, length, skip=0, count=eval_windows[length])
         full = dynamic_cache_bytes(geometry, 1, length, torch.float16) * len(windows)
@@ -158,7 +169,9 @@ def run(lengths: list[int], eval_windows: dict[int, int], kvlight_rows: list[tup
                 lambda c, b: quantized_cache_bytes(c, geometry, b),
             )
         for spec, compressor in compressors.items():
-            family, rank_k, rank_v, bits, sinks, recent = spec
+            if spec[0] == "query-weighted" and spec[1] != length:
+                continue  # weighted for another context length
+            family, rank_k, rank_v, bits, sinks, recent = spec if spec[0] == "pca" else (spec[0], *spec[2:])
             weights = sum(t.numel() for t in compressor.state_dict().values()) * 2  # fp16
             record(
                 "kvlight PCA" if family == "pca" else "kvlight query-weighted keys",
@@ -185,7 +198,8 @@ def write(results: dict) -> None:
         "each fed in chunks of 64 tokens through the cache. Bytes: what the cache holds at the end of the window "
         "vs an fp16 DynamicCache of the same length (kvlight: every held tensor, measured; HF QuantizedCache: codes + "
         "fp16 scale and zero per group of 64 + exact residual, by formula). kvlight: PCA fitted on 16 x 512 tokens "
-        "after the evaluation text; keys pre-RoPE. Projection weights (fp16, per model, not per token) in the last column.",
+        "after the evaluation text (query-weighted rows: KVSplice keys at the query-weighted closed form, distances up to "
+        "the window length); keys pre-RoPE. Projection weights (fp16, per model, not per token) in the last column.",
         "",
     ]
     for length in sorted({r["length"] for r in results["rows"]}):

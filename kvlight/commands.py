@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="mse",
         help="fit keys by plain error or by the error attention scores see (query; KVSplice only)",
     )
+    cal.add_argument(
+        "--score-window",
+        type=_positive,
+        default=None,
+        help="with --key-objective query: the context length served (default: --seq-len)",
+    )
     cal.add_argument("--max-samples-per-head", type=_positive, default=10_000)
     cal.add_argument(
         "--model-dtype",
@@ -196,6 +202,7 @@ def calibrate(args: argparse.Namespace) -> int:
         capture_batch_size=args.batch_size,
         model_dtype=args.model_dtype,
         key_objective=args.key_objective,
+        score_window=args.score_window,
     )
     data = KVCalibrationDataModule(
         model=args.model,

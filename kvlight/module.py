@@ -96,6 +96,8 @@ class KVCalibrationModule(pl.LightningModule):
         capture_batch_size: windows per forward pass while capturing K/V.
         model_dtype: dtype the frozen model is loaded in (float32, bfloat16, float16).
         key_objective: "mse" or "query" (see :data:`KEY_OBJECTIVES`; "query" needs KVSplice key heads).
+        score_window: with "query", the longest query-key distance the weights average RoPE over: the context length
+            you serve (default: the calibration windows' seq_len).
     """
 
     def __init__(
@@ -117,12 +119,15 @@ class KVCalibrationModule(pl.LightningModule):
         capture_batch_size: int = 4,
         model_dtype: str = "float32",
         key_objective: str = "mse",
+        score_window: int | None = None,
     ) -> None:
         super().__init__()
         if model_dtype not in _DTYPES:
             raise ConfigError(f"model_dtype {model_dtype!r} is not one of {', '.join(_DTYPES)}")
         if key_objective not in KEY_OBJECTIVES:
             raise ConfigError(f"key_objective {key_objective!r} must be one of {', '.join(KEY_OBJECTIVES)}")
+        if score_window is not None and score_window < 1:
+            raise ConfigError(f"score_window must be a positive number of tokens, got {score_window}")
         if init not in ("pca", "random"):
             raise ConfigError(f"init {init!r} must be 'pca' or 'random'")
         self.save_hyperparameters()
@@ -277,7 +282,7 @@ class KVCalibrationModule(pl.LightningModule):
         )
         self.capture_seconds = time.perf_counter() - start
         if self.hparams.key_objective == "query":
-            self._key_weights = self._score_weights(directory, datamodule.hparams.seq_len)
+            self._key_weights = self._score_weights(directory, self.hparams.score_window or datamodule.hparams.seq_len)
         rows = torch.tensor(num_rows(manifest), device=self.device)
         # Every rank takes the same number of steps (DDP collectives must line up): enough for the rank with the
         # most rows to see each once in the statistics epoch; ranks with fewer get empty or cycled batches.

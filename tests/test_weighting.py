@@ -136,7 +136,7 @@ def test_calibrate_with_query_weighted_keys(tmp_path, tiny_llama_path, tiny_rows
     for objective in ("mse", "query"):
         output = tmp_path / objective
         extra = ["--compressor", "kvsplice", "--rank-k", "4", "--rank-v", "8", "--epochs", "2", "--key-objective", objective]
-        extra += ["--latent-bits", "4", "--quant-group-size", "4"]
+        extra += ["--latent-bits", "4", "--quant-group-size", "4", "--score-window", "64"]
         assert main(tiny_calibrate_args(tiny_llama_path, output, *extra)) == 0
         results = json.loads((output / "calibration_results_kvsplice.json").read_text())
         assert results["key_objective"] == objective
@@ -151,7 +151,7 @@ def test_calibrate_with_query_weighted_keys(tmp_path, tiny_llama_path, tiny_rows
     from kvlight.models import load_model
 
     model = load_model(tiny_llama_path)
-    weights = score_weight(saved["sums"] / saved["count"], rotary_module(model).inv_freq, window=32)
+    weights = score_weight(saved["sums"] / saved["count"], rotary_module(model).inv_freq, window=64)
     with torch.no_grad():
         score = {k: float(c.reconstruction_loss(keys, torch.zeros_like(values), weights.float())) for k, c in fitted.items()}
         plain = {k: float(c.reconstruction_loss(keys, torch.zeros_like(values))) for k, c in fitted.items()}
@@ -165,3 +165,5 @@ def test_query_objective_needs_kvsplice(tiny_llama_path):
         KVCalibrationModule(model=tiny_llama_path, compressor="pca", rank=4, key_objective="query")
     with pytest.raises(ConfigError, match="must be one of"):
         KVCalibrationModule(model=tiny_llama_path, compressor="kvsplice", rank=4, key_objective="cosine")
+    with pytest.raises(ConfigError, match="score_window must be a positive"):
+        KVCalibrationModule(model=tiny_llama_path, compressor="kvsplice", rank=4, key_objective="query", score_window=0)
