@@ -90,6 +90,24 @@ def held_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
+def row_config(geometry, spec: tuple, algo: str) -> CompressionConfig:
+    """The uniform config of one kvlight row ``(rank_k, rank_v, latent_bits, sink_tokens, recent_window)``, groups of 64."""
+    rank_k, rank_v, bits, sinks, recent = spec
+    config = CompressionConfig.uniform(
+        geometry.num_layers,
+        geometry.num_kv_heads,
+        geometry.head_dim,
+        rank_k=rank_k,
+        rank_v=rank_v,
+        algo=algo,
+        sink_tokens=sinks,
+        recent_window=recent,
+        latent_bits=bits,
+    )
+    config.quant_group_size = 64
+    return config
+
+
 def run(lengths: list[int], eval_windows: dict[int, int], kvlight_rows: list[tuple] = KVLIGHT_ROWS) -> dict:
     from transformers.cache_utils import QuantizedCache
 
@@ -104,37 +122,12 @@ def run(lengths: list[int], eval_windows: dict[int, int], kvlight_rows: list[tup
     results = {"machine": machine(), "command": "python " + " ".join(sys.argv), "rows": []}
     compressors = {}
     for spec in kvlight_rows:
-        rank_k, rank_v, bits, sinks, recent = spec
-        config = CompressionConfig.uniform(
-            geometry.num_layers,
-            geometry.num_kv_heads,
-            geometry.head_dim,
-            rank_k=rank_k,
-            rank_v=rank_v,
-            algo="pca",
-            sink_tokens=sinks,
-            recent_window=recent,
-            latent_bits=bits,
-        )
-        config.quant_group_size = 64
-        compressors[("pca", *spec)] = fitted_pca(config, geometry, rows, dtype)
+        compressors[("pca", *spec)] = fitted_pca(row_config(geometry, spec, "pca"), geometry, rows, dtype)
     for length in lengths:
         # Score weights average RoPE over the query-key distances of the context served: here the window length.
         key_weights = score_weight(queries.mean(), rotary_module(model).inv_freq, window=length, weighting="near")
         for spec in QUERY_WEIGHTED_ROWS:
-            rank_k, rank_v, bits, sinks, recent = spec
-            config = CompressionConfig.uniform(
-                geometry.num_layers,
-                geometry.num_kv_heads,
-                geometry.head_dim,
-                rank_k=rank_k,
-                rank_v=rank_v,
-                algo="kvsplice",
-                sink_tokens=sinks,
-                recent_window=recent,
-                latent_bits=bits,
-            )
-            config.quant_group_size = 64
+            config = row_config(geometry, spec, "kvsplice")
             compressors[("query-weighted", length, *spec)] = fitted_query_weighted(config, geometry, rows, key_weights, dtype)
     for length in lengths:
         windows = offline_windows(tokenizer, length, skip=0, count=eval_windows[length])

@@ -279,7 +279,7 @@ class CompressedLayer(DynamicLayer):
             self._compress(self.keys[:, :, :overflow], self.values[:, :, :overflow], first)
             self.keys, self.values = self.keys[:, :, overflow:], self.values[:, :, overflow:]
         if owner.fast is not None and owner.fast.active and key_states.shape[2] == 1 and self.row_sink_slot is None:
-            # Decode step: attention reads the stored latents in place (kvlight.attention); these are placeholders.
+            # Decode step: attention reads the stored latents in place (kvlight.attention), not the returned tensors.
             attention.hand_over(key_states, self)
             return key_states, value_states
         keys, values = self._reconstruct()
