@@ -167,7 +167,7 @@ def decode_into(
     torch.matmul(z, weight, out=out)
     if scale is not None:
         out.mul_(scale).addcmul_(zero, weight.sum(-2)[None, :, None, :])
-    return out.add_(bias[:, None, :, :] if bias.dim() == 3 else bias[:, None, :])
+    return out.add_(bias[:, None, :])
 
 
 def rotate_in_place(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
