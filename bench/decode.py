@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import captured_rows, embedded_default, machine, offline_windows  # noqa: E402
-from kvlight.cache import CompressedCache, cache_kwargs, dynamic_cache, dynamic_cache_bytes  # noqa: E402
+from kvlight.cache import cache_kwargs, dynamic_cache, dynamic_cache_bytes  # noqa: E402
 from kvlight.compressors import KVCompressor, load_compressor  # noqa: E402
 from kvlight.config import CompressionConfig  # noqa: E402
 from kvlight.wrapper import CompressedKVModelWrapper  # noqa: E402
@@ -137,7 +137,9 @@ def run(args) -> dict:
                 (
                     "HF QuantizedCache",
                     "quanto int4 g64 res16",
-                    lambda: QuantizedCache(backend="quanto", config=model.config, nbits=4, q_group_size=64, residual_length=16),
+                    lambda: QuantizedCache(
+                        backend="quanto", config=model.config, nbits=4, q_group_size=64, residual_length=16
+                    ),
                     None,
                     None,
                 )

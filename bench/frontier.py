@@ -39,11 +39,11 @@ from bench.common import (  # noqa: E402
     machine,
     offline_windows,
 )
+from kvlight.cache import CompressedCache, PositionTracker, dynamic_cache, dynamic_cache_bytes  # noqa: E402
 from kvlight.capture import QueryMoments  # noqa: E402
 from kvlight.compressors.weighting import score_weight  # noqa: E402
-from kvlight.models import rotary_module  # noqa: E402
-from kvlight.cache import CompressedCache, PositionTracker, dynamic_cache, dynamic_cache_bytes  # noqa: E402
 from kvlight.config import CompressionConfig  # noqa: E402
+from kvlight.models import rotary_module  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RECENT = 16  # exact recent window of kvlight's configurations, and the HF caches' residual length
@@ -128,7 +128,9 @@ def run(lengths: list[int], eval_windows: dict[int, int], kvlight_rows: list[tup
         key_weights = score_weight(queries.mean(), rotary_module(model).inv_freq, window=length, weighting="near")
         for spec in QUERY_WEIGHTED_ROWS:
             config = row_config(geometry, spec, "kvsplice")
-            compressors[("query-weighted", length, *spec)] = fitted_query_weighted(config, geometry, rows, key_weights, dtype)
+            compressors[("query-weighted", length, *spec)] = fitted_query_weighted(
+                config, geometry, rows, key_weights, dtype
+            )
     for length in lengths:
         windows = offline_windows(tokenizer, length, skip=0, count=eval_windows[length])
         full = dynamic_cache_bytes(geometry, 1, length, torch.float16) * len(windows)
@@ -257,7 +259,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     counts = {512: args.windows_512, 2048: args.windows_2048}
-    results = run(args.lengths, {n: counts.get(n, 4) for n in args.lengths}, CORE_ROWS if args.rows == "core" else KVLIGHT_ROWS)
+    results = run(
+        args.lengths, {n: counts.get(n, 4) for n in args.lengths}, CORE_ROWS if args.rows == "core" else KVLIGHT_ROWS
+    )
     previous = RESULTS / "frontier.json"
     if args.merge and previous.exists():
         old = json.loads(previous.read_text())

@@ -47,7 +47,7 @@ def _take(key: torch.Tensor):
 
 def _original_forward(name: str, module: nn.Module):
     if name == "eager":  # each modeling file defines its own eager function
-        return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+        return sys.modules[type(module).__module__].eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS[name]
 
 

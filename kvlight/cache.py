@@ -408,7 +408,11 @@ class CompressedLayer(DynamicLayer):
         if not self.is_initialized:
             return 0
         exact = [getattr(self, name) for name in self._EXACT + self._ROW_SINKS if getattr(self, name) is not None]
-        return sum(t.numel() * t.element_size() for t in exact) + self.latent_k.allocated_bytes() + self.latent_v.allocated_bytes()
+        return (
+            sum(t.numel() * t.element_size() for t in exact)
+            + self.latent_k.allocated_bytes()
+            + self.latent_v.allocated_bytes()
+        )
 
     def _select(self, fn) -> None:
         if not self.is_initialized:

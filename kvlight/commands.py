@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--rank", type=_positive, default=None, help="uniform K and V rank when no --config")
     cal.add_argument("--rank-k", type=_positive, default=None, help="uniform key rank when no --config")
     cal.add_argument("--rank-v", type=_positive, default=None, help="uniform value rank when no --config")
-    cal.add_argument("--latent-bits", type=_latent_bits, default=None, help="store latents as 8, 4, 2 or fp8 (overrides config)")
+    cal.add_argument(
+        "--latent-bits", type=_latent_bits, default=None, help="store latents as 8, 4, 2 or fp8 (overrides config)"
+    )
     cal.add_argument(
         "--quant-group-size", type=_positive, default=None, help="latent channels per scale/zero (overrides config)"
     )

@@ -181,7 +181,9 @@ class CompressionConfig:
         return cfg
 
     @classmethod
-    def recommended(cls, num_layers: int, num_kv_heads: int, head_dim: int, algo: str = "kvsplice") -> CompressionConfig:
+    def recommended(
+        cls, num_layers: int, num_kv_heads: int, head_dim: int, algo: str = "kvsplice"
+    ) -> CompressionConfig:
         """The default when no config or rank is given: the safest quality per byte in bench/frontier.py.
 
         Keys and values keep every direction: the PCA basis decorrelates and whitens each head before

@@ -19,8 +19,8 @@ from torchmetrics import SumMetric
 
 from kvlight.cache import CompressedCache, PositionTracker, cache_kwargs, dynamic_cache_bytes
 from kvlight.capture import capture_to_shards, load_query_moments
-from kvlight.compressors.weighting import score_weight
 from kvlight.compressors import KVCompressor
+from kvlight.compressors.weighting import score_weight
 from kvlight.config import CompressionConfig
 from kvlight.errors import CaptureError, ConfigError, KVLightError
 from kvlight.metrics import TokenPerplexity
@@ -147,11 +147,16 @@ class KVCalibrationModule(pl.LightningModule):
         self.hparams["compression_config"] = config.to_dict()
         self.compressor = KVCompressor(config, self.geometry, algo=compressor, latent_affine=latent_affine, init=init)
         if key_objective == "query":
-            algos = {self.compressor.codec(layer, "k").heads[h].algo for layer in range(self.geometry.num_layers)
-                     for h in range(self.geometry.num_kv_heads)} - {"none"}
+            algos = {
+                self.compressor.codec(layer, "k").heads[h].algo
+                for layer in range(self.geometry.num_layers)
+                for h in range(self.geometry.num_kv_heads)
+            } - {"none"}
             if algos - {"kvsplice"}:
-                raise ConfigError("key_objective query needs KVSplice key heads (separate encoder and decoder): "
-                                  "use --compressor kvsplice")
+                raise ConfigError(
+                    "key_objective query needs KVSplice key heads (separate encoder and decoder): "
+                    "use --compressor kvsplice"
+                )
         self._key_weights: torch.Tensor | None = None
         self.automatic_optimization = False
         self.strict_loading = False
@@ -384,7 +389,9 @@ class KVCalibrationModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         datamodule = self.trainer.datamodule
         if self.sharded and datamodule is not None and hasattr(datamodule, "eval_windows"):
-            self._same_forward_count(math.ceil(len(datamodule.eval_windows()) / datamodule.hparams.batch_size), "evaluation")
+            self._same_forward_count(
+                math.ceil(len(datamodule.eval_windows()) / datamodule.hparams.batch_size), "evaluation"
+            )
 
     def validation_step(self, batch, batch_idx: int) -> None:
         input_ids = batch["input_ids"] if isinstance(batch, dict) else batch

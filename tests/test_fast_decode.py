@@ -20,11 +20,20 @@ CASES = [
     ("r8-int4-sinks-recent", {"rank": 8, "latent_bits": 4, "sink_tokens": 2, "recent_window": 4}),
     (
         "unequal-int8",
-        {"rank_k": 6, "rank_v": 10, "latent_bits": 8, "recent_window": 3, "heads": {(0, 1): {"rank_k": 3}, (1, 0): {"enabled": False}}},
+        {
+            "rank_k": 6,
+            "rank_v": 10,
+            "latent_bits": 8,
+            "recent_window": 3,
+            "heads": {(0, 1): {"rank_k": 3}, (1, 0): {"enabled": False}},
+        },
     ),
     ("r12-fp8", {"rank": 12, "latent_bits": "fp8", "sink_tokens": 1}),
     # One quantization group per head and token: the codes are read without dequantizing (scales folded in).
-    ("r8-int4-group-per-head", {"rank": 8, "latent_bits": 4, "quant_group_size": 8, "sink_tokens": 1, "recent_window": 2}),
+    (
+        "r8-int4-group-per-head",
+        {"rank": 8, "latent_bits": 4, "quant_group_size": 8, "sink_tokens": 1, "recent_window": 2},
+    ),
     ("full-int2-group-per-head", {"latent_bits": 2, "quant_group_size": 16}),
 ]
 
@@ -67,7 +76,9 @@ def count_calls(monkeypatch):
 @pytest.mark.parametrize("algo", ["pca", "kvsplice"])
 @pytest.mark.parametrize("case", [c[1] for c in CASES], ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_fast_decode_gives_the_plain_paths_tokens(arch, case, algo, tiny_models, tiny_windows, fitted_compressor, count_calls):
+def test_fast_decode_gives_the_plain_paths_tokens(
+    arch, case, algo, tiny_models, tiny_windows, fitted_compressor, count_calls
+):
     model = tiny_models[arch]
     compressor = fitted_compressor(arch, algo, **case)
     prompts = tiny_windows["eval"][:3, :20]

@@ -28,7 +28,9 @@ def llama_queries(tiny_models, tiny_windows):
     geometry = kv_geometry(model)
     queries = QueryMoments(geometry)
     windows = tiny_windows["calib"]
-    reservoir = capture_kv(model, geometry, [windows[i : i + 4] for i in range(0, 16, 4)], 100_000, queries=queries, progress=False)
+    reservoir = capture_kv(
+        model, geometry, [windows[i : i + 4] for i in range(0, 16, 4)], 100_000, queries=queries, progress=False
+    )
     keys, values = reservoir.rows()
     return {"keys": keys, "values": values}, queries.mean()
 
@@ -49,7 +51,9 @@ def test_rope_rotation_is_the_models_rotation(position, tiny_models):
 @pytest.mark.parametrize("rank", [1, 4, 12])
 def test_identity_weight_gives_pca(rank):
     generator = torch.Generator().manual_seed(rank)
-    x = torch.randn(500, HEAD_DIM, generator=generator, dtype=torch.float64) * torch.linspace(3, 0.1, HEAD_DIM, dtype=torch.float64)
+    x = torch.randn(500, HEAD_DIM, generator=generator, dtype=torch.float64) * torch.linspace(
+        3, 0.1, HEAD_DIM, dtype=torch.float64
+    )
     covariance = torch.cov(x.T)
     encoder, decoder, std = weighted_projection(covariance, torch.eye(HEAD_DIM, dtype=torch.float64), rank)
     basis = principal_basis(covariance, rank)
@@ -105,7 +109,9 @@ def test_compressor_starts_keys_from_the_weighted_form(algo, tiny_models, llama_
     rows, moments = llama_queries
     geometry = kv_geometry(tiny_models["llama"])
     weights = score_weight(moments, rotary_module(tiny_models["llama"]).inv_freq, window=32)
-    config = CompressionConfig.uniform(geometry.num_layers, geometry.num_kv_heads, HEAD_DIM, rank_k=4, rank_v=8, algo=algo)
+    config = CompressionConfig.uniform(
+        geometry.num_layers, geometry.num_kv_heads, HEAD_DIM, rank_k=4, rank_v=8, algo=algo
+    )
     compressor = KVCompressor(config, geometry, algo=algo)
     if algo == "pca":
         with pytest.raises(ConfigError, match="query-weighted keys need KVSplice heads"):
@@ -135,7 +141,18 @@ def test_calibrate_with_query_weighted_keys(tmp_path, tiny_llama_path, tiny_rows
     fitted = {}
     for objective in ("mse", "query"):
         output = tmp_path / objective
-        extra = ["--compressor", "kvsplice", "--rank-k", "4", "--rank-v", "8", "--epochs", "2", "--key-objective", objective]
+        extra = [
+            "--compressor",
+            "kvsplice",
+            "--rank-k",
+            "4",
+            "--rank-v",
+            "8",
+            "--epochs",
+            "2",
+            "--key-objective",
+            objective,
+        ]
         extra += ["--latent-bits", "4", "--quant-group-size", "4", "--score-window", "64"]
         assert main(tiny_calibrate_args(tiny_llama_path, output, *extra)) == 0
         results = json.loads((output / "calibration_results_kvsplice.json").read_text())
@@ -153,7 +170,9 @@ def test_calibrate_with_query_weighted_keys(tmp_path, tiny_llama_path, tiny_rows
     model = load_model(tiny_llama_path)
     weights = score_weight(saved["sums"] / saved["count"], rotary_module(model).inv_freq, window=64)
     with torch.no_grad():
-        score = {k: float(c.reconstruction_loss(keys, torch.zeros_like(values), weights.float())) for k, c in fitted.items()}
+        score = {
+            k: float(c.reconstruction_loss(keys, torch.zeros_like(values), weights.float())) for k, c in fitted.items()
+        }
         plain = {k: float(c.reconstruction_loss(keys, torch.zeros_like(values))) for k, c in fitted.items()}
     assert score["query"] < score["mse"] and plain["query"] > plain["mse"], (score, plain)
 
