@@ -96,3 +96,20 @@ def fitted_query_weighted(
     compressor = KVCompressor(config, geometry, algo="kvsplice", latent_affine=False)
     compressor.fit_statistics([rows], key_weights=key_weights)
     return compressor.to(dtype)
+
+
+def quantized_cache_bytes(cache, geometry, batch: int, group: int = 64) -> int:
+    """Bytes an HF QuantizedCache holds: codes + fp16 scale and zero per group + exact residual tokens."""
+    total = 0
+    heads, dim = geometry.num_kv_heads, geometry.head_dim
+    for layer in cache.layers:
+        residual = 0 if layer.keys is None or layer.keys.dim() != 4 else layer.keys.shape[-2]
+        quantized_values = batch * heads * (layer.cumulative_length - residual) * dim
+        total += 2 * (quantized_values * layer.nbits // 8 + (quantized_values // group) * 4)
+        total += 2 * batch * heads * residual * dim * 2
+    return total
+
+
+def held_bytes(cache) -> int:
+    """Bytes of the K/V tensors a DynamicCache holds."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))

@@ -32,7 +32,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import captured_rows, embedded_default, machine, offline_windows  # noqa: E402
+from bench.common import (  # noqa: E402
+    captured_rows,
+    embedded_default,
+    held_bytes,
+    machine,
+    offline_windows,
+    quantized_cache_bytes,
+)
 from kvlight.cache import cache_kwargs, dynamic_cache, dynamic_cache_bytes  # noqa: E402
 from kvlight.compressors import KVCompressor, load_compressor  # noqa: E402
 from kvlight.config import CompressionConfig  # noqa: E402
@@ -101,21 +108,6 @@ def decode(model, cache, first: torch.Tensor, new_tokens: int) -> tuple[float, t
     return time.perf_counter() - start, torch.cat(out, dim=1)
 
 
-def quantized_bytes(cache, group: int = 64, bits: int = 4) -> int:
-    """Bytes an HF QuantizedCache (quanto) holds: packed codes, fp16 scale and zero per group, exact residual."""
-    total = 0
-    for layer in cache.layers:
-        for q, exact in ((layer._quantized_keys, layer.keys), (layer._quantized_values, layer.values)):
-            values = q.numel() if hasattr(q, "numel") else 0
-            total += values * bits // 8 + 2 * 2 * values // group
-            total += exact.numel() * exact.element_size()
-    return total
-
-
-def held_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-
-
 def run(args) -> dict:
     from transformers.cache_utils import QuantizedCache
 
@@ -175,7 +167,7 @@ def run(args) -> dict:
                     stored = allocated = held_bytes(cache)
                     scratch = 0
                 else:
-                    stored = allocated = quantized_bytes(cache)
+                    stored = allocated = quantized_cache_bytes(cache, geometry, batch)
                     scratch = 0
                 tps = batch * args.new_tokens / seconds
                 if baseline is None:

@@ -36,8 +36,10 @@ from bench.common import (  # noqa: E402
     embedded_default,
     fitted_pca,
     fitted_query_weighted,
+    held_bytes,
     machine,
     offline_windows,
+    quantized_cache_bytes,
 )
 from kvlight.cache import CompressedCache, PositionTracker, dynamic_cache, dynamic_cache_bytes  # noqa: E402
 from kvlight.capture import QueryMoments  # noqa: E402
@@ -71,23 +73,6 @@ QUERY_WEIGHTED_ROWS = [
     (48, 64, 2, 4, RECENT),
 ]
 QUANT_ROWS = [("quanto", 4), ("quanto", 2), ("hqq", 4)]
-
-
-def quantized_cache_bytes(cache, geometry, batch: int, group: int = 64) -> int:
-    """Bytes an HF QuantizedCache holds: codes + fp16 scale and zero per group + exact residual tokens."""
-    total = 0
-    heads, dim = geometry.num_kv_heads, geometry.head_dim
-    for layer in cache.layers:
-        residual = 0 if layer.keys is None or layer.keys.dim() != 4 else layer.keys.shape[-2]
-        quantized_values = batch * heads * (layer.cumulative_length - residual) * dim
-        total += 2 * (quantized_values * layer.nbits // 8 + (quantized_values // group) * 4)
-        total += 2 * batch * heads * residual * dim * 2
-    return total
-
-
-def held_bytes(cache) -> int:
-    """Bytes of the K/V tensors a DynamicCache holds."""
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
 def row_config(geometry, spec: tuple, algo: str) -> CompressionConfig:

@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvlight.allocate import STRATEGIES, TierThresholds, allocate, budget_units, check_rank_step, check_target
-from kvlight.config import atomic_write_text
+from kvlight.config import atomic_write_bytes, atomic_write_text
 from kvlight.errors import ConfigError
 from kvlight.metrics_io import HeadMetrics, fetch_wandb_metrics, metrics_to_csv, metrics_to_json, read_metrics_file
 from kvlight.models import EMBEDDED_DEFAULT, KVGeometry, geometry_of, kv_geometry, load_model
@@ -304,12 +302,5 @@ def _check_writable(plan: _Plan) -> None:
 def _atomic_write(path: Path, content: str | bytes) -> None:
     if isinstance(content, str):
         atomic_write_text(path, content)
-        return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    else:
+        atomic_write_bytes(path, content)

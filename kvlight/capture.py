@@ -6,6 +6,7 @@ most ``max_samples_per_head`` per head), written as checksummed shards that late
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kvlight.cache import CaptureCache, PositionTracker, cache_kwargs
+from kvlight.config import atomic_write_bytes
 from kvlight.errors import CaptureError
 from kvlight.models import KVGeometry, decoder_blocks
 from kvlight.shards import KVReservoir, load_manifest, write_shards
@@ -157,10 +159,9 @@ def capture_to_shards(
     moments = QueryMoments(geometry) if queries else None
     reservoir = capture_kv(model, geometry, batches, capacity, seed, queries=moments)
     if moments is not None:
-        from kvlight.commands import atomic_torch_save  # deferred: commands imports the CLI's dependencies
-
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        atomic_torch_save({"sums": moments.sums, "count": moments.count}, Path(directory) / QUERY_FILE)
+        buffer = io.BytesIO()
+        torch.save({"sums": moments.sums, "count": moments.count}, buffer)
+        atomic_write_bytes(Path(directory) / QUERY_FILE, buffer.getvalue())
     keys, values = reservoir.rows()
     order = torch.randperm(keys.shape[0], generator=torch.Generator().manual_seed(seed))
     info = {"geometry": geometry.to_dict(), "tokens_seen": reservoir.num_seen, **(meta or {})}

@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from kvlight.config import CompressionConfig, atomic_write_text, default_file_mode
+from kvlight.config import CompressionConfig, atomic_write_bytes, atomic_write_text
 from kvlight.errors import KVLightError, OutputError
 
 
@@ -35,14 +34,7 @@ def atomic_torch_save(obj, path: Path) -> None:
     """``torch.save`` through a temp file renamed into place."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer.getvalue())
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _positive(value: str) -> int:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from kvlight.config import atomic_write_bytes
 from kvlight.errors import CaptureError, OutputError
 
 MANIFEST_NAME = "manifest.json"
@@ -190,17 +190,8 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see either the old file, no file, or the complete new file."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` so readers see either the old file, no file, or the complete new file (synced)."""
+    atomic_write_bytes(path, data, fsync=True)
 
 
 def _sha256_file(path: Path) -> str:

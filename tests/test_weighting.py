@@ -67,7 +67,9 @@ def test_capture_pass_measures_the_models_queries(tiny_models, tiny_windows, lla
     _, moments = llama_queries
     block = decoder_blocks(model)[0]
     with torch.no_grad():
-        hidden = model(input_ids=tiny_windows["calib"], output_hidden_states=True, use_cache=False).hidden_states[0]
+        # The first block's input is the token embedding (output_hidden_states would leave capture hooks on the
+        # shared model in transformers 5).
+        hidden = model.get_input_embeddings()(tiny_windows["calib"])
         q = block.self_attn.q_proj(block.input_layernorm(hidden)).double()
     geometry = kv_geometry(model)
     q = q.reshape(-1, geometry.num_kv_heads, q.shape[-1] // (geometry.num_kv_heads * HEAD_DIM), HEAD_DIM)
