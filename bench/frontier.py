@@ -12,7 +12,12 @@ are reported separately (they do not grow with context). kvlight is calibrated o
 windows of 512 tokens that come after every evaluation window, from statistics only: PCA rows, and
 "query-weighted keys" rows (KVSplice heads at the closed form of kvlight.compressors.weighting, query
 moments from the same capture pass, RoPE averaged over distances up to the evaluated window length
-with weights 1/(d+1); values PCA). Keys are pre-RoPE.
+with weights 1/(d+1); values PCA); "+ output-weighted values" rows (values too at their closed form, weighted by
+each layer's output projection); "KL-distilled" rows (that start, then trained end to end on the KL between the
+model's outputs with and without compression, kvlight.distill, on the same 16 windows; distilled once, at score
+window 512, and evaluated at every length); "budget ranks" rows (unequal K and V ranks per head from the
+sensitivity analysis, kvlight analyze's ``budget`` strategy on the same windows, at the memory of a uniform row;
+keys query-weighted). Keys are pre-RoPE.
 
     python bench/frontier.py                 # writes bench/results/frontier.{md,json,png}
     python bench/frontier.py --lengths 512   # quicker
@@ -41,11 +46,15 @@ from bench.common import (  # noqa: E402
     offline_windows,
     quantized_cache_bytes,
 )
+from kvlight.allocate import budget  # noqa: E402
 from kvlight.cache import CompressedCache, PositionTracker, dynamic_cache, dynamic_cache_bytes  # noqa: E402
 from kvlight.capture import QueryMoments  # noqa: E402
-from kvlight.compressors.weighting import score_weight  # noqa: E402
+from kvlight.compressors import KVCompressor  # noqa: E402
+from kvlight.compressors.weighting import output_weight, score_weight  # noqa: E402
 from kvlight.config import CompressionConfig  # noqa: E402
-from kvlight.models import rotary_module  # noqa: E402
+from kvlight.distill import distill  # noqa: E402
+from kvlight.models import output_projections, rotary_module  # noqa: E402
+from kvlight.sensitivity import measure_sensitivity  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RECENT = 16  # exact recent window of kvlight's configurations, and the HF caches' residual length
@@ -72,6 +81,14 @@ QUERY_WEIGHTED_ROWS = [
     (32, 64, 4, 4, RECENT),
     (48, 64, 2, 4, RECENT),
 ]
+#: rows whose values also start from the output-weighted closed form (keys query-weighted).
+OUTPUT_WEIGHTED_ROWS = [(40, 64, 4, 4, RECENT), (32, 64, 2, 4, RECENT)]
+#: rows distilled end to end (KL) from the query-weighted start.
+DISTILLED_ROWS = [(40, 64, 4, 4, RECENT), (32, 64, 4, 4, RECENT), (32, 64, 2, 4, RECENT)]
+#: rows with the analysis' unequal ranks at the memory of the uniform (rank_k, rank_v) given (keys query-weighted).
+BUDGET_ROWS = [(40, 64, 4, 4, RECENT), (32, 64, 4, 4, RECENT)]
+#: distillation settings of the KL-distilled rows (measured: K40/V64 int4 +3.16 % -> +1.46 % at 64 steps).
+DISTILL_STEPS, DISTILL_LR, DISTILL_BATCH = 64, 3e-4, 2
 QUANT_ROWS = [("quanto", 4), ("quanto", 2), ("hqq", 4)]
 
 
@@ -93,7 +110,56 @@ def row_config(geometry, spec: tuple, algo: str) -> CompressionConfig:
     return config
 
 
-def run(lengths: list[int], eval_windows: dict[int, int], kvlight_rows: list[tuple] = KVLIGHT_ROWS) -> dict:
+def budget_config(metrics, geometry, spec: tuple) -> CompressionConfig:
+    """The analysis' ``budget`` ranks (K and V separately, steps of 4) at the memory of uniform ``spec``'s ranks."""
+    rank_k, rank_v, bits, sinks, recent = spec
+    allocation = budget(metrics, target=1 - (rank_k + rank_v) / (2 * geometry.head_dim), step=4)
+    config = allocation.to_config(algo="kvsplice", sink_tokens=sinks)
+    config.recent_window, config.latent_bits, config.quant_group_size = recent, bits, 64
+    return config.validate(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
+
+
+def weighted_fit(config, geometry, rows, key_weights, value_weights, dtype) -> KVCompressor:
+    """KVSplice heads at the closed form: keys by ``key_weights``, values by ``value_weights`` (None: PCA)."""
+    compressor = KVCompressor(config, geometry, algo="kvsplice", latent_affine=False)
+    compressor.fit_statistics([rows], key_weights=key_weights, value_weights=value_weights)
+    return compressor.to(dtype)
+
+
+def label(
+    family: str, spec: tuple, config: CompressionConfig | None = None, steps: int = DISTILL_STEPS
+) -> tuple[str, str]:
+    """(method, setting) columns of a kvlight row."""
+    rank_k, rank_v, bits, sinks, recent = spec
+    stored = "fp16" if bits is None else f"int{bits}" if bits != "fp8" else "fp8"
+    ranks = f"K{rank_k}/V{rank_v}"
+    if config is not None:  # unequal ranks: their means
+        heads = [config.head(layer, head, config.d_head) for layer, head in config.per_layer_head]
+        mean = lambda values: sum(values) / len(values)  # noqa: E731
+        ranks = f"mean K{mean([h.rank_k for h in heads]):.1f}/V{mean([h.rank_v for h in heads]):.1f}"
+        ranks += f" (memory of K{rank_k}/V{rank_v})"
+    methods = {
+        "pca": "kvlight PCA",
+        "query-weighted": "kvlight query-weighted keys",
+        "output-weighted": "kvlight query-weighted keys + output-weighted values",
+        "distilled": "kvlight KL-distilled",
+        "budget": "kvlight budget ranks (analyze) + query-weighted keys",
+    }
+    setting = f"{ranks}, {stored} latents, sinks {sinks}, recent {recent}"
+    if family == "distilled":
+        setting += f", {steps} steps x {DISTILL_BATCH} windows of 512"
+    return methods[family], setting
+
+
+def run(
+    lengths: list[int],
+    eval_windows: dict[int, int],
+    kvlight_rows: list[tuple] = KVLIGHT_ROWS,
+    extended: bool = True,
+    distill_steps: int = DISTILL_STEPS,
+) -> dict:
+    """Every row at every length; ``extended`` False (``--rows core``) leaves out the output-weighted, distilled and
+    budget families."""
     from transformers.cache_utils import QuantizedCache
 
     torch.manual_seed(0)
@@ -105,17 +171,52 @@ def run(lengths: list[int], eval_windows: dict[int, int], kvlight_rows: list[tup
     rows = captured_rows(model, geometry, calibration, queries=queries)
     tracker = PositionTracker(model)
     results = {"machine": machine(), "command": "python " + " ".join(sys.argv), "rows": []}
-    compressors = {}
+    # (family, length the compressor is for, or None for every length, spec) -> (compressor, config if unequal)
+    compressors: dict[tuple, tuple[KVCompressor, CompressionConfig | None]] = {}
     for spec in kvlight_rows:
-        compressors[("pca", *spec)] = fitted_pca(row_config(geometry, spec, "pca"), geometry, rows, dtype)
+        compressors[("pca", None, spec)] = (fitted_pca(row_config(geometry, spec, "pca"), geometry, rows, dtype), None)
+    value_weights = torch.stack(
+        [output_weight(w.float(), geometry.num_kv_heads, geometry.head_dim) for w in output_projections(model)]
+    )
+    inv_freq = rotary_module(model).inv_freq
+    if extended:
+        start = time.perf_counter()
+        metrics = measure_sensitivity(model, geometry, calibration, 2, 256, 4, 0, progress=False)
+        print(f"sensitivity analysis {time.perf_counter() - start:.0f}s", flush=True)
     for length in lengths:
         # Score weights average RoPE over the query-key distances of the context served: here the window length.
-        key_weights = score_weight(queries.mean(), rotary_module(model).inv_freq, window=length, weighting="near")
+        key_weights = score_weight(queries.mean(), inv_freq, window=length, weighting="near")
         for spec in QUERY_WEIGHTED_ROWS:
             config = row_config(geometry, spec, "kvsplice")
-            compressors[("query-weighted", length, *spec)] = fitted_query_weighted(
-                config, geometry, rows, key_weights, dtype
+            compressors[("query-weighted", length, spec)] = (
+                fitted_query_weighted(config, geometry, rows, key_weights, dtype),
+                None,
             )
+        if not extended:
+            continue
+        for spec in OUTPUT_WEIGHTED_ROWS:
+            config = row_config(geometry, spec, "kvsplice")
+            fitted = weighted_fit(config, geometry, rows, key_weights, value_weights, dtype)
+            compressors[("output-weighted", length, spec)] = (fitted, None)
+        for spec in BUDGET_ROWS:
+            config = budget_config(metrics, geometry, spec)
+            compressors[("budget", length, spec)] = (
+                weighted_fit(config, geometry, rows, key_weights, None, dtype),
+                config,
+            )
+    if extended:
+        key_weights = score_weight(queries.mean(), inv_freq, window=512, weighting="near")
+        for spec in DISTILLED_ROWS:
+            compressor = weighted_fit(
+                row_config(geometry, spec, "kvsplice"), geometry, rows, key_weights, None, torch.float32
+            )
+            start = time.perf_counter()
+            losses = distill(model, compressor, calibration, tracker, distill_steps, DISTILL_LR, DISTILL_BATCH)
+            print(
+                f"distilled {spec} in {time.perf_counter() - start:.0f}s: KL {losses[0]:.4f} -> {losses[-1]:.4f}",
+                flush=True,
+            )
+            compressors[("distilled", None, spec)] = (compressor.to(dtype), None)
     for length in lengths:
         windows = offline_windows(tokenizer, length, skip=0, count=eval_windows[length])
         full = dynamic_cache_bytes(geometry, 1, length, torch.float16) * len(windows)
@@ -148,15 +249,14 @@ def run(lengths: list[int], eval_windows: dict[int, int], kvlight_rows: list[tup
                 ),
                 lambda c, b: quantized_cache_bytes(c, geometry, b),
             )
-        for spec, compressor in compressors.items():
-            if spec[0] == "query-weighted" and spec[1] != length:
+        for (family, fitted_for, spec), (compressor, config) in compressors.items():
+            if fitted_for not in (None, length):
                 continue  # weighted for another context length
-            family, rank_k, rank_v, bits, sinks, recent = spec if spec[0] == "pca" else (spec[0], *spec[2:])
+            method, setting = label(family, spec, config, distill_steps)
             weights = sum(t.numel() for t in compressor.state_dict().values()) * 2  # fp16
             record(
-                "kvlight PCA" if family == "pca" else "kvlight query-weighted keys",
-                f"K{rank_k}/V{rank_v}, {'fp16' if bits is None else f'int{bits}' if bits != 'fp8' else 'fp8'} latents, "
-                f"sinks {sinks}, recent {recent}",
+                method,
+                setting,
                 lambda c=compressor: CompressedCache(c, tracker),
                 lambda c, b: c.stored_bytes(),
                 weights,
@@ -238,14 +338,24 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--windows-512", type=int, default=8)
     parser.add_argument("--windows-2048", type=int, default=4)
-    parser.add_argument("--rows", choices=["all", "core"], default="all", help="core: 4 kvlight rows (long windows)")
+    parser.add_argument(
+        "--rows",
+        choices=["all", "core"],
+        default="all",
+        help="core: 4 PCA rows and the query-weighted ones (long windows)",
+    )
     parser.add_argument(
         "--merge", action="store_true", help="keep the rows of other lengths from the existing frontier.json"
     )
+    parser.add_argument("--distill-steps", type=int, default=DISTILL_STEPS, help="KL steps of the distilled rows")
     args = parser.parse_args()
     counts = {512: args.windows_512, 2048: args.windows_2048}
     results = run(
-        args.lengths, {n: counts.get(n, 4) for n in args.lengths}, CORE_ROWS if args.rows == "core" else KVLIGHT_ROWS
+        args.lengths,
+        {n: counts.get(n, 4) for n in args.lengths},
+        CORE_ROWS if args.rows == "core" else KVLIGHT_ROWS,
+        extended=args.rows == "all",
+        distill_steps=args.distill_steps,
     )
     previous = RESULTS / "frontier.json"
     if args.merge and previous.exists():

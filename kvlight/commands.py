@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -102,6 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --key-objective query: the context length served (default: --seq-len)",
     )
+    cal.add_argument(
+        "--value-objective",
+        choices=["mse", "output"],
+        default="mse",
+        help="fit values by plain error or by the error after the output projection (output; KVSplice only)",
+    )
+    cal.add_argument(
+        "--objective",
+        choices=["reconstruction", "kl"],
+        default="reconstruction",
+        help="what the epochs after the statistics pass minimise: reconstruction error of captured K/V, or the KL "
+        "between the model's outputs with and without compression (kl: each epoch is one pass over the calibration "
+        "windows; KVSplice only)",
+    )
+    cal.add_argument(
+        "--distill-batch-size", type=_positive, default=1, help="with --objective kl: calibration windows per step"
+    )
     cal.add_argument("--max-samples-per-head", type=_positive, default=10_000)
     cal.add_argument(
         "--model-dtype",
@@ -170,6 +188,18 @@ def write_uniform_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _process_count(devices: str, accelerator: str) -> int:
+    """How many processes ``pl.Trainer(devices=..., accelerator=...)`` starts (for step counts set before it)."""
+    text = str(devices).strip()
+    if text.isdigit():
+        return max(1, int(text))
+    if text.lstrip("[").rstrip("]").replace(",", "").replace(" ", "").isdigit():  # "0,1" or "[0, 1]"
+        return len([part for part in text.strip("[]").split(",") if part.strip()])
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():  # "auto" / "-1": every GPU
+        return torch.cuda.device_count()
+    return 1
+
+
 def calibrate(args: argparse.Namespace) -> int:
     """fit + validate; prints the seed's five lines and writes results, compressor and checkpoint."""
     import lightning.pytorch as pl
@@ -197,6 +227,9 @@ def calibrate(args: argparse.Namespace) -> int:
         model_dtype=args.model_dtype,
         key_objective=args.key_objective,
         score_window=args.score_window,
+        value_objective=args.value_objective,
+        objective=args.objective,
+        distill_batch_size=args.distill_batch_size,
     )
     data = KVCalibrationDataModule(
         model=args.model,
@@ -214,9 +247,15 @@ def calibrate(args: argparse.Namespace) -> int:
     # Read the data before the Trainer exists: a bad source then fails with one line and writes no logs.
     data.setup("fit")
     epochs = 1 + (args.epochs if module.compressor.trainable else 0)
+    max_steps = -1
+    if args.objective == "kl":
+        # An epoch of the K/V stream is as long as its row batches; distillation counts passes over the windows.
+        per_process = math.ceil(args.calibration_samples / _process_count(args.devices, args.accelerator))
+        max_steps, epochs = args.epochs * math.ceil(per_process / args.distill_batch_size), -1
     checkpoint = ModelCheckpoint(dirpath=output / "checkpoints", save_last=True, save_top_k=0)
     trainer = pl.Trainer(
         max_epochs=epochs,
+        max_steps=max_steps,
         precision=args.precision,
         accelerator=args.accelerator,
         devices=int(args.devices) if str(args.devices).isdigit() else args.devices,
@@ -250,6 +289,8 @@ def calibrate(args: argparse.Namespace) -> int:
             "precision": args.precision,
             "model_dtype": args.model_dtype,
             "key_objective": args.key_objective,
+            "value_objective": args.value_objective,
+            "objective": args.objective,
             "compression_config": module.compressor.config.to_dict(),
             "checkpoint": str(output / "checkpoints" / "last.ckpt"),
         }

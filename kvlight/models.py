@@ -87,6 +87,23 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     raise ModelLoadError(f"{type(model).__name__}: no list of decoder blocks (layers or h) to shard")
 
 
+def output_projections(model: nn.Module) -> list[torch.Tensor]:
+    """Each block's attention output projection as ``[hidden, H_q * D]`` (nn.Linear layout): ``self_attn.o_proj``
+    (Llama family) or GPT-2's ``attn.c_proj`` (a Conv1D, stored transposed). FSDP2-sharded weights come back whole."""
+    weights = []
+    for index, block in enumerate(decoder_blocks(model)):
+        llama = getattr(getattr(block, "self_attn", None), "o_proj", None)
+        gpt2 = getattr(getattr(block, "attn", None), "c_proj", None)
+        if llama is None and gpt2 is None:
+            raise ModelLoadError(
+                f"{type(model).__name__} block {index} has no self_attn.o_proj or attn.c_proj (output projection)"
+            )
+        weight = (llama if llama is not None else gpt2).weight.detach()
+        weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+        weights.append(weight if llama is not None else weight.T)
+    return weights
+
+
 def model_fingerprint(model: nn.Module, name: str | None) -> str:
     """A short id of a model's identity for capture reuse: its name, geometry and a hash of a few weights."""
     digest = hashlib.sha256(str(name).encode())

@@ -20,17 +20,31 @@ from torchmetrics import SumMetric
 from kvlight.cache import CompressedCache, PositionTracker, cache_kwargs, dynamic_cache_bytes
 from kvlight.capture import capture_to_shards, load_query_moments
 from kvlight.compressors import KVCompressor
-from kvlight.compressors.weighting import score_weight
+from kvlight.compressors.weighting import output_weight, score_weight
 from kvlight.config import CompressionConfig
+from kvlight.distill import distillation_loss, latent_quantizers
 from kvlight.errors import CaptureError, ConfigError, KVLightError
 from kvlight.metrics import TokenPerplexity
-from kvlight.models import decoder_blocks, geometry_of, load_model, model_fingerprint, rotary_module
+from kvlight.models import (
+    decoder_blocks,
+    geometry_of,
+    load_model,
+    model_fingerprint,
+    output_projections,
+    rotary_module,
+)
 from kvlight.shards import load_manifest, num_rows
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: "mse": keys fitted by plain reconstruction error; "query": by the error attention scores see (KVSplice heads start
 #: from kvlight.compressors.weighting's closed form and train on the weighted loss; query moments from the capture).
 KEY_OBJECTIVES = ("mse", "query")
+#: "mse": values fitted by plain reconstruction error; "output": by the error after the output projection (KVSplice
+#: heads start from the closed form with weighting.output_weight of the model's o_proj, and train on that loss).
+VALUE_OBJECTIVES = ("mse", "output")
+#: what the Adam epochs after the statistics epoch minimise: "reconstruction" (the captured K/V rows, weighted as
+#: key_objective / value_objective say) or "kl" (end to end: kvlight.distill, on the calibration windows).
+OBJECTIVES = ("reconstruction", "kl")
 #: Checkpoint key of the statistics sums when a checkpoint is taken inside the statistics epoch.
 STATISTICS_KEY = "kvlight_statistics"
 
@@ -98,6 +112,11 @@ class KVCalibrationModule(pl.LightningModule):
         key_objective: "mse" or "query" (see :data:`KEY_OBJECTIVES`; "query" needs KVSplice key heads).
         score_window: with "query", the longest query-key distance the weights average RoPE over: the context length
             you serve (default: the calibration windows' seq_len).
+        value_objective: "mse" or "output" (see :data:`VALUE_OBJECTIVES`; "output" needs KVSplice value heads).
+        objective: "reconstruction" or "kl" (see :data:`OBJECTIVES`; "kl" needs KVSplice heads). With "kl" each
+            training step after the statistics epoch runs the frozen model on ``distill_batch_size`` calibration
+            windows, exactly and through the simulated cache (the streamed K/V batch is not used).
+        distill_batch_size: calibration windows per step with ``objective="kl"``.
     """
 
     def __init__(
@@ -120,12 +139,21 @@ class KVCalibrationModule(pl.LightningModule):
         model_dtype: str = "float32",
         key_objective: str = "mse",
         score_window: int | None = None,
+        value_objective: str = "mse",
+        objective: str = "reconstruction",
+        distill_batch_size: int = 1,
     ) -> None:
         super().__init__()
         if model_dtype not in _DTYPES:
             raise ConfigError(f"model_dtype {model_dtype!r} is not one of {', '.join(_DTYPES)}")
         if key_objective not in KEY_OBJECTIVES:
             raise ConfigError(f"key_objective {key_objective!r} must be one of {', '.join(KEY_OBJECTIVES)}")
+        if value_objective not in VALUE_OBJECTIVES:
+            raise ConfigError(f"value_objective {value_objective!r} must be one of {', '.join(VALUE_OBJECTIVES)}")
+        if objective not in OBJECTIVES:
+            raise ConfigError(f"objective {objective!r} must be one of {', '.join(OBJECTIVES)}")
+        if distill_batch_size < 1:
+            raise ConfigError(f"distill_batch_size must be at least 1, got {distill_batch_size}")
         if score_window is not None and score_window < 1:
             raise ConfigError(f"score_window must be a positive number of tokens, got {score_window}")
         if init not in ("pca", "random"):
@@ -146,18 +174,25 @@ class KVCalibrationModule(pl.LightningModule):
         # The checkpoint carries the resolved config itself, so `validate --ckpt_path` needs no file.
         self.hparams["compression_config"] = config.to_dict()
         self.compressor = KVCompressor(config, self.geometry, algo=compressor, latent_affine=latent_affine, init=init)
-        if key_objective == "query":
+        for kind, name, setting in (
+            ("k", "key_objective query", key_objective == "query"),
+            ("v", "value_objective output", value_objective == "output"),
+        ):
             algos = {
-                self.compressor.codec(layer, "k").heads[h].algo
+                self.compressor.codec(layer, kind).heads[h].algo
                 for layer in range(self.geometry.num_layers)
                 for h in range(self.geometry.num_kv_heads)
             } - {"none"}
-            if algos - {"kvsplice"}:
+            if setting and algos - {"kvsplice"}:
                 raise ConfigError(
-                    "key_objective query needs KVSplice key heads (separate encoder and decoder): "
-                    "use --compressor kvsplice"
+                    f"{name} needs KVSplice {'key' if kind == 'k' else 'value'} heads (separate encoder and "
+                    "decoder): use --compressor kvsplice"
                 )
+        if objective == "kl" and not self.compressor.trainable:
+            raise ConfigError("objective kl trains KVSplice heads and this config has none: use --compressor kvsplice")
         self._key_weights: torch.Tensor | None = None
+        self._value_weights: torch.Tensor | None = None
+        self._distill_windows: torch.Tensor | None = None
         self.automatic_optimization = False
         self.strict_loading = False
         self._frozen: torch.nn.Module | None = None
@@ -288,6 +323,15 @@ class KVCalibrationModule(pl.LightningModule):
         self.capture_seconds = time.perf_counter() - start
         if self.hparams.key_objective == "query":
             self._key_weights = self._score_weights(directory, self.hparams.score_window or datamodule.hparams.seq_len)
+        if self.hparams.value_objective == "output":
+            self._value_weights = self._output_weights()
+        if self.hparams.objective == "kl":
+            if len(windows) == 0:
+                raise ConfigError(
+                    "objective kl needs at least one calibration window per process: raise --calibration-samples"
+                )
+            # Every process runs one batch per step, so the forward counts match under sharding whatever its share.
+            self._distill_windows = windows
         rows = torch.tensor(num_rows(manifest), device=self.device)
         # Every rank takes the same number of steps (DDP collectives must line up): enough for the rank with the
         # most rows to see each once in the statistics epoch; ranks with fewer get empty or cycled batches.
@@ -305,6 +349,15 @@ class KVCalibrationModule(pl.LightningModule):
         rotary = rotary_module(self.frozen)
         inv_freq = None if rotary is None else rotary.inv_freq.detach().cpu()
         return score_weight((sums / count).cpu().double(), inv_freq, window=window)
+
+    def _output_weights(self) -> torch.Tensor:
+        """``[L, H, D, D]`` value weights from each block's attention output projection (weighting.output_weight)."""
+        try:
+            projections = output_projections(self.frozen)
+        except KVLightError as exc:
+            raise ConfigError(f"value_objective output: {exc}; use value_objective mse") from None
+        geometry = self.geometry
+        return torch.stack([output_weight(w.cpu(), geometry.num_kv_heads, geometry.head_dim) for w in projections])
 
     def configure_optimizers(self):
         params = [p for p in self.compressor.parameters() if p.requires_grad]
@@ -333,7 +386,7 @@ class KVCalibrationModule(pl.LightningModule):
     def _finalize_statistics(self) -> None:
         for tensor in self.compressor.statistics_tensors():
             tensor.copy_(self.trainer.strategy.reduce(tensor, reduce_op="sum"))
-        self.compressor.finalize_statistics(self._key_weights)
+        self.compressor.finalize_statistics(self._key_weights, self._value_weights)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         keys, values = batch["keys"], batch["values"]
@@ -349,7 +402,10 @@ class KVCalibrationModule(pl.LightningModule):
         if not self.compressor.trainable:
             return None
         optimizer = self.optimizers()
-        loss = self.compressor.reconstruction_loss(keys, values, self._key_weights)
+        if self.hparams.objective == "kl":
+            loss = self._distillation_loss()
+        else:
+            loss = self.compressor.reconstruction_loss(keys, values, self._key_weights, self._value_weights)
         optimizer.zero_grad()
         self.manual_backward(loss)
         if self.sharded and self.trainer.world_size > 1:
@@ -361,6 +417,21 @@ class KVCalibrationModule(pl.LightningModule):
         optimizer.step()
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=keys.shape[0])
         return loss.detach()
+
+    def _distillation_loss(self) -> torch.Tensor:
+        """KL of the frozen model's outputs with vs without compression on the next calibration windows.
+
+        The windows cycle in order with the optimizer step count, so a resumed fit continues where it stopped.
+        """
+        if self._distill_windows is None:
+            raise KVLightError("objective kl needs the calibration windows; fit through KVCalibrationDataModule")
+        size = self.hparams.distill_batch_size
+        batches = math.ceil(len(self._distill_windows) / size)
+        index = self.global_step % batches
+        input_ids = self._distill_windows[index * size : (index + 1) * size].to(self.device)
+        return distillation_loss(
+            self.frozen, self.compressor, input_ids, self._tracker, latent_quantizers(self.compressor)
+        )
 
     def on_train_epoch_end(self) -> None:
         # Normally fitted at the last batch already; this covers an epoch cut short (max_steps, limit_train_batches).

@@ -20,6 +20,10 @@ DDP_DATA = ["--data.seq_len", "32", "--data.calibration_samples", "5", "--data.e
 DDP_DATA += ["--data.batch_size", "2", "--data.seed", "0"]
 #: KVSplice from a random start: training has real work to do, so "reaches the same loss" means something.
 KVSPLICE = ["--model.init", "random", "--model.lr", "0.03", "--trainer.max_epochs", "30"]
+#: End-to-end distillation at low rank with int4 latents, 8 steps of 2 windows per process.
+KL = ["--model.objective", "kl", "--model.rank", "3", "--model.lr", "0.01", "--model.latent_bits", "4"]
+KL += ["--model.quant_group_size", "3", "--model.distill_batch_size", "2", "--trainer.max_steps", "8"]
+KL += ["--trainer.max_epochs", "-1"]
 
 
 class SimulatedKill(RuntimeError):
@@ -54,11 +58,14 @@ class Record(pl.Callback):
 
     def __init__(self, directory: str, tag: str) -> None:
         self.directory, self.tag = Path(directory), tag
-        self.record: dict = {"rows": defaultdict(int), "steps": defaultdict(int), "statistics_dtypes": []}
+        self.record: dict = {"rows": defaultdict(int), "steps": defaultdict(int), "statistics_dtypes": [], "losses": []}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.record["rows"][trainer.current_epoch] += int(batch["keys"].shape[0])
         self.record["steps"][trainer.current_epoch] += 1
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self.record["losses"].append(float(loss))
         dtypes = sorted({str(t.dtype) for t in pl_module.compressor.statistics_tensors()})
         if dtypes and dtypes not in self.record["statistics_dtypes"]:
             self.record["statistics_dtypes"].append(dtypes)
@@ -152,6 +159,9 @@ def calibrate_suite(repo: Path, model: str, out: Path, devices: int, strategy: s
     kvsplice = out / "kvsplice"
     extra = [*DDP_DATA, *KVSPLICE, *parallel, *kv_batch, "--config", record_config(out, "kvsplice")]
     lightning_cli(["fit", *cli_args(kvsplice_yaml, model, kvsplice, *extra)])
+    kl = out / "kl"
+    extra = [*DDP_DATA, *KL, *parallel, *kv_batch, "--config", record_config(out, "kl")]
+    lightning_cli(["fit", *cli_args(kvsplice_yaml, model, kl, *extra)])
 
 
 def load_records(out: Path, tag: str) -> list[dict]:

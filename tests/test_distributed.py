@@ -145,6 +145,18 @@ def test_validation_perplexity_is_the_same_with_one_and_two_processes(runs, para
         assert two[0][key] == one[key], key
 
 
+@pytest.mark.parametrize("parallel", [1, 2, "fsdp"], ids=["one", "ddp", "fsdp"])
+def test_kl_distillation_lowers_the_loss_on_every_rank(runs, parallel):
+    """``objective: kl`` under DDP and FSDP (backward through the sharded frozen model): every rank takes the same 8
+    steps and its KL falls."""
+    records = load_records(runs[parallel], "kl")
+    assert len(records) == (1 if parallel == 1 else 2)
+    for rank in records:
+        losses = rank["losses"]
+        assert len(losses) == 8, losses
+        assert sum(losses[-2:]) < 0.8 * sum(losses[:2]), losses
+
+
 def test_fsdp_shards_the_frozen_model(runs):
     """Under FSDP each process holds half of the frozen weights (DDP: all of them), and the runs agree on windows."""
     for tag in ("pca", "kvsplice"):

@@ -125,13 +125,17 @@ class KVCompressor(nn.Module):
             return []
         return [t for key in sorted(self._moments) for t in self._moments[key].tensors()]
 
-    def finalize_statistics(self, key_weights: torch.Tensor | None = None) -> None:
+    def finalize_statistics(
+        self, key_weights: torch.Tensor | None = None, value_weights: torch.Tensor | None = None
+    ) -> None:
         """Fit PCA heads (and initialise KVSplice heads) from the statistics, then drop them.
 
         Args:
             key_weights: optional ``[L, H, D, D]`` score weights (kvlight.compressors.weighting.score_weight): key
                 heads then start from the query-weighted closed form. Needs KVSplice key heads (separate encoder and
-                decoder); values keep the plain fit.
+                decoder).
+            value_weights: optional ``[L, H, D, D]`` output-projection weights (weighting.output_weight): value heads
+                start from the output-weighted closed form. Needs KVSplice value heads.
         """
         if self._moments is None:
             raise RuntimeError("no statistics were accumulated")
@@ -146,29 +150,38 @@ class KVCompressor(nn.Module):
                     f"captured {kind.upper()} of layer {layer}, KV head {head} contains NaN or inf; the capture is "
                     "damaged or the model produces non-finite activations on this data (try float32 or other text)"
                 )
+            weights = key_weights if kind == "k" else value_weights
             for head, projection in enumerate(self.codec(layer, kind).heads):
-                if key_weights is not None and kind == "k" and projection.algo != "none":
+                if weights is not None and projection.algo != "none":
                     if projection.algo != "kvsplice":
                         raise ConfigError(
-                            f"query-weighted keys need KVSplice heads (layer {layer}, head {head} is "
-                            f"{projection.algo}): use --compressor kvsplice"
+                            f"{'query' if kind == 'k' else 'output'}-weighted {'keys' if kind == 'k' else 'values'} "
+                            f"need KVSplice heads (layer {layer}, head {head} is {projection.algo}): "
+                            "use --compressor kvsplice"
                         )
-                    projection.init_from_statistics(mean[head], covariance[head], score_weight=key_weights[layer, head])
+                    projection.init_from_statistics(mean[head], covariance[head], score_weight=weights[layer, head])
                 else:
                     projection.init_from_statistics(mean[head], covariance[head])
         self._moments = None
 
     def fit_statistics(
-        self, batches: Iterable[dict[str, torch.Tensor]], key_weights: torch.Tensor | None = None
+        self,
+        batches: Iterable[dict[str, torch.Tensor]],
+        key_weights: torch.Tensor | None = None,
+        value_weights: torch.Tensor | None = None,
     ) -> None:
         """One statistics pass over ``{'keys', 'values'}`` batches, then :meth:`finalize_statistics`."""
         self.begin_statistics()
         for batch in batches:
             self.accumulate(batch["keys"], batch["values"])
-        self.finalize_statistics(key_weights)
+        self.finalize_statistics(key_weights, value_weights)
 
     def reconstruction_loss(
-        self, keys: torch.Tensor, values: torch.Tensor, key_weights: torch.Tensor | None = None
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        key_weights: torch.Tensor | None = None,
+        value_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The seed's loss ``mse(K_hat, K) + mse(V_hat, V)`` over every layer and head.
 
@@ -176,14 +189,16 @@ class KVCompressor(nn.Module):
             keys, values: ``[N, L, H, D]`` captured rows (keys pre-RoPE for RoPE models).
             key_weights: optional ``[L, H, D, D]`` score weights: the key term becomes ``E[e^T W e] / D`` with each
                 ``W`` scaled to trace ``D`` (so ``W = I`` is the plain MSE), the error attention scores see.
+            value_weights: optional ``[L, H, D, D]`` output-projection weights, the same way for the value term.
         """
         total = keys.new_zeros(())
         for layer in range(self.num_layers):
             for kind, rows in (("k", keys), ("v", values)):
                 x = rows[:, layer].unsqueeze(2).transpose(0, 2)  # [1, H, N, D]: the cache layout, N as time
                 error = self.codec(layer, kind).reconstruct(x) - x
-                if kind == "k" and key_weights is not None:
-                    weight = key_weights[layer].to(error)
+                weights = key_weights if kind == "k" else value_weights
+                if weights is not None:
+                    weight = weights[layer].to(error)
                     weight = weight * (weight.shape[-1] / weight.diagonal(dim1=-2, dim2=-1).sum(-1))[:, None, None]
                     total = total + torch.einsum("bhnd,hde,bhne->", error, weight, error) / error.numel()
                 else:

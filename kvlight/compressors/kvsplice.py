@@ -51,8 +51,8 @@ class KVSpliceProjection(HeadProjection):
     ) -> None:
         """Centre on the data mean; with ``init='pca'`` also start from the PCA basis (scale 1, shift 0).
 
-        With ``score_weight`` ``W [D, D]`` (keys; see kvlight.compressors.weighting) start instead from the closed-form
-        minimiser of ``E[e^T W e]``, the error attention scores see.
+        With ``score_weight`` ``W [D, D]`` (see kvlight.compressors.weighting: query-weighted for keys,
+        output-projected for values) start instead from the closed-form minimiser of ``E[e^T W e]``.
         """
         with torch.no_grad():
             self.mean.copy_(mean.to(self.mean.dtype))

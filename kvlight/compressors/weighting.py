@@ -8,7 +8,8 @@ score error a fit should minimise is ``E[e^T W e]`` with
 
 averaged over distances with weights ``w(d)``. Closed form for rank ``r``: whiten with ``S = W^(1/2)``,
 take the top-``r`` principal directions ``U`` of ``S Cov S``, encode ``z = U^T S (k - mean)`` and
-decode ``k_hat = S^-1 U z + mean``. With ``W = I`` this is PCA. Measured on the embedded default
+decode ``k_hat = S^-1 U z + mean``. With ``W = I`` this is PCA. Values use the same closed form with ``W`` the output projection's Gram matrix
+(:func:`output_weight`): attention hands a value error to ``o_proj``, which weighs its directions. Measured on the embedded default
 (512-token windows, int4 latents, 4 sinks, 16 recent): keys at rank 48 cost +1.07 % perplexity with
 ``near`` weights vs +3.00 % for PCA.
 """
@@ -86,3 +87,26 @@ def weighted_projection(
     directions = directions * signs
     std = spectrum.sqrt()
     return directions.T @ root, inverse_root @ directions, std.clamp_min(float(std.max()) * 1e-6 + 1e-12)
+
+
+def output_weight(o_proj_weight: torch.Tensor, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """``M [H_kv, D, D]`` such that ``e^T M e`` is the output-projected error of a value error ``e`` (float64).
+
+    A value row of KV head ``g`` reaches the residual stream through ``W_o`` restricted to each query head ``h``
+    that reads it (``W_h = o_proj.weight[:, h D:(h + 1) D]``, ``[hidden, D]``). Treating the query heads' attention
+    as uncorrelated, the error they add is ``sum_h ||W_h e||^2``, so ``M_g = sum_{h -> g} W_h^T W_h``.
+
+    Args:
+        o_proj_weight: ``[hidden, H_q * D]``, the layer's output projection (nn.Linear layout).
+    """
+    weight = o_proj_weight.detach().double()
+    query_heads = weight.shape[1] // head_dim
+    if query_heads * head_dim != weight.shape[1] or query_heads % num_kv_heads:
+        raise ValueError(
+            f"o_proj of input width {weight.shape[1]} does not split into query heads of {head_dim} sharing "
+            f"{num_kv_heads} KV heads"
+        )
+    per_head = weight.reshape(weight.shape[0], query_heads, head_dim)  # [hidden, H_q, D]
+    gram = torch.einsum("ohd,ohe->hde", per_head, per_head)  # [H_q, D, D]
+    # HF's repeat_kv: query head h reads KV head h // (H_q / H_kv).
+    return gram.reshape(num_kv_heads, query_heads // num_kv_heads, head_dim, head_dim).sum(1)

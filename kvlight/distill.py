@@ -1,0 +1,142 @@
+"""End-to-end calibration: fit the projections on the KL divergence between the frozen model's outputs with and
+without compression.
+
+Reconstruction objectives, plain or weighted, only approximate what compression costs; what a user sees is the
+model's next-token distribution. One distillation step runs the frozen model twice on calibration windows
+``[B, T]``: exactly (the teacher, no gradient) and with every layer's K/V replaced inside the forward by what the
+cache would store (the student), and returns the mean per-token ``KL(p_teacher || p_student)``, differentiable
+with respect to the compressor's parameters only.
+
+How the student's forward simulates the cache: the first ``sink_tokens`` positions stay exact; every other
+position is encoded, quantized as the cache stores it (the forward sees the rounded latents; the gradient passes
+through rounding as if it were the identity, the straight-through estimator), and decoded. Keys of RoPE models are
+compressed pre-RoPE, as in the cache. The recent window is not simulated (in one full-window forward no position is
+"newest" for every query), so training sees a little more compression than serving does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvlight.cache import CaptureCache, PositionTracker, cache_kwargs
+from kvlight.compressors import KVCompressor
+from kvlight.quant import LatentQuantizer
+
+
+def latent_quantizers(compressor: KVCompressor) -> dict[tuple[int, str], LatentQuantizer] | None:
+    """The quantizer of every ``(layer, kind)`` codec as the cache builds it, or None when latents stay unquantized."""
+    bits = compressor.config.latent_bits
+    if bits is None:
+        return None
+    group = compressor.config.quant_group_size
+    return {
+        (layer, kind): LatentQuantizer(bits, group, compressor.codec(layer, kind).latent_std.detach())
+        for layer in range(compressor.num_layers)
+        for kind in ("k", "v")
+    }
+
+
+def simulate(
+    compressor: KVCompressor,
+    layer: int,
+    kind: str,
+    x: torch.Tensor,
+    quantizer: LatentQuantizer | None,
+    sink_tokens: int,
+) -> torch.Tensor:
+    """``x [B, H, T, D]`` (keys pre-RoPE) -> what attention reads from the cache, same shape and dtype.
+
+    Positions ``< sink_tokens`` pass through exactly; the rest go through encode, quantize (straight-through) and
+    decode in float32. Differentiable with respect to the compressor's parameters.
+    """
+    if sink_tokens >= x.shape[2]:
+        return x
+    codec = compressor.codec(layer, kind)
+    tail = x[:, :, sink_tokens:].float()
+    z = codec.encode(tail)  # [B, T', R]
+    if quantizer is not None:
+        rounded = quantizer.dequantize(quantizer.quantize(z.detach()), torch.float32)
+        z = z + (rounded - z).detach()
+    rebuilt = codec.decode(z).to(x.dtype)
+    return torch.cat([x[:, :, :sink_tokens], rebuilt], dim=2) if sink_tokens else rebuilt
+
+
+def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ``KL(softmax(teacher) || softmax(student))``; logits ``[B, T, V]``, computed in float32."""
+    teacher = torch.log_softmax(teacher_logits.float(), dim=-1)
+    student = torch.log_softmax(student_logits.float(), dim=-1)
+    tokens = teacher_logits.shape[0] * teacher_logits.shape[1]
+    return F.kl_div(student, teacher, log_target=True, reduction="sum") / tokens
+
+
+def distillation_loss(
+    model: nn.Module,
+    compressor: KVCompressor,
+    input_ids: torch.Tensor,
+    tracker: PositionTracker | None,
+    quantizers: dict[tuple[int, str], LatentQuantizer] | None = None,
+    sink_tokens: int | None = None,
+    teacher_logits: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean per-token ``KL(p_model || p_model with compressed K/V)`` over ``input_ids [B, T]``.
+
+    Args:
+        model: the frozen model (its parameters get no gradient).
+        compressor: the projections; gradients reach its trainable parameters.
+        tracker: the model's :class:`PositionTracker` (RoPE models), None otherwise.
+        quantizers: from :func:`latent_quantizers` (None: latents unquantized).
+        sink_tokens: exact first positions (None: the compressor's config).
+        teacher_logits: the exact model's logits ``[B, T, V]`` when already computed.
+    """
+    sinks = compressor.config.sink_tokens if sink_tokens is None else sink_tokens
+    if teacher_logits is None:
+        with torch.no_grad():
+            teacher_logits = model(input_ids=input_ids).logits
+
+    def replace(layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        quant = (lambda kind: None) if quantizers is None else (lambda kind: quantizers[(layer, kind)])
+        return (
+            simulate(compressor, layer, "k", keys, quant("k"), sinks),
+            simulate(compressor, layer, "v", values, quant("v"), sinks),
+        )
+
+    cache = CaptureCache(compressor.num_layers, replace, tracker)
+    student_logits = model(input_ids=input_ids, **cache_kwargs(cache)).logits
+    return token_kl(teacher_logits, student_logits)
+
+
+def distill(
+    model: nn.Module,
+    compressor: KVCompressor,
+    windows: torch.Tensor,
+    tracker: PositionTracker | None,
+    steps: int,
+    lr: float = 1e-4,
+    batch_size: int = 1,
+    log=None,
+) -> list[float]:
+    """Adam on :func:`distillation_loss` over ``windows [N, T]`` (cycled in order), ``steps`` steps; the losses.
+
+    The plain-PyTorch loop behind ``objective="kl"`` (the LightningModule runs the same step), for scripts and
+    benchmarks. The compressor must have trainable heads (KVSplice).
+    """
+    params = [p for p in compressor.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the compressor has nothing to train: distillation needs KVSplice heads")
+    optimizer = torch.optim.Adam(params, lr=lr)
+    quantizers = latent_quantizers(compressor)
+    device = next(model.parameters()).device
+    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+    losses = []
+    for step in range(steps):
+        batch = batches[step % len(batches)].to(device)
+        loss = distillation_loss(model, compressor, batch, tracker, quantizers)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if log is not None:
+            log(step, losses[-1])
+    return losses

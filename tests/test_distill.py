@@ -1,0 +1,218 @@
+"""End-to-end objectives: the KL distillation of kvlight.distill and output-weighted values.
+
+On the tiny models: the simulated cache is exact at full rank without quantization (zero KL), keeps sink
+positions exact, lets gradients through rounding (straight-through), the KL grows as the rank falls, training on
+it lowers it on held-out windows, and ``kvlight calibrate --objective kl`` does the same through Lightning.
+Output-weighted values: ``M_g`` is the output projection's view of a value error, and the closed form trades plain
+error for that error on held-out rows.
+"""
+
+import json
+
+import pytest
+import torch
+from helpers import HEAD_DIM
+
+from kvlight.cache import PositionTracker
+from kvlight.compressors import KVCompressor
+from kvlight.compressors.base import principal_basis
+from kvlight.compressors.weighting import output_weight, weighted_projection
+from kvlight.config import CompressionConfig
+from kvlight.distill import distill, distillation_loss, latent_quantizers, simulate
+from kvlight.errors import ConfigError
+from kvlight.models import decoder_blocks, kv_geometry, output_projections
+
+
+def _compressor(tiny_models, tiny_rows, arch: str, rank: int, bits=None, sinks: int = 0, group: int = 4):
+    """A KVSplice compressor at its PCA start, fitted on the tiny model's calibration rows."""
+    geometry = kv_geometry(tiny_models[arch])
+    config = CompressionConfig.uniform(
+        geometry.num_layers, geometry.num_kv_heads, HEAD_DIM, rank=rank, sink_tokens=sinks, latent_bits=bits
+    )
+    config.quant_group_size = group
+    compressor = KVCompressor(config, geometry, algo="kvsplice", latent_affine=False)
+    keys, values = tiny_rows[arch]["calib"]
+    compressor.fit_statistics([{"keys": keys, "values": values}])
+    return compressor
+
+
+def _tracker(model):
+    return PositionTracker(model) if kv_geometry(model).rope else None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_full_rank_without_quantization_reproduces_the_logits(arch, tiny_models, tiny_rows, tiny_windows):
+    model = tiny_models[arch]
+    compressor = _compressor(tiny_models, tiny_rows, arch, rank=HEAD_DIM)
+    tracker = _tracker(model)
+    try:
+        with torch.no_grad():
+            kl = distillation_loss(model, compressor, tiny_windows["eval"][:2], tracker, latent_quantizers(compressor))
+    finally:
+        if tracker is not None:
+            tracker.close()
+    assert latent_quantizers(compressor) is None
+    assert abs(float(kl)) < 1e-6
+
+
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_simulate_keeps_sinks_exact_and_passes_gradients_through_rounding(sinks, tiny_models, tiny_rows):
+    compressor = _compressor(tiny_models, tiny_rows, "llama", rank=4, bits=4, sinks=sinks)
+    quantizer = latent_quantizers(compressor)[(0, "k")]
+    x = tiny_rows["llama"]["heldout"][0][:10, 0].transpose(0, 1).unsqueeze(0)  # [1, H, 10, D]
+    out = simulate(compressor, 0, "k", x, quantizer, sinks)
+    assert out.shape == x.shape
+    assert torch.equal(out[:, :, :sinks], x[:, :, :sinks])
+    codec = compressor.codec(0, "k")
+    with torch.no_grad():  # the forward sees the rounded latents, not the unrounded reconstruction
+        z = codec.encode(x[:, :, sinks:])
+        rounded = codec.decode(quantizer.dequantize(quantizer.quantize(z), torch.float32))
+    torch.testing.assert_close(out[:, :, sinks:], rounded)
+    assert not torch.allclose(rounded, codec.decode(z))
+    out.square().sum().backward()
+    head = codec.heads[0]
+    assert head.compress.grad is not None and head.compress.grad.abs().sum() > 0  # through rounding (STE)
+    assert head.expand.grad is not None and head.expand.grad.abs().sum() > 0
+
+
+def test_kl_grows_as_rank_falls(tiny_models, tiny_rows, tiny_windows):
+    model = tiny_models["llama"]
+    tracker = _tracker(model)
+    try:
+        with torch.no_grad():
+            kls = [
+                float(
+                    distillation_loss(
+                        model, _compressor(tiny_models, tiny_rows, "llama", rank), tiny_windows["eval"], tracker
+                    )
+                )
+                for rank in (12, 8, 4, 2)
+            ]
+    finally:
+        tracker.close()
+    assert kls == sorted(kls) and kls[0] > 0, kls
+
+
+@pytest.mark.parametrize("arch, bits", [("llama", 4), ("llama", None), ("gpt2", 2)])
+def test_distillation_lowers_heldout_kl(arch, bits, tiny_models, tiny_rows, tiny_windows):
+    model = tiny_models[arch]
+    compressor = _compressor(tiny_models, tiny_rows, arch, rank=3, bits=bits, sinks=1)
+    frozen = {name: p.clone() for name, p in model.named_parameters()}
+    tracker = _tracker(model)
+    try:
+        quantizers = latent_quantizers(compressor)
+
+        def heldout() -> float:
+            with torch.no_grad():
+                return float(distillation_loss(model, compressor, tiny_windows["eval"], tracker, quantizers))
+
+        before = heldout()
+        losses = distill(model, compressor, tiny_windows["calib"], tracker, steps=40, lr=1e-2, batch_size=4)
+        after = heldout()
+    finally:
+        if tracker is not None:
+            tracker.close()
+    assert sum(losses[-4:]) < sum(losses[:4]), losses
+    assert after < 0.9 * before, (before, after)
+    for name, p in model.named_parameters():  # the frozen model is untouched
+        assert p.grad is None and torch.equal(p, frozen[name]), name
+
+
+def test_distill_needs_trainable_heads(tiny_models, tiny_rows, tiny_windows):
+    geometry = kv_geometry(tiny_models["gpt2"])
+    config = CompressionConfig.uniform(geometry.num_layers, geometry.num_kv_heads, HEAD_DIM, rank=4, algo="pca")
+    compressor = KVCompressor(config, geometry)
+    with pytest.raises(ValueError, match="nothing to train"):
+        distill(tiny_models["gpt2"], compressor, tiny_windows["calib"], None, steps=1)
+
+
+def test_output_weight_is_the_output_projections_view(tiny_models):
+    model = tiny_models["llama"]
+    geometry = kv_geometry(model)
+    o_proj = decoder_blocks(model)[0].self_attn.o_proj.weight.double()
+    weights = output_weight(o_proj, geometry.num_kv_heads, HEAD_DIM)  # [H_kv, D, D]
+    query_heads = o_proj.shape[1] // HEAD_DIM
+    group = query_heads // geometry.num_kv_heads
+    error = torch.randn(HEAD_DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for kv_head in range(geometry.num_kv_heads):
+        expected = sum(
+            float((o_proj[:, h * HEAD_DIM : (h + 1) * HEAD_DIM] @ error).square().sum())
+            for h in range(kv_head * group, (kv_head + 1) * group)
+        )
+        assert float(error @ weights[kv_head] @ error) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="does not split"):
+        output_weight(o_proj[:, :-1], geometry.num_kv_heads, HEAD_DIM)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_output_weighted_values_trade_plain_error_for_output_error(arch, tiny_models, tiny_rows):
+    model = tiny_models[arch]
+    geometry = kv_geometry(model)
+    calib, heldout = tiny_rows[arch]["calib"][1].double(), tiny_rows[arch]["heldout"][1].double()
+    rank, gain, cost = 4, 0.0, 0.0
+    for layer, projection in enumerate(output_projections(model)):
+        weights = output_weight(projection, geometry.num_kv_heads, HEAD_DIM)
+        for head in range(geometry.num_kv_heads):
+            train = calib[:, layer, head]
+            mean, covariance = train.mean(0), torch.cov(train.T)
+            x = heldout[:, layer, head] - mean
+            basis = principal_basis(covariance, rank)
+            plain_error = x - x @ basis @ basis.T
+            encoder, decoder, _ = weighted_projection(covariance, weights[head], rank)
+            weighted_error = x - x @ encoder.T @ decoder.T
+            seen = lambda e: torch.einsum("nd,de,ne->", e, weights[head], e) / len(e)  # noqa: E731
+            gain += float(seen(plain_error) - seen(weighted_error))
+            cost += float((weighted_error**2).sum() - (plain_error**2).sum()) / len(x)
+    assert gain > 0 and cost > 0
+
+
+def test_calibrate_with_kl_objective(tmp_path, tiny_llama_path, tiny_models, tiny_windows, kvlight_cache, capsys):
+    """``kvlight calibrate --objective kl``: one epoch is one pass over the calibration windows, and the KL of the
+    distilled compressor on the evaluation windows is below that of the reconstruction-trained one."""
+    from test_cli import tiny_calibrate_args
+
+    from kvlight.cli import main
+    from kvlight.module import KVCalibrationModule
+
+    fitted = {}
+    for objective in ("reconstruction", "kl"):
+        output = tmp_path / objective
+        extra = ["--compressor", "kvsplice", "--rank", "3", "--latent-bits", "4", "--quant-group-size", "3"]
+        extra += ["--epochs", "3", "--lr", "3e-3", "--objective", objective, "--value-objective", "output"]
+        extra += ["--distill-batch-size", "2", "--sink-tokens", "1", "--recent-window", "0"]
+        assert main(tiny_calibrate_args(tiny_llama_path, output, *extra)) == 0
+        results = json.loads((output / "calibration_results_kvsplice.json").read_text())
+        assert results["objective"] == objective and results["value_objective"] == "output"
+        checkpoint = torch.load(output / "checkpoints" / "last.ckpt", weights_only=False)
+        if objective == "kl":
+            assert checkpoint["global_step"] == 3 * 2  # 3 passes over 4 windows, 2 per step
+        fitted[objective] = KVCalibrationModule.load_from_checkpoint(output / "checkpoints" / "last.ckpt").compressor
+    capsys.readouterr()
+    model = tiny_models["llama"]
+    tracker = PositionTracker(model)
+    try:
+        with torch.no_grad():
+            kl = {
+                name: float(
+                    distillation_loss(model, c, tiny_windows["eval"], tracker, latent_quantizers(c), sink_tokens=1)
+                )
+                for name, c in fitted.items()
+            }
+    finally:
+        tracker.close()
+    assert kl["kl"] < kl["reconstruction"], kl
+
+
+def test_objective_options_are_checked(tiny_llama_path):
+    from kvlight.module import KVCalibrationModule
+
+    cases = [
+        ({"compressor": "pca", "objective": "kl"}, "objective kl trains KVSplice heads"),
+        ({"compressor": "pca", "value_objective": "output"}, "value_objective output needs KVSplice value heads"),
+        ({"compressor": "kvsplice", "objective": "logits"}, "objective 'logits' must be one of"),
+        ({"compressor": "kvsplice", "value_objective": "attention"}, "must be one of mse, output"),
+        ({"compressor": "kvsplice", "objective": "kl", "distill_batch_size": 0}, "distill_batch_size must be at"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            KVCalibrationModule(model=tiny_llama_path, rank=4, **kwargs)
