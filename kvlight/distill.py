@@ -16,6 +16,8 @@ compressed pre-RoPE, as in the cache. The recent window is not simulated (in one
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,25 +109,45 @@ def distillation_loss(
     return token_kl(teacher_logits, student_logits)
 
 
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, steps: int, warmup: float = 0.1
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over the first ``warmup`` of ``steps``, then cosine decay to zero.
+
+    Why: from the closed-form start, full-size Adam steps at once overshoot (the KL first rises); the decay lets the
+    last steps settle.
+    """
+    ramp = max(1, round(warmup * steps))
+
+    def factor(step: int) -> float:
+        if step < ramp:
+            return (step + 1) / ramp
+        progress = (step - ramp) / max(1, steps - ramp)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def distill(
     model: nn.Module,
     compressor: KVCompressor,
     windows: torch.Tensor,
     tracker: PositionTracker | None,
     steps: int,
-    lr: float = 1e-4,
+    lr: float = 3e-4,
     batch_size: int = 1,
     log=None,
 ) -> list[float]:
     """Adam on :func:`distillation_loss` over ``windows [N, T]`` (cycled in order), ``steps`` steps; the losses.
 
-    The plain-PyTorch loop behind ``objective="kl"`` (the LightningModule runs the same step), for scripts and
-    benchmarks. The compressor must have trainable heads (KVSplice).
+    The plain-PyTorch loop behind ``objective="kl"`` (the LightningModule runs the same step and schedule), for
+    scripts and benchmarks. The compressor must have trainable heads (KVSplice).
     """
     params = [p for p in compressor.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the compressor has nothing to train: distillation needs KVSplice heads")
     optimizer = torch.optim.Adam(params, lr=lr)
+    scheduler = warmup_cosine(optimizer, steps)
     quantizers = latent_quantizers(compressor)
     device = next(model.parameters()).device
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
@@ -136,6 +158,7 @@ def distill(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        scheduler.step()
         losses.append(float(loss.detach()))
         if log is not None:
             log(step, losses[-1])

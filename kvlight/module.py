@@ -22,7 +22,7 @@ from kvlight.capture import capture_to_shards, load_query_moments
 from kvlight.compressors import KVCompressor
 from kvlight.compressors.weighting import output_weight, score_weight
 from kvlight.config import CompressionConfig
-from kvlight.distill import distillation_loss, latent_quantizers
+from kvlight.distill import distillation_loss, latent_quantizers, warmup_cosine
 from kvlight.errors import CaptureError, ConfigError, KVLightError
 from kvlight.metrics import TokenPerplexity
 from kvlight.models import (
@@ -364,7 +364,15 @@ class KVCalibrationModule(pl.LightningModule):
         if not params:  # PCA only: a dummy optimizer keeps Lightning's manual loop happy
             anchor = getattr(self, "_ddp_anchor", None)
             params = [anchor if anchor is not None else torch.nn.Parameter(torch.zeros(1, device=self.device))]
-        return torch.optim.Adam(params, lr=self.hparams.lr)
+        optimizer = torch.optim.Adam(params, lr=self.hparams.lr)
+        if self.hparams.objective != "kl":
+            return optimizer
+        # Distillation warms up and decays over the fit's steps (trainer.max_steps; `kvlight calibrate` sets it).
+        steps = int(min(self.trainer.estimated_stepping_batches, 10**9))
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": warmup_cosine(optimizer, steps), "interval": "step"},
+        }
 
     def on_train_epoch_start(self) -> None:
         loader = self.trainer.train_dataloader
@@ -415,6 +423,8 @@ class KVCalibrationModule(pl.LightningModule):
                     torch.distributed.all_reduce(param.grad)
                     param.grad /= self.trainer.world_size
         optimizer.step()
+        if self.hparams.objective == "kl":
+            self.lr_schedulers().step()  # manual optimization: Lightning steps no scheduler itself
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=keys.shape[0])
         return loss.detach()
 
