@@ -85,13 +85,21 @@ QUERY_WEIGHTED_ROWS = [
 #: rows whose values also start from the output-weighted closed form (keys query-weighted).
 OUTPUT_WEIGHTED_ROWS = [(40, 64, 4, 4, RECENT), (32, 64, 2, 4, RECENT)]
 #: rows distilled end to end (KL) from the weighted start (keys query-weighted, values output-weighted).
-DISTILLED_ROWS = [(40, 64, 4, 4, RECENT), (32, 64, 4, 4, RECENT), (32, 64, 2, 4, RECENT), (24, 48, 2, 4, 8)]
+DISTILLED_ROWS = [
+    (40, 64, 4, 4, RECENT),
+    (40, 64, 4, 4, 8),  # under 25 % of fp16 at 512 tokens
+    (32, 64, 4, 4, RECENT),
+    (32, 64, 2, 4, RECENT),
+    (24, 48, 2, 4, 8),  # under 12.5 %
+]
 #: rows with the analysis' unequal ranks at the memory of the uniform (rank_k, rank_v) given (keys query-weighted).
 BUDGET_ROWS = [(40, 64, 4, 4, RECENT), (32, 64, 4, 4, RECENT)]
 #: distillation settings of the KL-distilled rows (peak lr; warm-up then cosine decay, kvlight.distill.warmup_cosine).
 #: Measured on other calibration windows: K32/V64 int4 +5.24 % -> +2.19 % after 96 steps at constant 3e-4 (6e-4: worse).
 DISTILL_STEPS, DISTILL_LR, DISTILL_BATCH = 96, 3e-4, 2
 QUANT_ROWS = [("quanto", 4), ("quanto", 2), ("hqq", 4)]
+#: row families; the uncompressed baseline is always measured.
+FAMILIES = ("quant", "pca", "query-weighted", "output-weighted", "distilled", "budget")
 
 
 def row_config(geometry, spec: tuple, algo: str) -> CompressionConfig:
@@ -157,11 +165,11 @@ def run(
     lengths: list[int],
     eval_windows: dict[int, int],
     kvlight_rows: list[tuple] = KVLIGHT_ROWS,
-    extended: bool = True,
+    families: tuple[str, ...] = FAMILIES,
     distill_steps: int = DISTILL_STEPS,
+    distilled_rows: list[tuple] = DISTILLED_ROWS,
 ) -> dict:
-    """Every row at every length; ``extended`` False (``--rows core``) leaves out the output-weighted, distilled and
-    budget families."""
+    """The rows of ``families`` (see :data:`FAMILIES`; ``kvlight_rows`` are the PCA ones) at every length."""
     from transformers.cache_utils import QuantizedCache
 
     torch.manual_seed(0)
@@ -175,40 +183,38 @@ def run(
     results = {"machine": machine(), "command": "python " + " ".join(sys.argv), "rows": []}
     # (family, length the compressor is for, or None for every length, spec) -> (compressor, config if unequal)
     compressors: dict[tuple, tuple[KVCompressor, CompressionConfig | None]] = {}
-    for spec in kvlight_rows:
+    for spec in kvlight_rows if "pca" in families else []:
         compressors[("pca", None, spec)] = (fitted_pca(row_config(geometry, spec, "pca"), geometry, rows, dtype), None)
     value_weights = torch.stack(
         [output_weight(w.float(), geometry.num_kv_heads, geometry.head_dim) for w in output_projections(model)]
     )
     inv_freq = rotary_module(model).inv_freq
-    if extended:
+    if "budget" in families:
         start = time.perf_counter()
         metrics = measure_sensitivity(model, geometry, calibration, 2, 256, 4, 0, progress=False)
         print(f"sensitivity analysis {time.perf_counter() - start:.0f}s", flush=True)
     for length in lengths:
         # Score weights average RoPE over the query-key distances of the context served: here the window length.
         key_weights = score_weight(queries.mean(), inv_freq, window=length, weighting="near")
-        for spec in QUERY_WEIGHTED_ROWS:
+        for spec in QUERY_WEIGHTED_ROWS if "query-weighted" in families else []:
             config = row_config(geometry, spec, "kvsplice")
             compressors[("query-weighted", length, spec)] = (
                 fitted_query_weighted(config, geometry, rows, key_weights, dtype),
                 None,
             )
-        if not extended:
-            continue
-        for spec in OUTPUT_WEIGHTED_ROWS:
+        for spec in OUTPUT_WEIGHTED_ROWS if "output-weighted" in families else []:
             config = row_config(geometry, spec, "kvsplice")
             fitted = weighted_fit(config, geometry, rows, key_weights, value_weights, dtype)
             compressors[("output-weighted", length, spec)] = (fitted, None)
-        for spec in BUDGET_ROWS:
+        for spec in BUDGET_ROWS if "budget" in families else []:
             config = budget_config(metrics, geometry, spec)
             compressors[("budget", length, spec)] = (
                 weighted_fit(config, geometry, rows, key_weights, None, dtype),
                 config,
             )
-    if extended:
+    if "distilled" in families:
         key_weights = score_weight(queries.mean(), inv_freq, window=512, weighting="near")
-        for spec in DISTILLED_ROWS:
+        for spec in distilled_rows:
             compressor = weighted_fit(
                 row_config(geometry, spec, "kvsplice"), geometry, rows, key_weights, value_weights, torch.float32
             )
@@ -242,7 +248,7 @@ def run(
             print(json.dumps(row), flush=True)
 
         record("none (DynamicCache)", "bf16", dynamic_cache, lambda c, b: held_bytes(c))
-        for backend, bits in QUANT_ROWS:
+        for backend, bits in QUANT_ROWS if "quant" in families else []:
             record(
                 f"HF QuantizedCache {backend}",
                 f"int{bits}, group 64, residual {RECENT}",
@@ -281,7 +287,11 @@ def write(results: dict) -> None:
         "vs an fp16 DynamicCache of the same length (kvlight: every held tensor, measured; HF QuantizedCache: codes + "
         "fp16 scale and zero per group of 64 + exact residual, by formula). kvlight: PCA fitted on 16 x 512 tokens "
         "after the evaluation text (query-weighted rows: KVSplice keys at the query-weighted closed form, distances up to "
-        "the window length); keys pre-RoPE. Projection weights (fp16, per model, not per token) in the last column.",
+        "the window length; output-weighted values: the closed form weighted by each layer's o_proj; KL-distilled: that "
+        "start with both, then Adam on the KL between the model's outputs with and without the simulated cache on the "
+        "same 16 windows, distilled once at score window 512 and evaluated at every length; budget ranks: kvlight "
+        "analyze's allocator on the same windows, unequal K and V ranks per head at the memory of a uniform row); "
+        "keys pre-RoPE. Projection weights (fp16, per model, not per token) in the last column.",
         "",
     ]
     for length in sorted({r["length"] for r in results["rows"]}):
@@ -290,7 +300,13 @@ def write(results: dict) -> None:
         lines += [
             f"## {length}-token windows",
             "",
-            f"Command: `{rows[0].get('command', results['command'])}` on {rows[0].get('machine', results['machine'])}",
+            "Commands: "
+            + "; ".join(
+                f"`{command}` on {machine_}"
+                for command, machine_ in dict.fromkeys(
+                    (r.get("command", results["command"]), r.get("machine", results["machine"])) for r in rows
+                )
+            ),
             "",
             "| method | setting | bytes vs fp16 | perplexity | change | weights |",
             "|---|---|---|---|---|---|",
@@ -302,9 +318,47 @@ def write(results: dict) -> None:
                 f"| {r['method']} | {r['setting']} | {100 * r['bytes_fraction']:.1f} % | {r['perplexity']:.3f} | "
                 f"{change:+.2f} % | {weights} |"
             )
-        lines.append("")
+        lines += ["", *target_lines(rows, base), ""]
     (RESULTS / "frontier.md").write_text("\n".join(lines))
     plot(results)
+
+
+#: issue 4's targets: (most bytes as a fraction of fp16, largest perplexity increase in %).
+TARGETS = [(0.25, 2.0), (0.125, 10.0)]
+
+
+def target_lines(rows: list[dict], base: float) -> list[str]:
+    """One line per target: the best kvlight row within its bytes, met or missed and by how much."""
+    lines = []
+    for budget_, limit in TARGETS:
+        within = [r for r in rows if r["method"].startswith("kvlight") and r["bytes_fraction"] <= budget_]
+        if not within:
+            lines.append(
+                f"- Target <= +{limit:g} % at <= {100 * budget_:g} % of fp16 bytes: no kvlight row within the bytes."
+            )
+            continue
+        best = min(within, key=lambda r: r["perplexity"])
+        change = 100 * (best["perplexity"] / base - 1)
+        verdict = "met" if change <= limit else f"missed by {change - limit:.2f} points"
+        lines.append(
+            f"- Target <= +{limit:g} % at <= {100 * budget_:g} % of fp16 bytes: {verdict} (best: {best['method']}, "
+            f"{best['setting']}: {change:+.2f} % at {100 * best['bytes_fraction']:.1f} %)."
+        )
+    for quant in (r for r in rows if r["method"].startswith("HF QuantizedCache")):
+        cheaper = [
+            r for r in rows if r["method"].startswith("kvlight") and r["bytes_fraction"] <= quant["bytes_fraction"]
+        ]
+        best = min(cheaper, key=lambda r: r["perplexity"], default=None)
+        if best is None:
+            lines.append(f"- {quant['method']} {quant['setting']}: no kvlight row at equal or fewer bytes.")
+            continue
+        verdict = "beaten" if best["perplexity"] < quant["perplexity"] else "NOT beaten"
+        lines.append(
+            f"- {quant['method']} {quant['setting']} ({100 * (quant['perplexity'] / base - 1):+.2f} % at "
+            f"{100 * quant['bytes_fraction']:.1f} %): {verdict} by kvlight at equal or fewer bytes "
+            f"({100 * (best['perplexity'] / base - 1):+.2f} % at {100 * best['bytes_fraction']:.1f} %)."
+        )
+    return lines
 
 
 def plot(results: dict) -> None:
@@ -347,25 +401,51 @@ def main() -> None:
         help="core: 4 PCA rows and the query-weighted ones (long windows)",
     )
     parser.add_argument(
-        "--merge", action="store_true", help="keep the rows of other lengths from the existing frontier.json"
+        "--merge",
+        action="store_true",
+        help="keep the rows of the existing frontier.json that this run does not measure again (same length, "
+        "method and setting: replaced)",
+    )
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=None, help="row families (default all)")
+    parser.add_argument(
+        "--distilled-rows",
+        nargs="+",
+        default=None,
+        metavar="K,V,BITS,SINKS,RECENT",
+        help="the distilled rows to fit, e.g. 40,64,4,4,8 (default: all of DISTILLED_ROWS)",
     )
     parser.add_argument("--distill-steps", type=int, default=DISTILL_STEPS, help="KL steps of the distilled rows")
+    parser.add_argument("--rewrite", action="store_true", help="only rewrite frontier.md/png from frontier.json")
     args = parser.parse_args()
+    if args.rewrite:
+        write(json.loads((RESULTS / "frontier.json").read_text()))
+        return
     counts = {512: args.windows_512, 2048: args.windows_2048}
+    families = tuple(args.families or (("quant", "pca", "query-weighted") if args.rows == "core" else FAMILIES))
+    distilled = DISTILLED_ROWS
+    if args.distilled_rows:
+        distilled = [
+            tuple(int(p) if p.isdigit() else (p if p == "fp8" else None) for p in spec.split(","))
+            for spec in args.distilled_rows
+        ]
+        if any(len(spec) != 5 for spec in distilled):
+            parser.error("--distilled-rows takes K,V,BITS,SINKS,RECENT, e.g. 40,64,4,4,8")
     results = run(
         args.lengths,
         {n: counts.get(n, 4) for n in args.lengths},
         CORE_ROWS if args.rows == "core" else KVLIGHT_ROWS,
-        extended=args.rows == "all",
+        families=families,
         distill_steps=args.distill_steps,
+        distilled_rows=distilled,
     )
     previous = RESULTS / "frontier.json"
     if args.merge and previous.exists():
         old = json.loads(previous.read_text())
+        measured = {(r["length"], r["method"], r["setting"]) for r in results["rows"]}
         kept = [
             {"command": old["command"], "machine": old["machine"], **row}
             for row in old["rows"]
-            if row["length"] not in args.lengths
+            if (row["length"], row["method"], row["setting"]) not in measured
         ]
         results["rows"] = kept + results["rows"]
     write(results)

@@ -252,7 +252,8 @@ class KVCalibrationModule(pl.LightningModule):
         data_parallel = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
         for block in decoder_blocks(model):
             fully_shard(block, mesh=data_parallel)
-        # The root too frees its gathered weights (embeddings, head) after each forward: no backward follows.
+        # The root too frees its gathered weights (embeddings, head) after each forward; with objective kl the backward
+        # gathers them again (the frozen weights get no gradient, only the activations do).
         fully_shard(model, mesh=data_parallel, reshard_after_forward=True)
         return model
 

@@ -18,7 +18,7 @@ from kvlight.compressors import KVCompressor
 from kvlight.compressors.base import principal_basis
 from kvlight.compressors.weighting import output_weight, weighted_projection
 from kvlight.config import CompressionConfig
-from kvlight.distill import distill, distillation_loss, latent_quantizers, simulate
+from kvlight.distill import distill, distillation_loss, latent_quantizers, simulate, warmup_cosine
 from kvlight.errors import ConfigError
 from kvlight.models import decoder_blocks, kv_geometry, output_projections
 
@@ -216,3 +216,17 @@ def test_objective_options_are_checked(tiny_llama_path):
     for kwargs, message in cases:
         with pytest.raises(ConfigError, match=message):
             KVCalibrationModule(model=tiny_llama_path, rank=4, **kwargs)
+
+
+def test_warmup_cosine_schedule():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([parameter], lr=1.0)
+    schedule = warmup_cosine(optimizer, steps=20)  # 2 warm-up steps
+    rates = []
+    for _ in range(20):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates[0] == pytest.approx(0.5) and rates[1] == pytest.approx(1.0)  # linear warm-up to the peak
+    assert all(a >= b for a, b in zip(rates[1:], rates[2:]))  # then never rises
+    assert rates[-1] < 0.01  # and ends near zero
