@@ -89,6 +89,7 @@ DISTILLED_ROWS = [
     (40, 64, 4, 4, RECENT),
     (40, 64, 4, 4, 8),  # under 25 % of fp16 at 512 tokens
     (32, 64, 4, 4, RECENT),
+    (32, 64, 4, 4, 8),
     (32, 64, 2, 4, RECENT),
     (24, 48, 2, 4, 8),  # under 12.5 %
 ]

@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from kvlight import attention
 from kvlight.compressors import KVCompressor
 from kvlight.models import KVGeometry, rotary_module
-from kvlight.quant import LatentQuantizer, QuantizedLatents
+from kvlight.quant import LatentQuantizer, QuantizedLatents, codec_quantizer
 
 #: keyword under which a model's forward takes a cache, for the pinned transformers range.
 CACHE_KWARG = "past_key_values"
@@ -508,9 +508,7 @@ class CompressedCache(Cache):
 
     def quantizer(self, codec) -> LatentQuantizer | None:
         """The quantizer for one layer codec's latents, or None when latents stay in the K/V dtype."""
-        if self.latent_bits is None:
-            return None
-        return LatentQuantizer(self.latent_bits, self.quant_group_size, codec.latent_std.detach())
+        return codec_quantizer(self.latent_bits, self.quant_group_size, codec)
 
     @torch.no_grad()
     def ingest(self, layers, position_ids: torch.Tensor | None = None) -> None:

@@ -24,17 +24,16 @@ from torch import nn
 
 from kvlight.cache import CaptureCache, PositionTracker, cache_kwargs
 from kvlight.compressors import KVCompressor
-from kvlight.quant import LatentQuantizer
+from kvlight.quant import LatentQuantizer, codec_quantizer
 
 
 def latent_quantizers(compressor: KVCompressor) -> dict[tuple[int, str], LatentQuantizer] | None:
     """The quantizer of every ``(layer, kind)`` codec as the cache builds it, or None when latents stay unquantized."""
-    bits = compressor.config.latent_bits
+    bits, group = compressor.config.latent_bits, compressor.config.quant_group_size
     if bits is None:
         return None
-    group = compressor.config.quant_group_size
     return {
-        (layer, kind): LatentQuantizer(bits, group, compressor.codec(layer, kind).latent_std.detach())
+        (layer, kind): codec_quantizer(bits, group, compressor.codec(layer, kind))
         for layer in range(compressor.num_layers)
         for kind in ("k", "v")
     }

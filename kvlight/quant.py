@@ -139,3 +139,9 @@ class LatentQuantizer:
     def _unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """Bytes -> uint8 codes ``[..., R]`` (the inverse of :meth:`_pack`)."""
         return self.codes_as(packed, torch.uint8) if 8 // self.bits > 1 else packed
+
+
+def codec_quantizer(bits: int | str | None, group_size: int, codec) -> LatentQuantizer | None:
+    """How one layer codec's latents are stored: None (unquantized) or a quantizer whose static per-channel scales are
+    the codec's calibration std (``codec.latent_std``, ``[R]``). The cache and the distillation share it."""
+    return None if bits is None else LatentQuantizer(bits, group_size, codec.latent_std.detach())
