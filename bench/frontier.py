@@ -50,7 +50,7 @@ from kvlight.allocate import budget  # noqa: E402
 from kvlight.cache import CompressedCache, PositionTracker, dynamic_cache, dynamic_cache_bytes  # noqa: E402
 from kvlight.capture import QueryMoments  # noqa: E402
 from kvlight.compressors import KVCompressor  # noqa: E402
-from kvlight.compressors.weighting import output_weight, score_weight  # noqa: E402
+from kvlight.compressors.weighting import output_weights, score_weight  # noqa: E402
 from kvlight.config import CompressionConfig  # noqa: E402
 from kvlight.distill import distill  # noqa: E402
 from kvlight.models import output_projections, rotary_module  # noqa: E402
@@ -186,9 +186,7 @@ def run(
     compressors: dict[tuple, tuple[KVCompressor, CompressionConfig | None]] = {}
     for spec in kvlight_rows if "pca" in families else []:
         compressors[("pca", None, spec)] = (fitted_pca(row_config(geometry, spec, "pca"), geometry, rows, dtype), None)
-    value_weights = torch.stack(
-        [output_weight(w.float(), geometry.num_kv_heads, geometry.head_dim) for w in output_projections(model)]
-    )
+    value_weights = output_weights(output_projections(model), geometry.num_kv_heads, geometry.head_dim)
     inv_freq = rotary_module(model).inv_freq
     if "budget" in families:
         start = time.perf_counter()

@@ -20,7 +20,7 @@ from torchmetrics import SumMetric
 from kvlight.cache import CompressedCache, PositionTracker, cache_kwargs, dynamic_cache_bytes
 from kvlight.capture import capture_to_shards, load_query_moments
 from kvlight.compressors import KVCompressor
-from kvlight.compressors.weighting import output_weight, score_weight
+from kvlight.compressors.weighting import output_weights, score_weight
 from kvlight.config import CompressionConfig
 from kvlight.distill import distillation_loss, latent_quantizers, warmup_cosine
 from kvlight.errors import CaptureError, ConfigError, KVLightError
@@ -174,16 +174,14 @@ class KVCalibrationModule(pl.LightningModule):
         # The checkpoint carries the resolved config itself, so `validate --ckpt_path` needs no file.
         self.hparams["compression_config"] = config.to_dict()
         self.compressor = KVCompressor(config, self.geometry, algo=compressor, latent_affine=latent_affine, init=init)
-        for kind, name, setting in (
-            ("k", "key_objective query", key_objective == "query"),
-            ("v", "value_objective output", value_objective == "output"),
-        ):
+        weighted = {"k": key_objective == "query", "v": value_objective == "output"}
+        for kind, name in (("k", "key_objective query"), ("v", "value_objective output")):
             algos = {
                 self.compressor.codec(layer, kind).heads[h].algo
                 for layer in range(self.geometry.num_layers)
                 for h in range(self.geometry.num_kv_heads)
-            } - {"none"}
-            if setting and algos - {"kvsplice"}:
+            }
+            if weighted[kind] and algos - {"none", "kvsplice"}:
                 raise ConfigError(
                     f"{name} needs KVSplice {'key' if kind == 'k' else 'value'} heads (separate encoder and "
                     "decoder): use --compressor kvsplice"
@@ -357,8 +355,7 @@ class KVCalibrationModule(pl.LightningModule):
             projections = output_projections(self.frozen)
         except KVLightError as exc:
             raise ConfigError(f"value_objective output: {exc}; use value_objective mse") from None
-        geometry = self.geometry
-        return torch.stack([output_weight(w.cpu(), geometry.num_kv_heads, geometry.head_dim) for w in projections])
+        return output_weights(projections, self.geometry.num_kv_heads, self.geometry.head_dim)
 
     def configure_optimizers(self):
         params = [p for p in self.compressor.parameters() if p.requires_grad]

@@ -91,7 +91,7 @@ def test_kl_distillation_lowers_heldout_kl_on_the_embedded_default(embedded_cach
     from kvlight.cache import PositionTracker
     from kvlight.capture import QueryMoments
     from kvlight.compressors import KVCompressor
-    from kvlight.compressors.weighting import output_weight, score_weight
+    from kvlight.compressors.weighting import output_weights, score_weight
     from kvlight.distill import distill, distillation_loss, latent_quantizers
     from kvlight.models import output_projections, rotary_module
 
@@ -107,9 +107,7 @@ def test_kl_distillation_lowers_heldout_kl_on_the_embedded_default(embedded_cach
     )
     config.latent_bits, config.quant_group_size = 4, 64
     compressor = KVCompressor(config, geometry, algo="kvsplice", latent_affine=False)
-    value_weights = torch.stack(
-        [output_weight(w.float(), geometry.num_kv_heads, geometry.head_dim) for w in output_projections(model)]
-    )
+    value_weights = output_weights(output_projections(model), geometry.num_kv_heads, geometry.head_dim)
     key_weights = score_weight(queries.mean(), rotary_module(model).inv_freq, window=128)
     compressor.fit_statistics([{"keys": keys, "values": values}], key_weights, value_weights)
     tracker = PositionTracker(model)

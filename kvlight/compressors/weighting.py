@@ -16,7 +16,7 @@ decode ``k_hat = S^-1 U z + mean``. With ``W = I`` this is PCA. Values use the s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -110,3 +110,9 @@ def output_weight(o_proj_weight: torch.Tensor, num_kv_heads: int, head_dim: int)
     gram = torch.einsum("ohd,ohe->hde", per_head, per_head)  # [H_q, D, D]
     # HF's repeat_kv: query head h reads KV head h // (H_q / H_kv).
     return gram.reshape(num_kv_heads, query_heads // num_kv_heads, head_dim, head_dim).sum(1)
+
+
+def output_weights(projections: Iterable[torch.Tensor], num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """``[L, H_kv, D, D]`` float64 on the CPU: :func:`output_weight` of every layer's output projection, in order
+    (e.g. ``kvlight.models.output_projections(model)``)."""
+    return torch.stack([output_weight(weight.cpu(), num_kv_heads, head_dim) for weight in projections])
