@@ -8,9 +8,10 @@ then filled from that prefill (``DynamicCache``: a copy; ``QuantizedCache``: its
 kvlight: ``CompressedCache.ingest``), so all rows decode from the same history and only decoding is
 timed. Methods run one after another in one process, so their ratios share the machine's state.
 
-Rows: ``DynamicCache``; HF ``QuantizedCache`` (quanto int4, group 64, residual 16); kvlight PCA and
-KVSplice at the recommended configuration (K64/V64 int4 latents, 4 sinks, 16 recent), on the fast
-path (latents read in place) and, for reference, on the plain path (history reconstructed each step).
+Rows: ``DynamicCache``; HF ``QuantizedCache`` (quanto int4, group 64, residual 16); kvlight at the recommended
+configuration (issue 11: Fisher-allocated widths per principal direction, 25 % of fp16 bytes at 512 tokens, 4 sinks,
+16 recent; bench/bitrows.py) and at the previous one (PCA K64/V64 int4 latents in groups of 64, 4 sinks, 16 recent),
+both on the fast path (latents read in place) and, with ``--plain``, on the plain path (history rebuilt each step).
 Cache bytes are counted from the tensors each cache holds at the end of decoding (as in
 ``bench/frontier.py``); peak memory is ``torch.cuda.max_memory_allocated`` on a GPU, the growth of
 the process's peak RSS during the decode loop on CPU.
@@ -64,23 +65,36 @@ def _rss_kib(field: str) -> int:
 
 
 def compressors(model, geometry, tokenizer, args) -> dict[str, KVCompressor]:
-    """PCA and KVSplice at the recommended configuration: loaded from ``--pca``/``--kvsplice`` directories (what
-    ``kvlight calibrate`` wrote), otherwise fitted here from the statistics of 8 windows of 512 tokens (KVSplice
-    then keeps its PCA initialisation: the same arithmetic per token, so the same speed, as a trained one)."""
+    """The recommended widths compressor and the previous recommended PCA int4 one: loaded from ``--widths`` /
+    ``--pca`` directories (what ``kvlight calibrate`` wrote), otherwise fitted on the frontier's calibration windows
+    (the widths row from bench/bitrows.py's disk cache when bench/frontier.py made it)."""
+    from bench import bitrows
+    from kvlight.cache import PositionTracker
+
     out = {}
+    calibration = offline_windows(tokenizer, 512, skip=16, count=16)
     rows = None
-    for algo in ("pca", "kvsplice"):
-        directory = getattr(args, algo)
-        if directory:
-            out[algo] = load_compressor(directory, geometry)
-            continue
-        if rows is None:
-            rows = captured_rows(model, geometry, offline_windows(tokenizer, 512, skip=100, count=8))
-        config = CompressionConfig.recommended(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, algo)
-        compressor = KVCompressor(config, geometry, algo=algo)
-        compressor.fit_statistics([rows])
-        out[algo] = compressor
-    return {algo: c.to(next(model.parameters()).dtype) for algo, c in out.items()}
+    if args.pca:
+        out["previous"] = load_compressor(args.pca, geometry)
+    else:
+        rows = captured_rows(model, geometry, calibration)
+        config = CompressionConfig.uniform(
+            geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, rank=geometry.head_dim, algo="pca",
+            sink_tokens=4, recent_window=16, latent_bits=4,
+        )  # fmt: skip
+        config.quant_group_size = 64
+        out["previous"] = KVCompressor(config, geometry)
+        out["previous"].fit_statistics([rows])
+    if args.widths:
+        out["widths"] = load_compressor(args.widths, geometry)
+    else:
+        rows = rows if rows is not None else captured_rows(model, geometry, calibration)
+        metrics = bitrows.sensitivity(model, geometry, calibration)
+        tracker = PositionTracker(model)
+        row = bitrows.BitRow(0.25, "fisher")
+        out["widths"] = bitrows.compressor_for(row, model, geometry, calibration, rows, metrics, tracker)
+        tracker.close()
+    return {name: c.to(next(model.parameters()).dtype) for name, c in out.items()}
 
 
 @torch.no_grad()
@@ -124,7 +138,7 @@ def run(args) -> dict:
             prompts = corpus[:batch]
             reference, first = prefill(model, prompts)
             full_fp16 = dynamic_cache_bytes(geometry, batch, length + args.new_tokens + 1, torch.float16)
-            methods = [("DynamicCache", "bf16", lambda: dynamic_cache(), None, None)]
+            methods = [("DynamicCache", args.dtype, lambda: dynamic_cache(), None, None)]
             methods.append(
                 (
                     "HF QuantizedCache",
@@ -136,9 +150,10 @@ def run(args) -> dict:
                     None,
                 )
             )
-            for algo in ("pca", "kvsplice"):
+            names = {"widths": "kvlight widths (recommended)", "previous": "kvlight PCA int4 (previous)"}
+            for algo in ("widths", "previous"):
                 for fast in (True, False) if args.plain else (True,):
-                    methods.append((f"kvlight {algo}", "fast path" if fast else "plain path", None, algo, fast))
+                    methods.append((names[algo], "fast path" if fast else "plain path", None, algo, fast))
             baseline = None
             for method, setting, make, algo, fast in methods:
                 wrapper = None
@@ -147,7 +162,8 @@ def run(args) -> dict:
                     for index, layer in enumerate(reference.layers):
                         cache.update(layer.keys.clone(), layer.values.clone(), index)
                 else:
-                    wrapper = CompressedKVModelWrapper(model, fitted[algo], fast_decode=fast)
+                    storage = torch.bfloat16 if dtype == torch.float32 else None  # exact tokens in 16 bits
+                    wrapper = CompressedKVModelWrapper(model, fitted[algo], fast_decode=fast, storage_dtype=storage)
                     cache = wrapper.new_cache()
                     cache.ingest([(layer.keys, layer.values) for layer in reference.layers])
                 gc.collect()
@@ -235,9 +251,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--pca", default=None, help="directory of a calibrated PCA compressor (kvlight calibrate)")
-    parser.add_argument("--kvsplice", default=None, help="directory of a calibrated KVSplice compressor")
+    parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--widths", default=None, help="directory of the recommended compressor (kvlight calibrate)")
+    parser.add_argument("--pca", default=None, help="directory of a PCA int4 compressor (the previous recommended)")
     parser.add_argument("--plain", action="store_true", help="also time the plain reconstruction path")
     parser.add_argument("--name", default="decode", help="results file name under bench/results/")
     args = parser.parse_args()

@@ -17,9 +17,11 @@ each layer's output projection); "KL-distilled" rows (that start, then trained e
 model's outputs with and without compression, kvlight.distill, on the same 16 windows; distilled once, at score
 window 512, and evaluated at every length); "budget ranks" rows (unequal K and V ranks per head from the
 sensitivity analysis, kvlight analyze's ``budget`` strategy on the same windows, at the memory of a uniform row;
-keys query-weighted). Keys are pre-RoPE.
+keys query-weighted); "widths" rows (issue 11: a width per principal direction, uniform, MSE-allocated or
+Fisher-allocated by kvlight.bit_allocation at 25, 18.75, 12.5, 9.4 and 6.25 % of fp16 bytes at 512 tokens, exact
+tokens included, each also KL-distilled through the static codes: bench/bitrows.py). Keys are pre-RoPE.
 
-    python bench/frontier.py                 # writes bench/results/frontier.{md,json,png}
+    python bench/frontier.py --families quant widths widths-distilled   # issue 11's rows
     python bench/frontier.py --lengths 512   # quicker
 """
 
@@ -35,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import bitrows  # noqa: E402
 from bench.common import (  # noqa: E402
     captured_rows,
     chunked_perplexity,
@@ -53,7 +56,7 @@ from kvlight.compressors import KVCompressor  # noqa: E402
 from kvlight.compressors.weighting import output_weights, score_weight  # noqa: E402
 from kvlight.config import CompressionConfig  # noqa: E402
 from kvlight.distill import distill  # noqa: E402
-from kvlight.models import output_projections, rotary_module  # noqa: E402
+from kvlight.models import output_projections, preferred_dtype, resolve_dtype, rotary_module  # noqa: E402
 from kvlight.sensitivity import measure_sensitivity  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -100,7 +103,7 @@ BUDGET_ROWS = [(40, 64, 4, 4, RECENT), (32, 64, 4, 4, RECENT)]
 DISTILL_STEPS, DISTILL_LR, DISTILL_BATCH = 96, 3e-4, 2
 QUANT_ROWS = [("quanto", 4), ("quanto", 2), ("hqq", 4)]
 #: row families; the uncompressed baseline is always measured.
-FAMILIES = ("quant", "pca", "query-weighted", "output-weighted", "distilled", "budget")
+FAMILIES = ("quant", "pca", "query-weighted", "output-weighted", "distilled", "budget", "widths", "widths-distilled")
 
 
 def row_config(geometry, spec: tuple, algo: str) -> CompressionConfig:
@@ -169,19 +172,23 @@ def run(
     families: tuple[str, ...] = FAMILIES,
     distill_steps: int = DISTILL_STEPS,
     distilled_rows: list[tuple] = DISTILLED_ROWS,
+    dtype: torch.dtype | None = None,
+    width_rows: list | None = None,
 ) -> dict:
     """The rows of ``families`` (see :data:`FAMILIES`; ``kvlight_rows`` are the PCA ones) at every length."""
     from transformers.cache_utils import QuantizedCache
 
     torch.manual_seed(0)
-    dtype = torch.bfloat16
+    dtype = dtype or preferred_dtype()
     model, tokenizer, geometry = embedded_default(dtype)
     longest = max(length * eval_windows[length] for length in lengths)
     calibration = offline_windows(tokenizer, 512, skip=-(-longest // 512), count=16)
     queries = QueryMoments(geometry)
     rows = captured_rows(model, geometry, calibration, queries=queries)
     tracker = PositionTracker(model)
-    results = {"machine": machine(), "command": "python " + " ".join(sys.argv), "rows": []}
+    dtype_name = str(dtype).removeprefix("torch.")
+    storage = torch.bfloat16 if dtype == torch.float32 else None
+    results = {"machine": machine(), "command": "python " + " ".join(sys.argv), "dtype": dtype_name, "rows": []}
     # (family, length the compressor is for, or None for every length, spec) -> (compressor, config if unequal)
     compressors: dict[tuple, tuple[KVCompressor, CompressionConfig | None]] = {}
     for spec in kvlight_rows if "pca" in families else []:
@@ -224,6 +231,17 @@ def run(
                 flush=True,
             )
             compressors[("distilled", None, spec)] = (compressor.to(dtype), None)
+    selected = [
+        row
+        for row in bitrows.all_rows()
+        if (("widths-distilled" if row.distilled else "widths") in families)
+        and (width_rows is None or row_id(row) in width_rows)
+    ]
+    if selected:
+        metrics = bitrows.sensitivity(model, geometry, calibration)
+        for row in selected:
+            compressor = bitrows.compressor_for(row, model, geometry, calibration, rows, metrics, tracker)
+            compressors[("widths", None, row)] = (compressor, None)
     for length in lengths:
         windows = offline_windows(tokenizer, length, skip=0, count=eval_windows[length])
         full = dynamic_cache_bytes(geometry, 1, length, torch.float16) * len(windows)
@@ -235,6 +253,7 @@ def run(
             row = {
                 "command": results["command"],
                 "machine": results["machine"],
+                "dtype": dtype_name,
                 "length": length,
                 "method": method,
                 "setting": setting,
@@ -246,7 +265,9 @@ def run(
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
 
-        record("none (DynamicCache)", "bf16", dynamic_cache, lambda c, b: held_bytes(c))
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        # The reference: what the same DynamicCache holds in fp16 (a float32 model's holds twice as much).
+        record("none (DynamicCache)", dtype_name, dynamic_cache, lambda c, b: held_bytes(c) * 2 // itemsize)
         for backend, bits in QUANT_ROWS if "quant" in families else []:
             record(
                 f"HF QuantizedCache {backend}",
@@ -259,17 +280,23 @@ def run(
         for (family, fitted_for, spec), (compressor, config) in compressors.items():
             if fitted_for not in (None, length):
                 continue  # weighted for another context length
-            method, setting = label(family, spec, config, distill_steps)
+            method, setting = spec.label() if family == "widths" else label(family, spec, config, distill_steps)
             weights = sum(t.numel() for t in compressor.state_dict().values()) * 2  # fp16
             record(
                 method,
                 setting,
-                lambda c=compressor: CompressedCache(c, tracker),
+                # A float32 model's cache keeps its exact tokens in bf16, as a 16-bit deployment would.
+                lambda c=compressor: CompressedCache(c, tracker, storage_dtype=storage),
                 lambda c, b: c.stored_bytes(),
                 weights,
             )
     tracker.close()
     return results
+
+
+def row_id(row) -> str:
+    """The id of a widths row on the command line: ``fisher-0.125``, ``uniform-kl-0.25``."""
+    return f"{row.weighting}{'-kl' if row.distilled else ''}-{row.budget:g}"
 
 
 def write(results: dict) -> None:
@@ -278,19 +305,24 @@ def write(results: dict) -> None:
     lines = [
         "# Quality frontier: perplexity change vs stored KV bytes",
         "",
-        f"Machine: {results['machine']}  ",
+        f"Machine: {results['machine']}; model dtype {results.get('dtype', 'bfloat16')}  ",
         f"Command of the newest run: `{results['command']}` (each section names its own)",
         "",
-        "Protocol: embedded default SmolLM2-135M-Instruct (bf16), built-in offline corpus, windows from its start, "
-        "each fed in chunks of 64 tokens through the cache. Bytes: what the cache holds at the end of the window "
-        "vs an fp16 DynamicCache of the same length (kvlight: every held tensor, measured; HF QuantizedCache: codes + "
-        "fp16 scale and zero per group of 64 + exact residual, by formula). kvlight: PCA fitted on 16 x 512 tokens "
+        "Protocol: embedded default SmolLM2-135M-Instruct (dtype above), built-in offline corpus, windows from its "
+        "start, each fed in chunks of 64 tokens through the cache. Bytes: what the cache holds at the end of the window "
+        "vs an fp16 DynamicCache of the same length (kvlight: every held tensor, measured, exact tokens kept in bf16 "
+        "when the model is float32 (CompressedCache(storage_dtype=...)), as a 16-bit deployment stores them; HF "
+        "QuantizedCache: codes + fp16 scale and zero per group of 64 + exact residual at 2 bytes, by formula). kvlight: PCA fitted on 16 x 512 tokens "
         "after the evaluation text (query-weighted rows: KVSplice keys at the query-weighted closed form, distances up to "
         "the window length; output-weighted values: the closed form weighted by each layer's o_proj; KL-distilled: that "
         "start with both, then Adam on the KL between the model's outputs with and without the simulated cache on the "
         "same 16 windows, distilled once at score window 512 and evaluated at every length; budget ranks: kvlight "
-        "analyze's allocator on the same windows, unequal K and V ranks per head at the memory of a uniform row); "
-        "keys pre-RoPE. Projection weights (fp16, per model, not per token) in the last column.",
+        "analyze's allocator on the same windows, unequal K and V ranks per head at the memory of a uniform row; "
+        "widths: a width per principal direction (uniform, MSE- or Fisher-allocated by kvlight.bit_allocation from "
+        "the sensitivity of the same windows) at a budget of fp16 bytes at 512 tokens, 4 sinks and the recent window "
+        "included, PCA bases with static per-direction steps; + KL-distilled: KVSplice from that start trained through "
+        "the codes, bench/bitrows.py); keys pre-RoPE. Projection weights and static steps (fp16, per model, not per "
+        "token) in the last column.",
         "",
     ]
     for length in sorted({r["length"] for r in results["rows"]}):
@@ -322,25 +354,37 @@ def write(results: dict) -> None:
     plot(results)
 
 
-#: issue 4's targets: (most bytes as a fraction of fp16, largest perplexity increase in %).
-TARGETS = [(0.25, 2.0), (0.125, 10.0)]
+#: issue 11's targets: (most bytes as a fraction of fp16, largest perplexity increase in %, training-free rows only).
+TARGETS = [(0.25, 1.0, True), (0.125, 2.0, False), (0.0625, 10.0, False)]
+
+
+def trained(row: dict) -> bool:
+    """Rows whose projections were trained (KL-distilled): the others are fitted from statistics alone."""
+    return "distilled" in row["method"]
 
 
 def target_lines(rows: list[dict], base: float) -> list[str]:
     """One line per target: the best kvlight row within its bytes, met or missed and by how much."""
     lines = []
-    for budget_, limit in TARGETS:
-        within = [r for r in rows if r["method"].startswith("kvlight") and r["bytes_fraction"] <= budget_]
+    for budget_, limit, training_free in TARGETS:
+        within = [
+            r
+            for r in rows
+            if r["method"].startswith("kvlight")
+            and r["bytes_fraction"] <= budget_ + 1e-9
+            and not (training_free and trained(r))
+        ]
+        name = f"Target <= +{limit:g} % at <= {100 * budget_:g} % of fp16 bytes" + (
+            " with no training" if training_free else ""
+        )
         if not within:
-            lines.append(
-                f"- Target <= +{limit:g} % at <= {100 * budget_:g} % of fp16 bytes: no kvlight row within the bytes."
-            )
+            lines.append(f"- {name}: no kvlight row within the bytes.")
             continue
         best = min(within, key=lambda r: r["perplexity"])
         change = 100 * (best["perplexity"] / base - 1)
         verdict = "met" if change <= limit else f"missed by {change - limit:.2f} points"
         lines.append(
-            f"- Target <= +{limit:g} % at <= {100 * budget_:g} % of fp16 bytes: {verdict} (best: {best['method']}, "
+            f"- {name}: {verdict} (best: {best['method']}, "
             f"{best['setting']}: {change:+.2f} % at {100 * best['bytes_fraction']:.1f} %)."
         )
     for quant in (r for r in rows if r["method"].startswith("HF QuantizedCache")):
@@ -371,19 +415,28 @@ def plot(results: dict) -> None:
     for ax, length in zip(axes[0], lengths):
         rows = [r for r in results["rows"] if r["length"] == length]
         base = next(r["perplexity"] for r in rows if r["method"].startswith("none"))
-        for family, marker in (("HF QuantizedCache", "s"), ("kvlight", "o")):
+        methods = list(dict.fromkeys(r["method"] for r in rows if not r["method"].startswith("none")))
+        colors = matplotlib.colormaps["tab20"]
+        for index, method in enumerate(methods):
             pts = [
-                (100 * r["bytes_fraction"], 100 * (r["perplexity"] / base - 1))
-                for r in rows
-                if r["method"].startswith(family)
+                (100 * r["bytes_fraction"], 100 * (r["perplexity"] / base - 1)) for r in rows if r["method"] == method
             ]
-            ax.scatter(*zip(*pts), marker=marker, label=family)
+            marker = "s" if method.startswith("HF") else ("^" if "distilled" in method else "o")
+            ax.plot(
+                *zip(*sorted(pts)),
+                marker=marker,
+                linestyle="-" if len(pts) > 1 else "",
+                color=colors(index % 20),
+                label=method.removeprefix("kvlight "),
+                markersize=5,
+                linewidth=0.8,
+            )
         ax.set_xlabel("stored bytes, % of fp16 DynamicCache")
         ax.set_ylabel("perplexity change, % (symlog)")
         ax.set_yscale("symlog", linthresh=1)
         ax.set_title(f"SmolLM2-135M, {length}-token windows, chunks of 64")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=6, loc="upper right")
     fig.tight_layout()
     fig.savefig(RESULTS / "frontier.png", dpi=110)
 
@@ -415,6 +468,12 @@ def main() -> None:
     )
     parser.add_argument("--distill-steps", type=int, default=DISTILL_STEPS, help="KL steps of the distilled rows")
     parser.add_argument("--rewrite", action="store_true", help="only rewrite frontier.md/png from frontier.json")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="model dtype (auto: bf16 where native)"
+    )
+    parser.add_argument(
+        "--width-rows", nargs="+", default=None, help="only these widths rows, e.g. fisher-0.125 fisher-kl-0.125"
+    )
     args = parser.parse_args()
     if args.rewrite:
         write(json.loads((RESULTS / "frontier.json").read_text()))
@@ -436,6 +495,8 @@ def main() -> None:
         families=families,
         distill_steps=args.distill_steps,
         distilled_rows=distilled,
+        dtype=resolve_dtype(args.dtype),
+        width_rows=args.width_rows,
     )
     previous = RESULTS / "frontier.json"
     if args.merge and previous.exists():

@@ -15,18 +15,18 @@ checked before anything is written.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvlight.allocate import STRATEGIES, TierThresholds, allocate, budget_units, check_rank_step, check_target
-from kvlight.config import atomic_write_bytes, atomic_write_text
+from kvlight.bit_allocation import WEIGHTINGS, allocate_bits, check_bits_target
+from kvlight.config import RECOMMENDED, atomic_write_bytes, atomic_write_text
 from kvlight.errors import ConfigError
 from kvlight.metrics_io import HeadMetrics, fetch_wandb_metrics, metrics_to_csv, metrics_to_json, read_metrics_file
 from kvlight.models import EMBEDDED_DEFAULT, KVGeometry, geometry_of, kv_geometry, load_model
-from kvlight.report import heatmap_png, summary_text
+from kvlight.report import bits_heatmap_png, bits_summary_text, heatmap_png, summary_text
 
 METRICS_JSON, METRICS_CSV = "fim_metrics.json", "fim_metrics.csv"
 _DESCRIPTION = """\
@@ -37,7 +37,10 @@ Measure, per layer and KV head, on calibrate's calibration windows:
   - the diagonal Fisher of the loss w.r.t. each head's K (pre-RoPE) and V in its principal directions,
     giving the predicted loss increase (second-order KL, nats/token) of every rank;
   - the share of K and V energy kept at every rank.
-Strategies: budget (K/V ranks minimising the predicted loss at exactly --target-memory-reduction),
+  - per principal direction and width (0, 1, 2, 3, 4, 5, 6, 8, 16 bits), the measured quantisation error.
+Strategies: bits (a width per principal direction minimising the predicted loss within
+--target-memory-reduction of an fp16 cache: 0.875 stores 2 bits per element; always writes the config),
+budget (K/V ranks minimising the predicted loss at exactly --target-memory-reduction),
 tiers (the seed's rules and thresholds, ranks scaled to head_dim), uniform (one rank everywhere)."""
 
 
@@ -80,8 +83,19 @@ def add_analyze_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
     out = p.add_argument_group("compression config")
     out.add_argument("--generate-compression-config", action="store_true", help="write config, summary and heatmap")
     out.add_argument("--compression-config-output", default="compression_config.json", help="relative to --output-dir")
-    out.add_argument("--strategy", choices=STRATEGIES, default="budget")
+    out.add_argument("--strategy", choices=("bits", *STRATEGIES), default="budget")
     out.add_argument("--target-memory-reduction", type=float, default=0.5, help="share of KV memory to save, in (0, 1)")
+    out.add_argument(
+        "--bits-weighting",
+        choices=WEIGHTINGS,
+        default=RECOMMENDED["bits_weighting"],
+        help="with --strategy bits: what a direction's error costs: fisher-joint (each row's error times its squared "
+        "loss gradient), fisher (the diagonal Fisher times the mean error), mse, query (query / output-projection "
+        "energy), or uniform widths",
+    )
+    out.add_argument(
+        "--recent-window", type=_non_negative, default=0, help="newest positions the cache keeps exact (config)"
+    )
     out.add_argument("--rank-step", type=int, default=None, help="ranks are multiples of this (default head_dim/16)")
     out.add_argument("--algo", choices=["kvsplice", "pca"], default="kvsplice", help="backend written into the config")
     defaults = TierThresholds()
@@ -187,11 +201,18 @@ def run_analyze(args: argparse.Namespace) -> int:
         plan.output / METRICS_JSON: metrics_to_json(metrics),
         plan.output / METRICS_CSV: metrics_to_csv(metrics),
     }
-    if plan.config_path is not None:
+    model = f"model: {args.model or EMBEDDED_DEFAULT} ({_describe(plan.geometry)})"
+    if plan.config_path is not None and args.strategy == "bits":
+        allocation = allocate_bits(metrics, plan.target, args.bits_weighting)
+        config = allocation.to_config(args.algo, args.sink_tokens, args.recent_window)
+        files[plan.config_path] = config.to_json_text()
+        files[_beside(plan.config_path, "_summary.txt")] = bits_summary_text(allocation, metrics, [model, source])
+        files[_beside(plan.config_path, "_bits.png")] = bits_heatmap_png(allocation)
+    elif plan.config_path is not None:
         allocation = allocate(args.strategy, metrics, plan.geometry, plan.target, plan.step, plan.thresholds)
         config = allocation.to_config(args.algo, args.sink_tokens)
-        model = f"model: {args.model or EMBEDDED_DEFAULT} ({_describe(plan.geometry)})"
-        files[plan.config_path] = json.dumps(config.to_dict(), indent=2) + "\n"
+        config.recent_window = args.recent_window
+        files[plan.config_path] = config.to_json_text()
         files[_beside(plan.config_path, "_summary.txt")] = summary_text(
             allocation, metrics, [model, source, f"rank step: {plan.step}"]
         )
@@ -199,7 +220,17 @@ def run_analyze(args: argparse.Namespace) -> int:
     for path, content in files.items():
         _atomic_write(path, content)
         print(f"wrote {path}")
-    if allocation is not None:
+    if allocation is not None and args.strategy == "bits":
+        line = (
+            f"bits ({args.bits_weighting}): {allocation.bits_per_element():.3f} bits per element (K "
+            f"{allocation.bits_per_element('k'):.2f} / V {allocation.bits_per_element('v'):.2f}), "
+            f"{100 * allocation.memory_reduction():.2f}% less than an fp16 cache at long context"
+        )
+        loss = allocation.predicted_loss(metrics)
+        if loss is not None:
+            line += f", predicted loss increase {loss:.4f} nats/token (perplexity x{math.exp(loss):.3f})"
+        print(line)
+    elif allocation is not None:
         line = f"{args.strategy}: total KV memory reduction {100 * allocation.memory_reduction():.2f}%"
         if metrics.has_sensitivity:
             loss = metrics.predicted_loss(allocation.rank_k, allocation.rank_v)
@@ -210,12 +241,16 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> _Plan:
     """Flag combinations, target, rank step and budget feasibility: everything checkable from the model config."""
-    target = check_target(args.target_memory_reduction)
+    geometry = geometry_of(args.model)
+    if args.strategy == "bits":
+        target = check_bits_target(args.target_memory_reduction, geometry)
+        args.generate_compression_config = True  # the widths exist only to be written into a config
+    else:
+        target = check_target(args.target_memory_reduction)
     if args.metrics_file and (args.entity or args.project):
         raise ConfigError("pass either --metrics-file or --entity/--project, not both")
     if bool(args.entity) != bool(args.project):
         raise ConfigError("the W&B path needs both --entity and --project")
-    geometry = geometry_of(args.model)
     step = check_rank_step(args.rank_step or max(1, geometry.head_dim // 16), geometry.head_dim)
     generate = args.generate_compression_config
     if generate and args.strategy in ("budget", "uniform"):
@@ -241,6 +276,8 @@ def _metrics_source(args: argparse.Namespace, plan: _Plan) -> tuple[HeadMetrics 
             source = f"metrics: imported from W&B {args.entity}/{args.project}"
         if plan.config_path is not None and args.strategy == "budget":
             allocate("budget", metrics, plan.geometry, plan.target, plan.step)  # fails now if the curves are missing
+        if args.strategy == "bits":
+            allocate_bits(metrics, plan.target, args.bits_weighting)  # likewise
         return metrics, source, lambda: metrics
     _check_lengths(args.seq_len, args.sink_tokens)
     windows = calibration_windows(

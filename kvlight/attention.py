@@ -114,6 +114,41 @@ def stacked_decoder(codec, channel_scale: torch.Tensor | None, dtype: torch.dtyp
     return torch.stack(weights).to(dtype), torch.stack(biases).to(dtype)
 
 
+def width_decoder(codec, quantizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A width codec's affine decoders over its virtual codes (kvlight.widths), per head, float32.
+
+    Each virtual channel ``v`` is one packed field of logical channel ``c(v)`` with scale ``s_v`` (its static step
+    times ``2^shift``), so ``decode(z) = sum_v code_v * s_v * A[c(v)] + (c + sum_c constant_c * A[c])`` with
+    ``constant_c`` the offset of coded and dropped channels. Returns ``A' [H, r_max, D]`` (row ``j`` of head ``h`` is
+    its ``j``-th virtual channel, zero rows past the head's count), ``c' [H, D]`` and ``gather [H * r_max]``: indices
+    into the virtual codes, where index ``V`` (one past the last) selects the zero padding column.
+    """
+    heads = len(codec.heads)
+    starts = [0]
+    for rank in codec.splits:
+        starts.append(starts[-1] + rank)
+    head_of = torch.repeat_interleave(torch.arange(heads), torch.tensor(codec.splits))
+    channel = quantizer.virtual_channel.cpu()
+    scale = quantizer.virtual_scale.float().cpu()
+    constant = quantizer._constant.float().cpu()
+    members = [(head_of[channel] == h).nonzero().squeeze(1) for h in range(heads)]
+    r_max = max(1, max(m.numel() for m in members))
+    gather = torch.full((heads, r_max), quantizer.num_virtual, dtype=torch.long)
+    weights = torch.zeros(heads, r_max, codec.heads[0].head_dim)
+    biases = []
+    for h, proj in enumerate(codec.heads):
+        probe = torch.cat([torch.zeros(1, proj.rank), torch.eye(proj.rank)]).to(proj.mean)
+        with torch.no_grad():
+            decoded = proj.decode(probe).float().cpu()
+        bias, weight = decoded[0], decoded[1:] - decoded[0]  # [D], [r_h, D]
+        biases.append(bias + constant[starts[h] : starts[h + 1]] @ weight)
+        virtual = members[h]
+        gather[h, : virtual.numel()] = virtual
+        weights[h, : virtual.numel()] = scale[virtual, None] * weight[channel[virtual] - starts[h]]
+    device = quantizer.virtual_channel.device
+    return weights.to(device), torch.stack(biases).to(device), gather.flatten().to(device)
+
+
 def latents_per_head(z: torch.Tensor, splits: list[int]) -> torch.Tensor:
     """``z [B, n, sum_h r_h] -> [B, H, n, r_max]`` (a view when ranks are equal, zero-padded otherwise)."""
     batch, tokens, _ = z.shape

@@ -28,6 +28,7 @@ from kvlight import attention
 from kvlight.compressors import KVCompressor
 from kvlight.models import KVGeometry, rotary_module
 from kvlight.quant import LatentQuantizer, QuantizedLatents, codec_quantizer
+from kvlight.widths import DirectionQuantizer, PackedCodes
 
 #: keyword under which a model's forward takes a cache, for the pinned transformers range.
 CACHE_KWARG = "past_key_values"
@@ -139,7 +140,8 @@ class _PositionLog:
 
 
 class LatentStore:
-    """The latents of one layer and kind, ``[B, T, R]``, in the K/V dtype or quantized (see kvlight.quant).
+    """The latents of one layer and kind, ``[B, T, R]``, in the K/V dtype, quantized with per-token group scales
+    (:class:`~kvlight.quant.LatentQuantizer`) or as static mixed-width codes (:class:`~kvlight.widths.DirectionQuantizer`).
 
     Stored in buffers preallocated in chunks of :attr:`GROW` tokens and filled in place, so a decode
     step writes one token instead of copying the whole history (at most ``GROW - 1`` tokens of slack).
@@ -148,16 +150,22 @@ class LatentStore:
     #: tokens added to the buffers whenever they are full.
     GROW = 256
 
-    def __init__(self, quantizer: LatentQuantizer | None, template: torch.Tensor, width: int) -> None:
+    def __init__(
+        self, quantizer: LatentQuantizer | DirectionQuantizer | None, template: torch.Tensor, width: int
+    ) -> None:
         self.quantizer = quantizer
+        self.widths = isinstance(quantizer, DirectionQuantizer)
         self.length = 0
         self._buffers = self._encode(template.new_zeros(template.shape[0], 0, width))
 
     def _encode(self, z: torch.Tensor) -> list[torch.Tensor | None]:
-        """``z [B, T, R]`` -> the tensors stored for it: ``[latents]`` or ``[codes, scale, zero]``."""
+        """``z [B, T, R]`` -> the tensors stored for it: ``[latents]``, ``[codes, scale, zero]`` or
+        ``[field arrays..., exact channels]``."""
         if self.quantizer is None:
             return [z]
         q = self.quantizer.quantize(z)
+        if self.widths:
+            return q.tensors()
         return [q.codes, q.scale, q.zero]
 
     @property
@@ -165,10 +173,12 @@ class LatentStore:
         return self._buffers[0].shape[1]
 
     @property
-    def data(self) -> torch.Tensor | QuantizedLatents:
+    def data(self) -> torch.Tensor | QuantizedLatents | PackedCodes:
         """The stored latents of the ``length`` tokens (views of the buffers)."""
         parts = [None if b is None else b[:, : self.length] for b in self._buffers]
-        return parts[0] if self.quantizer is None else QuantizedLatents(*parts)
+        if self.quantizer is None:
+            return parts[0]
+        return PackedCodes(parts[:-1], parts[-1]) if self.widths else QuantizedLatents(*parts)
 
     def append(self, z: torch.Tensor) -> None:
         """Store new latents ``z [B, T, R]`` after the existing ones (no copy of the history unless full)."""
@@ -194,6 +204,8 @@ class LatentStore:
         """All stored latents ``[B, T, R]`` in ``dtype`` (``channel_scaled=False``: see LatentQuantizer.dequantize)."""
         if self.quantizer is None:
             return self.data.to(dtype)
+        if self.widths:
+            return self.quantizer.dequantize(self.data, dtype)
         return self.quantizer.dequantize(self.data, dtype, channel_scaled=channel_scaled)
 
     def tensors(self) -> list[torch.Tensor]:
@@ -233,15 +245,17 @@ class CompressedLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         batch, heads, _, dim = key_states.shape
-        empty = key_states.new_zeros(batch, heads, 0, dim)
+        #: dtype the exact tokens are kept in (the K/V dtype unless the cache's storage_dtype says otherwise).
+        self.store_dtype = self.owner.storage_dtype or key_states.dtype
+        empty = key_states.new_zeros(batch, heads, 0, dim, dtype=self.store_dtype)
         self.keys, self.values = empty, empty.clone()  # the exact recent window
         self.sink_k, self.sink_v = empty.clone(), empty.clone()
-        latent_dtype = self.owner.latent_dtype or key_states.dtype
+        latent_dtype = self.owner.latent_dtype or self.store_dtype
         template = key_states.new_zeros(batch, 0, 0, dtype=latent_dtype)
         stores = []
         for kind in ("k", "v"):
             codec = self.owner.compressor.codec(self.layer_idx, kind)
-            stores.append(LatentStore(self.owner.quantizer(codec), template, codec.latent_dim))
+            stores.append(LatentStore(self.owner.quantizer(codec, latent_dtype), template, codec.latent_dim))
         self.latent_k, self.latent_v = stores
 
     def get_seq_length(self) -> int:
@@ -260,14 +274,15 @@ class CompressedLayer(DynamicLayer):
         owner.position_log.observe(key_states.shape[0], key_states.shape[2], key_states.device)
         start = self.length
         self.length += key_states.shape[2]
+        stored_k, stored_v = key_states.to(self.store_dtype), value_states.to(self.store_dtype)
         # 1. The first sink_tokens positions of the sequence stay exact.
         n_sink = max(0, min(owner.sink_tokens - start, key_states.shape[2]))
         if n_sink:
-            self.sink_k = torch.cat([self.sink_k, key_states[:, :, :n_sink]], dim=2)
-            self.sink_v = torch.cat([self.sink_v, value_states[:, :, :n_sink]], dim=2)
+            self.sink_k = torch.cat([self.sink_k, stored_k[:, :, :n_sink]], dim=2)
+            self.sink_v = torch.cat([self.sink_v, stored_v[:, :, :n_sink]], dim=2)
         # 2. The rest joins the recent window; what overflows it is compressed once.
-        self.keys = torch.cat([self.keys, key_states[:, :, n_sink:]], dim=2)
-        self.values = torch.cat([self.values, value_states[:, :, n_sink:]], dim=2)
+        self.keys = torch.cat([self.keys, stored_k[:, :, n_sink:]], dim=2)
+        self.values = torch.cat([self.values, stored_v[:, :, n_sink:]], dim=2)
         overflow = self.keys.shape[2] - owner.recent_window
         # Decode steps compress in blocks: every compress_block one-token steps (counted from the last longer input)
         # the window is flushed to recent_window, so the encoder runs once per block instead of once per token. The
@@ -283,7 +298,11 @@ class CompressedLayer(DynamicLayer):
             attention.hand_over(key_states, self)
             return key_states, value_states
         keys, values = self._reconstruct()
-        return torch.cat([self.sink_k, keys, self.keys], dim=2), torch.cat([self.sink_v, values, self.values], dim=2)
+        exact = lambda t: t.to(self.dtype)  # noqa: E731 - what attention reads is in the K/V dtype
+        return (
+            torch.cat([exact(self.sink_k), keys, exact(self.keys)], dim=2),
+            torch.cat([exact(self.sink_v), values, exact(self.values)], dim=2),
+        )
 
     def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         """Attention of one decode step over everything this layer stores, without rebuilding the history.
@@ -298,7 +317,9 @@ class CompressedLayer(DynamicLayer):
         dtype = query.dtype
         q = query.reshape(batch, heads, q_heads // heads, dim)  # [B, H, G, D]
         n = self.num_compressed
-        scores = [q @ self.sink_k.transpose(-1, -2)]
+        sink_k, sink_v = self.sink_k.to(dtype), self.sink_v.to(dtype)
+        recent_k, recent_v = self.keys.to(dtype), self.values.to(dtype)
+        scores = [q @ sink_k.transpose(-1, -2)]
         if n:
             k_weight, k_bias = owner.decoder(self.layer_idx, "k", dtype)
             z_k, k_scale, k_zero = self._latent_operand(self.latent_k, "k", dtype)
@@ -309,11 +330,11 @@ class CompressedLayer(DynamicLayer):
                 keys = attention.decode_into(workspace, z_k, k_weight, k_bias, k_scale, k_zero)
                 cos, sin = owner.compressed_rope(self.sink_k.shape[2], n, dtype)
                 scores.append(q @ attention.rotate_in_place(keys, cos, sin).transpose(-1, -2))
-        scores.append(q @ self.keys.transpose(-1, -2))
+        scores.append(q @ recent_k.transpose(-1, -2))
         scores = attention.apply_mask(torch.cat(scores, dim=-1).float() * scaling, mask)
         probs = torch.softmax(scores, dim=-1).to(dtype)  # [B, H, G, N]
-        n_sink = self.sink_k.shape[2]
-        out = probs[..., :n_sink] @ self.sink_v + probs[..., n_sink + n :] @ self.values
+        n_sink = sink_k.shape[2]
+        out = probs[..., :n_sink] @ sink_v + probs[..., n_sink + n :] @ recent_v
         if n:
             v_weight, v_bias = owner.decoder(self.layer_idx, "v", dtype)
             z_v, v_scale, v_zero = self._latent_operand(self.latent_v, "v", dtype)
@@ -331,6 +352,11 @@ class CompressedLayer(DynamicLayer):
         quantizer = store.quantizer
         if quantizer is None:
             return attention.latents_per_head(store.data.to(dtype), splits), None, None
+        if store.widths:  # static codes: the decoder carries steps and offsets, attention reads the integer codes
+            gather = self.owner.width_gather(self.layer_idx, kind, quantizer)
+            codes = quantizer.virtual_codes(store.data, dtype, pad=1)  # [B, n, V + 1], the last column zero
+            batch, tokens = codes.shape[:2]
+            return codes.index_select(-1, gather).view(batch, tokens, len(splits), -1).transpose(1, 2), None, None
         data = store.data
         if quantizer.bits != "fp8" and set(splits) == {quantizer.group_size}:
             codes = attention.latents_per_head(quantizer.codes_as(data.codes, dtype), splits)
@@ -343,11 +369,12 @@ class CompressedLayer(DynamicLayer):
 
     def _compress(self, keys: torch.Tensor, values: torch.Tensor, first: int) -> None:
         owner = self.owner
+        keys, values = keys.to(self.dtype), values.to(self.dtype)  # encoded in the K/V dtype, whatever they wait in
         if owner.tracker is not None:
             positions = owner.position_log.slice(first, first + keys.shape[2])
             self._keep_row_sinks(keys, values, positions, first)
             keys = owner.tracker.unrotate(keys, positions)
-        dtype = owner.latent_dtype or keys.dtype
+        dtype = owner.latent_dtype or self.store_dtype
         self.latent_k.append(owner.compressor.encode(self.layer_idx, "k", keys).to(dtype))
         self.latent_v.append(owner.compressor.encode(self.layer_idx, "v", values).to(dtype))
 
@@ -365,16 +392,16 @@ class CompressedLayer(DynamicLayer):
             return
         if self.row_sink_k is None:
             batch, heads, _, dim = keys.shape
-            self.row_sink_k = keys.new_zeros(batch, heads, sinks, dim)
-            self.row_sink_v = values.new_zeros(batch, heads, sinks, dim)
+            self.row_sink_k = keys.new_zeros(batch, heads, sinks, dim, dtype=self.store_dtype)
+            self.row_sink_v = values.new_zeros(batch, heads, sinks, dim, dtype=self.store_dtype)
             self.row_sink_slot = torch.full((batch, sinks), -1, dtype=torch.long, device=keys.device)
         order = torch.arange(1, positions.shape[1] + 1, device=positions.device)
         for position in positions[early].unique().tolist():
             hit = positions == position
             rows = hit.any(dim=1).nonzero().squeeze(1)
             latest = (hit * order).argmax(dim=1)[rows]  # the last token of each row at this position
-            self.row_sink_k[rows, :, position] = keys[rows, :, latest]
-            self.row_sink_v[rows, :, position] = values[rows, :, latest]
+            self.row_sink_k[rows, :, position] = keys[rows, :, latest].to(self.store_dtype)
+            self.row_sink_v[rows, :, position] = values[rows, :, latest].to(self.store_dtype)
             self.row_sink_slot[rows, position] = first + latest
 
     def _reconstruct(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -388,8 +415,8 @@ class CompressedLayer(DynamicLayer):
             rows, position = (self.row_sink_slot >= 0).nonzero(as_tuple=True)
             column = self.row_sink_slot[rows, position] - self.sink_k.shape[2]
             keys, values = keys.clone(), values.clone()
-            keys[rows, :, column] = self.row_sink_k[rows, :, position]
-            values[rows, :, column] = self.row_sink_v[rows, :, position]
+            keys[rows, :, column] = self.row_sink_k[rows, :, position].to(keys.dtype)
+            values[rows, :, column] = self.row_sink_v[rows, :, position].to(values.dtype)
         return keys, values
 
     _EXACT = ("sink_k", "sink_v", "keys", "values")
@@ -469,7 +496,10 @@ class CompressedCache(Cache):
         tracker: the model's :class:`PositionTracker` for RoPE models, None for learned positions (GPT-2).
         sink_tokens: first positions kept exact (None: the compressor's config).
         recent_window: newest positions kept exact (None: the compressor's config).
-        latent_dtype: dtype latents are stored in (default: the K/V dtype).
+        latent_dtype: dtype latents are stored in (default: ``storage_dtype``).
+        storage_dtype: dtype exact tokens (sinks, recent window) and unquantized latents are kept in (default: the K/V
+            dtype); e.g. bfloat16 for a float32 model, as a 16-bit deployment stores them. Attention reads the K/V
+            dtype whatever the storage.
         latent_bits: 8, 4, 2 or "fp8" to store latents quantized (None: the compressor's config).
         compress_block: during one-token decode steps, the recent window is flushed to ``recent_window`` tokens every
             ``compress_block`` steps (it holds up to ``recent_window + compress_block - 1`` exact tokens, counted in
@@ -488,6 +518,7 @@ class CompressedCache(Cache):
         latent_bits: int | str | None = None,
         fast: attention.LatentAttention | None = None,
         compress_block: int = 16,
+        storage_dtype: torch.dtype | None = None,
     ) -> None:
         if compress_block < 1:
             raise ValueError(f"compress_block must be >= 1, got {compress_block}")
@@ -495,6 +526,7 @@ class CompressedCache(Cache):
         self.compressor = compressor
         self.fast = fast
         self._decoders: dict[tuple[int, str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._gathers: dict[tuple[int, str], torch.Tensor] = {}
         self._workspace: torch.Tensor | None = None
         self._rope: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self.latent_bits = compressor.config.latent_bits if latent_bits is None else latent_bits
@@ -503,11 +535,15 @@ class CompressedCache(Cache):
         self.sink_tokens = compressor.config.sink_tokens if sink_tokens is None else sink_tokens
         self.recent_window = compressor.config.recent_window if recent_window is None else recent_window
         self.latent_dtype = latent_dtype
+        self.storage_dtype = storage_dtype
         self.position_log = _PositionLog(tracker)
         super().__init__(layers=[CompressedLayer(i, self) for i in range(compressor.num_layers)])
 
-    def quantizer(self, codec) -> LatentQuantizer | None:
-        """The quantizer for one layer codec's latents, or None when latents stay in the K/V dtype."""
+    def quantizer(self, codec, dtype: torch.dtype) -> LatentQuantizer | DirectionQuantizer | None:
+        """How one layer codec's latents (of ``dtype``) are stored: static mixed-width codes when its heads have
+        widths, else per-token group quantization (``latent_bits``), else None (latents in ``dtype``)."""
+        if codec.has_widths:
+            return codec.direction_quantizer(dtype)
         return codec_quantizer(self.latent_bits, self.quant_group_size, codec)
 
     @torch.no_grad()
@@ -537,9 +573,21 @@ class CompressedCache(Cache):
         key = (layer, kind, dtype)
         if key not in self._decoders:
             codec = self.compressor.codec(layer, kind)
-            scale = None if self.latent_bits is None else codec.latent_std.detach().float()
-            self._decoders[key] = attention.stacked_decoder(codec, scale, dtype)
+            if codec.has_widths:
+                store = self.layers[layer].latent_k if kind == "k" else self.layers[layer].latent_v
+                weight, bias, _ = attention.width_decoder(codec, store.quantizer)
+                self._decoders[key] = (weight.to(dtype), bias.to(dtype))
+            else:
+                scale = None if self.latent_bits is None else codec.latent_std.detach().float()
+                self._decoders[key] = attention.stacked_decoder(codec, scale, dtype)
         return self._decoders[key]
+
+    def width_gather(self, layer: int, kind: str, quantizer: DirectionQuantizer) -> torch.Tensor:
+        """``[H * r_max]`` indices that lay a width codec's virtual codes out per head (see attention.width_decoder)."""
+        key = (layer, kind)
+        if key not in self._gathers:
+            self._gathers[key] = attention.width_decoder(self.compressor.codec(layer, kind), quantizer)[2]
+        return self._gathers[key]
 
     def workspace(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat scratch buffer of at least ``numel`` elements, shared by all layers (grown in 256-token steps)."""
@@ -591,7 +639,7 @@ class CompressedCache(Cache):
         """Bytes of decode scratch shared by all layers: the key workspace, the rotation table, the decoders."""
         tensors = [] if self._workspace is None else [self._workspace]
         tensors += [] if self._rope is None else list(self._rope[1:])
-        tensors += [t for pair in self._decoders.values() for t in pair]
+        tensors += [t for pair in self._decoders.values() for t in pair] + list(self._gathers.values())
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def crop(self, tokens_to_remove: int) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from kvlight.config import CompressionConfig, atomic_write_bytes, atomic_write_text
+from kvlight.bit_allocation import WEIGHTINGS
+from kvlight.config import RECOMMENDED, CompressionConfig, atomic_write_bytes, atomic_write_text
 from kvlight.errors import KVLightError, OutputError
 
 
@@ -65,7 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="fit + validate in one go; prints the seed's five result lines")
     cal.add_argument("--model", default=None, help="hub id, local dir or .gguf file (default: embedded SmolLM2-135M)")
     cal.add_argument("--compressor", choices=["kvsplice", "pca"], default="kvsplice")
-    cal.add_argument("--config", default=None, help="compression config JSON (default: uniform --rank)")
+    cal.add_argument(
+        "--config", default=None, help="compression config JSON (default: widths at --target-memory-reduction)"
+    )
+    cal.add_argument(
+        "--target-memory-reduction",
+        type=float,
+        default=None,
+        help="with no --config/--rank: measure the model's sensitivity, give every principal direction its width "
+        "within 1 - R of an fp16 cache's bytes at long context (0.875: 2 bits per element), then calibrate "
+        f"(default {RECOMMENDED['target_memory_reduction']}, the recommended configuration)",
+    )
+    cal.add_argument(
+        "--bits-weighting",
+        choices=WEIGHTINGS,
+        default=RECOMMENDED["bits_weighting"],
+        help="with --target-memory-reduction: what a direction's error costs (kvlight analyze --help)",
+    )
     cal.add_argument("--rank", type=_positive, default=None, help="uniform K and V rank when no --config")
     cal.add_argument("--rank-k", type=_positive, default=None, help="uniform key rank when no --config")
     cal.add_argument("--rank-v", type=_positive, default=None, help="uniform value rank when no --config")
@@ -123,9 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--max-samples-per-head", type=_positive, default=10_000)
     cal.add_argument(
         "--model-dtype",
-        choices=["bfloat16", "float32", "float16"],
-        default="bfloat16",
-        help="dtype of the frozen model and its K/V (bf16: ~3x faster on CPUs with bf16 support, same perplexity)",
+        choices=["auto", "bfloat16", "float32", "float16"],
+        default="auto",
+        help="dtype of the frozen model and its K/V; auto: bfloat16 where it is native (GPUs, CPUs with AVX512-BF16 "
+        "or AMX: ~3x faster, same perplexity), else float32 (emulated bf16 is ~5x slower)",
     )
     cal.add_argument("--precision", default="32-true", help="Lightning precision of the compressor, e.g. bf16-mixed")
     cal.add_argument("--accelerator", default="auto")
@@ -230,6 +248,8 @@ def calibrate(args: argparse.Namespace) -> int:
         value_objective=args.value_objective,
         objective=args.objective,
         distill_batch_size=args.distill_batch_size,
+        target_memory_reduction=args.target_memory_reduction,
+        bits_weighting=args.bits_weighting,
     )
     data = KVCalibrationDataModule(
         model=args.model,
@@ -287,7 +307,7 @@ def calibrate(args: argparse.Namespace) -> int:
             "seq_len": args.seq_len,
             "eval_chunk": module.hparams.eval_chunk,
             "precision": args.precision,
-            "model_dtype": args.model_dtype,
+            "model_dtype": str(module.model_dtype).removeprefix("torch."),
             "key_objective": args.key_objective,
             "value_objective": args.value_objective,
             "objective": args.objective,
@@ -295,6 +315,17 @@ def calibrate(args: argparse.Namespace) -> int:
             "checkpoint": str(output / "checkpoints" / "last.ckpt"),
         }
     )
+    if module.allocation_metrics is not None:
+        from kvlight.metrics_io import metrics_to_json
+
+        results["allocation_seconds"] = module.allocation_seconds
+        atomic_write_text(output / "fim_metrics.json", metrics_to_json(module.allocation_metrics))
+        config = module.compressor.config
+        reduction = config.memory_reduction(config.num_layers, config.num_kv_heads, config.d_head)
+        print(
+            f"Allocated widths:       {16 * (1 - reduction):.2f} bits per element ({args.bits_weighting}, sensitivity "
+            f"pass {module.allocation_seconds:.1f}s; metrics in {output}/fim_metrics.json)"
+        )
     atomic_torch_save(module.compressor.state_dict(), output / f"compressor_{algo}.pt")
     module.compressor.save_pretrained(output / f"compressor_{algo}")
     module.compressor.config.to_json(output / f"compression_config_{algo}.json")
@@ -302,7 +333,7 @@ def calibrate(args: argparse.Namespace) -> int:
     print(f"Baseline perplexity:    {results['baseline_perplexity']:.2f}")
     print(f"Compressed perplexity:  {results['compressed_perplexity']:.2f}")
     print(f"Perplexity degradation: {results['perplexity_degradation_pct']:+.2f}%")
-    print(f"Memory savings:         {results['memory_savings_pct']:.1f}% (vs a {args.model_dtype} DynamicCache)")
+    print(f"Memory savings:         {results['memory_savings_pct']:.1f}% (vs a {results['model_dtype']} DynamicCache)")
     print(f"Calibration time:       {calibration_seconds:.1f}s")
     print(f"Results saved to {output}/calibration_results_{algo}.json and {output}/compressor_{algo}.pt")
     return 0

@@ -16,12 +16,16 @@ Schema (the seed's, with optional additions marked +)::
       },
       "per_layer_head": {
         "0/0": {"enabled": true, "rank": 32, "algo": "kvsplice", "d_k": 64, "d_v": 64},
-        "0/1": {"rank_k": 16, "rank_v": 48}   # + separate key and value ranks
+        "0/1": {"rank_k": 16, "rank_v": 48},  # + separate key and value ranks
+        "0/2": {"bits_k": [8, 6, 4, ..., 0], "bits_v": [...]}  # + a width per principal direction (head_dim each)
       }
     }
 
-Heads not listed take the global default. Every problem is a :class:`ConfigError` whose one-line
-message names the offending key.
+Heads not listed take the global default. ``bits_k`` / ``bits_v`` give every latent direction of the head's
+basis its own width (:data:`kvlight.widths.WIDTHS`: 0 drops it, 16 keeps it in the K/V dtype, 1-8 store a static
+integer code; see :mod:`kvlight.widths`); they replace the rank (a direction of width 0 is truncated) and
+``latent_bits`` for that kind. A config either gives ``bits_k`` to every enabled head or to none (``bits_v`` alike).
+Every problem is a :class:`ConfigError` whose one-line message names the offending key.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from kvlight.errors import ConfigError
+from kvlight.widths import EXACT, check_widths, stored_rank
 
 #: Backends a head may name in ``algo``; each is one file under ``kvlight/compressors``.
 KNOWN_ALGOS = ("pca", "kvsplice")
@@ -51,19 +56,35 @@ _GLOBAL_KEYS = {
     "latent_bits",
     "quant_group_size",
 }
+#: The default when no config, rank or target is given: the best training-free quality per byte that
+#: bench/frontier.py found at <= 25 % of an fp16 cache (issue 11). A width per principal direction allocated by the
+#: gradient-weighted distortion (kvlight.bit_allocation, "fisher-joint") within 24 % of an fp16 cache's bytes at long
+#: context (3.84 bits per element), the first 4 tokens exact and no exact recent window: 25.0 % at 512 tokens, sinks
+#: included. The allocation needs the model: it runs at the start of fit (kvlight.module).
+RECOMMENDED = {"target_memory_reduction": 0.76, "sink_tokens": 4, "recent_window": 0, "bits_weighting": "fisher-joint"}
 #: Values ``global.latent_bits`` may take (None: latents in the K/V dtype).
 LATENT_BITS = (None, 2, 4, 8, "fp8")
-_HEAD_KEYS = {"enabled", "rank", "rank_k", "rank_v", "algo", "d_k", "d_v"}
+_HEAD_KEYS = {"enabled", "rank", "rank_k", "rank_v", "algo", "d_k", "d_v", "bits_k", "bits_v"}
 
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """How one KV head of one layer is compressed. ``enabled=False`` stores it exactly."""
+    """How one KV head of one layer is compressed. ``enabled=False`` stores it exactly.
+
+    ``bits_k`` / ``bits_v``: a width per latent direction (``head_dim`` of them) or None; with widths, ``rank_k`` /
+    ``rank_v`` are the directions that must be encoded (up to the last one of non-zero width).
+    """
 
     enabled: bool
     algo: str
     rank_k: int
     rank_v: int
+    bits_k: tuple[int, ...] | None = None
+    bits_v: tuple[int, ...] | None = None
+
+    def bits(self, kind: str) -> tuple[int, ...] | None:
+        """The widths of ``kind`` ("k" or "v"), or None."""
+        return self.bits_k if kind == "k" else self.bits_v
 
 
 @dataclass
@@ -181,17 +202,16 @@ class CompressionConfig:
         return cfg
 
     @classmethod
-    def recommended(
+    def full_rank_int4(
         cls, num_layers: int, num_kv_heads: int, head_dim: int, algo: str = "kvsplice"
     ) -> CompressionConfig:
-        """The default when no config or rank is given: the safest quality per byte in bench/frontier.py.
+        """The default before per-direction widths (kept as a baseline that needs no sensitivity pass).
 
         Keys and values keep every direction: the PCA basis decorrelates and whitens each head before
-        int4 storage (groups of 64 channels), and the first 4 tokens (attention sinks) and the newest 16
-        stay exact. Measured on the embedded default, chunked: +1.40 % perplexity at 28.8 % of an fp16
-        cache with 2048-token windows, +1.0 to +2.1 % at 30.9 % with 512 (quanto int4: +2.2 / +2.5 % at
-        28.1 %). Lower key ranks pay off with query-weighted keys (``key_objective="query"``, KVSplice):
-        K44 +1.8 % at 25.0 % (2048, weights over 2048 distances). Lower ranks: ``uniform(..., rank_k=...)``.
+        int4 storage with per-token scales (groups of 64 channels), and the first 4 tokens (attention sinks) and
+        the newest 16 stay exact. Measured on the embedded default, chunked (bf16, an AVX512-BF16 CPU): +1.40 %
+        perplexity at 28.8 % of an fp16 cache with 2048-token windows, +1.0 to +2.1 % at 30.9 % with 512.
+        The default now is :data:`RECOMMENDED`: a width per principal direction, allocated by the model's Fisher.
         """
         config = cls.uniform(
             num_layers,
@@ -220,12 +240,19 @@ class CompressionConfig:
         entry = self.per_layer_head.get((layer, head), {})
         default = self.default_rank(head_dim)
         rank = entry.get("rank", default)
+        bits_k, bits_v = entry.get("bits_k"), entry.get("bits_v")
         return HeadSpec(
             enabled=bool(entry.get("enabled", True)),
             algo=entry.get("algo", self.algo_default),
-            rank_k=int(entry.get("rank_k", rank)),
-            rank_v=int(entry.get("rank_v", rank)),
+            rank_k=stored_rank(bits_k) if bits_k is not None else int(entry.get("rank_k", rank)),
+            rank_v=stored_rank(bits_v) if bits_v is not None else int(entry.get("rank_v", rank)),
+            bits_k=None if bits_k is None else tuple(bits_k),
+            bits_v=None if bits_v is None else tuple(bits_v),
         )
+
+    def uses_widths(self, kind: str) -> bool:
+        """True when the heads of ``kind`` ("k" or "v") carry per-direction widths."""
+        return any(entry.get(f"bits_{kind}") is not None for entry in self.per_layer_head.values())
 
     def heads(self, num_layers: int, num_kv_heads: int, head_dim: int) -> Iterator[tuple[int, int, HeadSpec]]:
         """Every (layer, head, spec) of a model of this geometry."""
@@ -243,10 +270,19 @@ class CompressionConfig:
         return copy
 
     def memory_reduction(self, num_layers: int, num_kv_heads: int, head_dim: int) -> float:
-        """Fraction of K/V bytes saved by the latents, ignoring exact sink/recent tokens and storage dtype."""
-        kept = 0
+        """Fraction of K/V numbers saved by the latents, ignoring exact sink/recent tokens and storage dtype.
+
+        A direction with a width counts as ``width / 16`` of a number, so for width configs this is the saving
+        against an fp16 cache at long context (packing padding aside).
+        """
+        kept = 0.0
         for _, _, spec in self.heads(num_layers, num_kv_heads, head_dim):
-            kept += (spec.rank_k + spec.rank_v) if spec.enabled else 2 * head_dim
+            if not spec.enabled:
+                kept += 2 * head_dim
+                continue
+            for kind, rank in (("k", spec.rank_k), ("v", spec.rank_v)):
+                bits = spec.bits(kind)
+                kept += rank if bits is None else sum(bits) / EXACT
         return 1.0 - kept / (2 * head_dim * num_layers * num_kv_heads)
 
     # ------------------------------------------------------------------ validation and output
@@ -270,6 +306,22 @@ class CompressionConfig:
             for rank_key in ("rank", "rank_k", "rank_v"):
                 if rank_key in entry and not 1 <= entry[rank_key] <= head_dim:
                     raise ConfigError(f"{key}.{rank_key} = {entry[rank_key]} is outside 1..{head_dim} (the head_dim)")
+            for kind in "kv":
+                bits = entry.get(f"bits_{kind}")
+                if bits is not None and len(bits) != head_dim:
+                    raise ConfigError(
+                        f"{key}.bits_{kind} has {len(bits)} widths but the model's head_dim is {head_dim} "
+                        "(one width per principal direction)"
+                    )
+        for kind in "kv":  # widths and ranks do not mix within K (or within V): every enabled head has widths or none
+            if not self.uses_widths(kind):
+                continue
+            for layer, head, spec in self.heads(num_layers, num_kv_heads, head_dim):
+                if spec.enabled and spec.bits(kind) is None:
+                    raise ConfigError(
+                        f'per_layer_head["{layer}/{head}"] lacks bits_{kind} while other heads have it: give every '
+                        f"enabled head bits_{kind} (kvlight analyze --strategy bits writes them all) or none"
+                    )
         self.d_head, self.num_layers, self.num_kv_heads = head_dim, num_layers, num_kv_heads
         return self
 
@@ -299,9 +351,20 @@ class CompressionConfig:
             heads[f"{layer}/{head}"] = out
         return {"global": glob, "per_layer_head": heads}
 
+    def to_json_text(self) -> str:
+        """The JSON text: indented, one line per head (so widths lists stay readable)."""
+        data = self.to_dict()
+        heads = ",\n".join(
+            f"    {json.dumps(key)}: {json.dumps(entry, separators=(', ', ': '))}"
+            for key, entry in data["per_layer_head"].items()
+        )
+        glob = json.dumps(data["global"], indent=2).replace("\n", "\n  ")
+        body = f"\n{heads}\n  " if heads else ""
+        return f'{{\n  "global": {glob},\n  "per_layer_head": {{{body}}}\n}}\n'
+
     def to_json(self, path: str | os.PathLike) -> None:
         """Write the config atomically (a temp file renamed into place)."""
-        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(Path(path), self.to_json_text())
 
 
 def default_file_mode() -> int:
@@ -381,6 +444,20 @@ def _parse_head_entry(key: str, entry: Any) -> dict[str, Any]:
         out["enabled"] = entry["enabled"]
     if "algo" in entry:
         out["algo"] = _algo(entry["algo"], f"{where}.algo")
+    for kind in "kv":
+        name = f"bits_{kind}"
+        if name not in entry:
+            continue
+        try:
+            out[name] = list(check_widths(entry[name], f"{where}.{name}"))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        clash = [key for key in ("rank", f"rank_{kind}") if key in entry]
+        if clash:
+            raise ConfigError(
+                f"{where} has both {name} and {clash[0]}: widths replace the rank (a width of 0 drops a direction); "
+                f"use rank_{'v' if kind == 'k' else 'k'} for the other kind"
+            )
     for name in ("rank", "rank_k", "rank_v", "d_k", "d_v"):
         if name in entry:
             value = entry[name]

@@ -557,6 +557,12 @@ class KVCalibrationDataModule(pl.LightningDataModule):
         (statistics) epochs, see :class:`~kvlight.shards.KVShardStream`."""
         self._kv_shards = (Path(directory), num_batches, exact_epochs)
 
+    def all_calibration_windows(self) -> torch.Tensor:
+        """Every calibration window ``[calibration_samples, seq_len]``, whatever this process's share."""
+        self.setup()
+        assert self._calibration_windows is not None
+        return self._calibration_windows
+
     def calibration_indices(self) -> list[int]:
         """Indices (into all calibration windows) of the windows :meth:`calibration_windows` returns on this rank."""
         self.setup()

@@ -25,18 +25,24 @@ from torch import nn
 from kvlight.cache import CaptureCache, PositionTracker, cache_kwargs
 from kvlight.compressors import KVCompressor
 from kvlight.quant import LatentQuantizer, codec_quantizer
+from kvlight.widths import DirectionQuantizer
+
+Quantizer = LatentQuantizer | DirectionQuantizer
 
 
-def latent_quantizers(compressor: KVCompressor) -> dict[tuple[int, str], LatentQuantizer] | None:
-    """The quantizer of every ``(layer, kind)`` codec as the cache builds it, or None when latents stay unquantized."""
+def latent_quantizers(
+    compressor: KVCompressor, exact_dtype: torch.dtype = torch.float16
+) -> dict[tuple[int, str], Quantizer] | None:
+    """The quantizer of every ``(layer, kind)`` codec as the cache builds it (static mixed-width codes for width
+    codecs, exact channels in ``exact_dtype``; per-token groups with ``latent_bits``), or None when none is quantized."""
     bits, group = compressor.config.latent_bits, compressor.config.quant_group_size
-    if bits is None:
-        return None
-    return {
-        (layer, kind): codec_quantizer(bits, group, compressor.codec(layer, kind))
-        for layer in range(compressor.num_layers)
-        for kind in ("k", "v")
-    }
+    quantizers: dict[tuple[int, str], Quantizer] = dict(compressor.direction_quantizers(exact_dtype))
+    if bits is not None:
+        for layer in range(compressor.num_layers):
+            for kind in ("k", "v"):
+                if (layer, kind) not in quantizers:
+                    quantizers[(layer, kind)] = codec_quantizer(bits, group, compressor.codec(layer, kind))
+    return quantizers or None
 
 
 def simulate(
@@ -44,7 +50,7 @@ def simulate(
     layer: int,
     kind: str,
     x: torch.Tensor,
-    quantizer: LatentQuantizer | None,
+    quantizer: Quantizer | None,
     sink_tokens: int,
 ) -> torch.Tensor:
     """``x [B, H, T, D]`` (keys pre-RoPE) -> what attention reads from the cache, same shape and dtype.
@@ -57,7 +63,9 @@ def simulate(
     codec = compressor.codec(layer, kind)
     tail = x[:, :, sink_tokens:].float()
     z = codec.encode(tail)  # [B, T', R]
-    if quantizer is not None:
+    if isinstance(quantizer, DirectionQuantizer):  # static mixed-width codes; dropped directions get no gradient
+        z = quantizer.fake_quantize(z)
+    elif quantizer is not None:
         rounded = quantizer.dequantize(quantizer.quantize(z.detach()), torch.float32)
         z = z + (rounded - z).detach()
     rebuilt = codec.decode(z).to(x.dtype)
@@ -77,7 +85,7 @@ def distillation_loss(
     compressor: KVCompressor,
     input_ids: torch.Tensor,
     tracker: PositionTracker | None,
-    quantizers: dict[tuple[int, str], LatentQuantizer] | None = None,
+    quantizers: dict[tuple[int, str], Quantizer] | None = None,
     sink_tokens: int | None = None,
     teacher_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -97,7 +105,7 @@ def distillation_loss(
             teacher_logits = model(input_ids=input_ids).logits
 
     def replace(layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        quant = (lambda kind: None) if quantizers is None else (lambda kind: quantizers[(layer, kind)])
+        quant = (lambda kind: None) if quantizers is None else (lambda kind: quantizers.get((layer, kind)))
         return (
             simulate(compressor, layer, "k", keys, quant("k"), sinks),
             simulate(compressor, layer, "v", values, quant("v"), sinks),
@@ -147,7 +155,7 @@ def distill(
         raise ValueError("the compressor has nothing to train: distillation needs KVSplice heads")
     optimizer = torch.optim.Adam(params, lr=lr)
     scheduler = warmup_cosine(optimizer, steps)
-    quantizers = latent_quantizers(compressor)
+    quantizers = latent_quantizers(compressor, next(model.parameters()).dtype)
     device = next(model.parameters()).device
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
     losses = []

@@ -27,12 +27,18 @@ import numpy as np
 
 from kvlight.errors import MetricsError
 from kvlight.models import KVGeometry
+from kvlight.widths import WIDTHS
 
 #: Scalar metrics of the seed, in its column order; the tiers rule reads ``trace`` and ``cond``.
 SEED_METRICS = ("trace", "eigmax", "cond")
 REQUIRED_COLUMNS = ("layer", "head", "trace", "cond")
 #: Per-direction arrays: ``eig_*`` and ``fisher_*`` are ``[D]``, ``loss_*`` is ``[D + 1]`` (rank 0..D).
 CURVES = ("eig_k", "eig_v", "fisher_k", "fisher_v", "loss_k", "loss_v")
+#: Optional per-direction arrays, in pairs (K and V): ``dist_*`` ``[D, len(WIDTHS)]`` the measured quantisation error
+#: of each direction at each width (kvlight.distortion; the bits allocator needs them), ``jdist_*`` (the same,
+#: weighted row by row by the squared loss gradient: the "fisher-joint" weighting) and ``qweight_*`` ``[D]`` the
+#: query / output-projection energy of each direction (the allocator's "query" weighting).
+OPTIONAL_CURVES = (("dist_k", "dist_v"), ("jdist_k", "jdist_v"), ("qweight_k", "qweight_v"))
 FORMAT = "kvlight-metrics/1"
 _SEED_KEY = re.compile(r"^fisher/layer(\d+)/head(\d+)/(\w+)$")
 
@@ -61,6 +67,11 @@ class HeadMetrics:
         """True when the K/V loss curves are known (needed by the ``budget`` strategy)."""
         return "loss_k" in self.curves and "loss_v" in self.curves
 
+    @property
+    def has_distortion(self) -> bool:
+        """True when the per-width distortions are known (needed by the ``bits`` strategy)."""
+        return "dist_k" in self.curves and "dist_v" in self.curves
+
     def energy(self, kind: str) -> np.ndarray:
         """``[L, H, D + 1]`` share of the centred K or V energy kept at rank ``r = 0..D``."""
         eig = np.clip(self.curves[f"eig_{kind}"], 0.0, None)
@@ -85,7 +96,12 @@ def metrics_to_json(metrics: HeadMetrics) -> str:
         for name in SEED_METRICS:
             row[name] = _json_float(getattr(metrics, name)[layer, head])
         for name, array in metrics.curves.items():
-            row[name] = [_json_float(x) for x in array[layer, head]]
+            values = array[layer, head]
+            row[name] = (
+                [_json_float(x) for x in values]
+                if values.ndim == 1
+                else [[_json_float(x) for x in line] for line in values]
+            )
         heads.append(row)
     # One line per head: the per-direction arrays stay readable and the file small.
     header = {"format": FORMAT, "geometry": metrics.geometry.to_dict(), "info": metrics.info}
@@ -181,6 +197,20 @@ def metrics_from_rows(
         absent = ", ".join(name for name in CURVES if name not in columns)
         raise MetricsError(f"{where} has some K/V curves but lacks {absent}; export all of {', '.join(CURVES)}")
     curves = {n: np.zeros((num_layers, num_heads, head_dim + n.startswith("loss"))) for n in curve_names}
+    matrices = []
+    for pair in OPTIONAL_CURVES:
+        present = [name for name in pair if name in columns]
+        if present and not curve_names:
+            raise MetricsError(f"{where} has {present[0]} but not the K/V curves it belongs with ({', '.join(CURVES)})")
+        if present and len(present) != len(pair):
+            raise MetricsError(f"{where} has {present[0]} but lacks {[n for n in pair if n not in present][0]}")
+        for name in present:
+            if "dist" in name:
+                curves[name] = np.zeros((num_layers, num_heads, head_dim, len(WIDTHS)))
+                matrices.append(name)
+            else:
+                curves[name] = np.zeros((num_layers, num_heads, head_dim))
+                curve_names.append(name)
     seen: set[tuple[int, int]] = set()
     for row in rows:
         layer = _index(row.get("layer"), "layer", num_layers, where)
@@ -194,6 +224,11 @@ def metrics_from_rows(
                 scalars[name][layer, head] = _finite(row.get(name), name, label, where)
         for name in curve_names:
             curves[name][layer, head] = _curve(row.get(name), name, curves[name].shape[-1], label, where)
+        for name in matrices:
+            value = row.get(name)
+            if not isinstance(value, list) or len(value) != head_dim:
+                raise MetricsError(f"{where}: {name} of {label} must be {head_dim} lists of {len(WIDTHS)} numbers")
+            curves[name][layer, head] = [_curve(line, name, len(WIDTHS), label, where) for line in value]
     absent = [(layer, head) for layer, head in _heads(geometry) if (layer, head) not in seen]
     if absent:
         layer, head = absent[0]

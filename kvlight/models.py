@@ -114,6 +114,39 @@ def model_fingerprint(model: nn.Module, name: str | None) -> str:
 
 
 # ---------------------------------------------------------------------- loading
+#: dtype names a frozen model may be loaded in; "auto" is :func:`preferred_dtype`.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def native_bfloat16(device: torch.device | str | None = None) -> bool:
+    """True where bfloat16 arithmetic is native: a CUDA device that supports it, or a CPU with AVX512-BF16 or AMX.
+
+    Elsewhere PyTorch emulates it: on a 2-core AVX2 EPYC a bf16 forward of the embedded default took 5x as long as
+    a float32 one (42 s vs 8 s for 4 x 512 tokens), where on an AVX512-BF16 CPU it was 3x faster.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def preferred_dtype(device: torch.device | str | None = None) -> torch.dtype:
+    """bfloat16 where it is native (:func:`native_bfloat16`; same perplexity to 4 digits on the embedded default,
+    half the memory), else float32."""
+    return torch.bfloat16 if native_bfloat16(device) else torch.float32
+
+
+def resolve_dtype(name: str, device: torch.device | str | None = None) -> torch.dtype:
+    """A dtype from its name in :data:`DTYPES`, or ``"auto"``: :func:`preferred_dtype` on ``device``."""
+    return preferred_dtype(device) if name == "auto" else DTYPES[name]
+
+
 def resolve_model_path(name: str | None) -> tuple[str, str | None]:
     """``(path_or_id, gguf_file)`` for a model name; None means the embedded default (converted on first use)."""
     if name is None or name in (EMBEDDED_DEFAULT, "embedded", "default"):

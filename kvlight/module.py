@@ -17,25 +17,28 @@ import lightning.pytorch as pl
 import torch
 from torchmetrics import SumMetric
 
+from kvlight.bit_allocation import WEIGHTINGS, allocate_bits, check_bits_target, uniform_bits
 from kvlight.cache import CompressedCache, PositionTracker, cache_kwargs, dynamic_cache_bytes
 from kvlight.capture import capture_to_shards, load_query_moments
 from kvlight.compressors import KVCompressor
+from kvlight.compressors.compressor import STEP_ROWS
 from kvlight.compressors.weighting import output_weights, score_weight
-from kvlight.config import CompressionConfig
+from kvlight.config import RECOMMENDED, CompressionConfig
 from kvlight.distill import distillation_loss, latent_quantizers, warmup_cosine
 from kvlight.errors import CaptureError, ConfigError, KVLightError
 from kvlight.metrics import TokenPerplexity
 from kvlight.models import (
+    DTYPES,
     decoder_blocks,
     geometry_of,
     load_model,
     model_fingerprint,
     output_projections,
+    resolve_dtype,
     rotary_module,
 )
 from kvlight.shards import load_manifest, num_rows
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: "mse": keys fitted by plain reconstruction error; "query": by the error attention scores see (KVSplice heads start
 #: from kvlight.compressors.weighting's closed form and train on the weighted loss; query moments from the capture).
 KEY_OBJECTIVES = ("mse", "query")
@@ -59,15 +62,27 @@ def resolve_config(
     recent_window: int | None = None,
     latent_bits: int | str | None = None,
     quant_group_size: int | None = None,
+    target_memory_reduction: float | None = None,
 ) -> CompressionConfig:
-    """The config file/dict, a uniform one from the ranks, or :meth:`CompressionConfig.recommended`.
+    """The config file/dict, a uniform one from the ranks, or a placeholder for widths allocated at a target.
 
-    ``sink_tokens``, ``recent_window``, ``latent_bits`` and ``quant_group_size`` override what the config says
-    when given.
+    With ``target_memory_reduction`` (or with nothing at all: :data:`~kvlight.config.RECOMMENDED`'s target, 4 sinks,
+    no recent window) the result is uniform widths at that target: the placeholder :class:`KVCalibrationModule`
+    replaces with the sensitivity-allocated widths at the start of ``fit``. ``sink_tokens``, ``recent_window``,
+    ``latent_bits`` and ``quant_group_size`` override what the config says when given.
     """
     shape = (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
-    if compression_config is None and rank is None and rank_k is None and rank_v is None:
-        config = CompressionConfig.recommended(*shape)
+    by_rank = rank is not None or rank_k is not None or rank_v is not None
+    if target_memory_reduction is not None and (compression_config is not None or by_rank):
+        raise ConfigError(
+            "--target-memory-reduction allocates a width per principal direction; it does not combine with a "
+            "compression config or ranks (give one or the other)"
+        )
+    if compression_config is None and not by_rank:
+        target = RECOMMENDED["target_memory_reduction"] if target_memory_reduction is None else target_memory_reduction
+        target = check_bits_target(target, geometry)
+        sinks, recent = RECOMMENDED["sink_tokens"], RECOMMENDED["recent_window"]
+        config = uniform_bits(geometry, target).to_config("pca", sink_tokens=sinks, recent_window=recent)
     elif compression_config is None:
         rank_k = rank_k if rank_k is not None else (rank if rank is not None else rank_v)
         rank_v = rank_v if rank_v is not None else (rank if rank is not None else rank_k)
@@ -83,6 +98,11 @@ def resolve_config(
         "quant_group_size": quant_group_size,
     }
     overrides = {key: value for key, value in overrides.items() if value is not None}
+    if config.uses_widths("k") and config.uses_widths("v") and {"latent_bits", "quant_group_size"} & set(overrides):
+        raise ConfigError(
+            "--latent-bits / --quant-group-size set how rank latents are stored, but every direction here has its "
+            "own width (the default allocates them): pass --rank/--rank-k/--rank-v or a rank config to use them"
+        )
     if overrides:  # through from_dict, so overridden values are checked like the config's own
         data = config.to_dict()
         config = CompressionConfig.from_dict({**data, "global": {**data["global"], **overrides}})
@@ -94,9 +114,10 @@ class KVCalibrationModule(pl.LightningModule):
 
     Args:
         model: hub id, local directory, ``.gguf`` file, or None for the embedded default.
-        compression_config: path to a compression config JSON (or its content); None: uniform ``rank``.
+        compression_config: path to a compression config JSON (or its content); None: uniform ``rank``, or with no
+            rank either, widths allocated at ``target_memory_reduction`` (default: kvlight.config.RECOMMENDED).
         compressor: ``pca`` or ``kvsplice`` for every head; None: each head's ``algo`` from the config.
-        rank: uniform rank when no config is given (default head_dim / 2).
+        rank: uniform rank when no config is given.
         rank_k: uniform key rank when no config is given.
         rank_v: uniform value rank when no config is given.
         sink_tokens: override the config's exact first positions.
@@ -108,7 +129,8 @@ class KVCalibrationModule(pl.LightningModule):
         latent_affine: KVSplice latent scale and shift.
         eval_chunk: validation feeds each window in chunks of this many tokens through the compressed cache.
         capture_batch_size: windows per forward pass while capturing K/V.
-        model_dtype: dtype the frozen model is loaded in (float32, bfloat16, float16).
+        model_dtype: dtype the frozen model is loaded in (float32, bfloat16, float16, or auto: bfloat16 where it
+            is native on the device, else float32; see kvlight.models.preferred_dtype).
         key_objective: "mse" or "query" (see :data:`KEY_OBJECTIVES`; "query" needs KVSplice key heads).
         score_window: with "query", the longest query-key distance the weights average RoPE over: the context length
             you serve (default: the calibration windows' seq_len).
@@ -117,6 +139,12 @@ class KVCalibrationModule(pl.LightningModule):
             training step after the statistics epoch runs the frozen model on ``distill_batch_size`` calibration
             windows, exactly and through the simulated cache (the streamed K/V batch is not used).
         distill_batch_size: calibration windows per step with ``objective="kl"``.
+        target_memory_reduction: with no config or rank: at the start of ``fit``, measure the model's sensitivity
+            on ``sensitivity_samples`` calibration windows (kvlight.sensitivity) and give every principal direction
+            the width that minimises the predicted loss within ``1 - target`` of an fp16 cache's bytes at long
+            context (kvlight.bit_allocation); None: the recommended 0.76. 4 sinks, no recent window unless overridden.
+        bits_weighting: how the allocation weighs each direction's error (kvlight.bit_allocation.WEIGHTINGS).
+        sensitivity_samples: calibration windows the sensitivity pass of ``target_memory_reduction`` measures.
     """
 
     def __init__(
@@ -142,10 +170,13 @@ class KVCalibrationModule(pl.LightningModule):
         value_objective: str = "mse",
         objective: str = "reconstruction",
         distill_batch_size: int = 1,
+        target_memory_reduction: float | None = None,
+        bits_weighting: str = RECOMMENDED["bits_weighting"],
+        sensitivity_samples: int = 16,
     ) -> None:
         super().__init__()
-        if model_dtype not in _DTYPES:
-            raise ConfigError(f"model_dtype {model_dtype!r} is not one of {', '.join(_DTYPES)}")
+        if model_dtype not in (*DTYPES, "auto"):
+            raise ConfigError(f"model_dtype {model_dtype!r} is not one of {', '.join(DTYPES)}, auto")
         if key_objective not in KEY_OBJECTIVES:
             raise ConfigError(f"key_objective {key_objective!r} must be one of {', '.join(KEY_OBJECTIVES)}")
         if value_objective not in VALUE_OBJECTIVES:
@@ -158,6 +189,10 @@ class KVCalibrationModule(pl.LightningModule):
             raise ConfigError(f"score_window must be a positive number of tokens, got {score_window}")
         if init not in ("pca", "random"):
             raise ConfigError(f"init {init!r} must be 'pca' or 'random'")
+        if bits_weighting not in WEIGHTINGS:
+            raise ConfigError(f"bits_weighting {bits_weighting!r} must be one of {', '.join(WEIGHTINGS)}")
+        if sensitivity_samples < 1:
+            raise ConfigError(f"sensitivity_samples must be at least 1, got {sensitivity_samples}")
         self.save_hyperparameters()
         self.geometry = geometry_of(model)
         config = resolve_config(
@@ -170,24 +205,13 @@ class KVCalibrationModule(pl.LightningModule):
             recent_window,
             latent_bits,
             quant_group_size,
+            target_memory_reduction,
         )
-        # The checkpoint carries the resolved config itself, so `validate --ckpt_path` needs no file.
-        self.hparams["compression_config"] = config.to_dict()
-        self.compressor = KVCompressor(config, self.geometry, algo=compressor, latent_affine=latent_affine, init=init)
-        weighted = {"k": key_objective == "query", "v": value_objective == "output"}
-        for kind, name in (("k", "key_objective query"), ("v", "value_objective output")):
-            algos = {
-                self.compressor.codec(layer, kind).heads[h].algo
-                for layer in range(self.geometry.num_layers)
-                for h in range(self.geometry.num_kv_heads)
-            }
-            if weighted[kind] and algos - {"none", "kvsplice"}:
-                raise ConfigError(
-                    f"{name} needs KVSplice {'key' if kind == 'k' else 'value'} heads (separate encoder and "
-                    "decoder): use --compressor kvsplice"
-                )
-        if objective == "kl" and not self.compressor.trainable:
-            raise ConfigError("objective kl trains KVSplice heads and this config has none: use --compressor kvsplice")
+        #: True until fit's setup has replaced the placeholder config with the allocated widths.
+        by_rank = rank is not None or rank_k is not None or rank_v is not None
+        self.allocation_pending = compression_config is None and not by_rank
+        self.allocation_metrics = None  # the sensitivity metrics the allocation used (kvlight.metrics_io.HeadMetrics)
+        self._install(config)
         self._key_weights: torch.Tensor | None = None
         self._value_weights: torch.Tensor | None = None
         self._distill_windows: torch.Tensor | None = None
@@ -203,9 +227,41 @@ class KVCalibrationModule(pl.LightningModule):
         self.bytes_dynamic = SumMetric()
         self.results: dict[str, float] = {}
         self.capture_seconds = 0.0
+        self.allocation_seconds = 0.0
         self._saved_statistics: list[torch.Tensor] | None = None
+        self._capture_dir = None
+
+    def _install(self, config: CompressionConfig) -> None:
+        """Build the compressor for ``config`` and check it against the objectives."""
+        hp = self.hparams
+        # The checkpoint carries the resolved config itself, so `validate --ckpt_path` needs no file.
+        self.hparams["compression_config"] = config.to_dict()
+        self.compressor = KVCompressor(
+            config, self.geometry, algo=hp.compressor, latent_affine=hp.latent_affine, init=hp.init
+        )
+        key_objective, value_objective, objective = hp.key_objective, hp.value_objective, hp.objective
+        weighted = {"k": key_objective == "query", "v": value_objective == "output"}
+        for kind, name in (("k", "key_objective query"), ("v", "value_objective output")):
+            algos = {
+                self.compressor.codec(layer, kind).heads[h].algo
+                for layer in range(self.geometry.num_layers)
+                for h in range(self.geometry.num_kv_heads)
+            }
+            if weighted[kind] and algos - {"none", "kvsplice"}:
+                raise ConfigError(
+                    f"{name} needs KVSplice {'key' if kind == 'k' else 'value'} heads (separate encoder and "
+                    "decoder): use --compressor kvsplice"
+                )
+        if objective == "kl" and not self.compressor.trainable:
+            raise ConfigError("objective kl trains KVSplice heads and this config has none: use --compressor kvsplice")
 
     # ------------------------------------------------------------------ the frozen model
+    @property
+    def model_dtype(self) -> torch.dtype:
+        """The frozen model's dtype (``model_dtype``, with "auto" resolved for the device it runs on)."""
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        return resolve_dtype(self.hparams.model_dtype, device)
+
     @property
     def frozen(self) -> torch.nn.Module:
         if self._frozen is None:
@@ -220,7 +276,7 @@ class KVCalibrationModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self._frozen is not None:
             return
-        model = load_model(self.hparams.model, _DTYPES[self.hparams.model_dtype])
+        model = load_model(self.hparams.model, self.model_dtype)
         self.compressor.check_geometry(self.geometry)
         self._fingerprint = model_fingerprint(model, self.hparams.model)  # of the whole weights, before sharding
         if self.sharded:
@@ -268,12 +324,62 @@ class KVCalibrationModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
+        if self.allocation_pending and stage == "fit":
+            self._allocate()
+        elif self.allocation_pending:
+            raise ConfigError(
+                "target_memory_reduction allocates the widths during fit: run fit first (then validate its "
+                "checkpoint) or pass the compression config kvlight analyze --strategy bits wrote"
+            )
         # DDP refuses to wrap a module with nothing to train (every head PCA), and ModelParallelStrategy's checkpoint
         # maps optimizer state to the module's parameters. One inert registered parameter satisfies both; no loss
         # uses it and on_save_checkpoint keeps it out of checkpoints.
         parallel = isinstance(self.trainer.strategy, (DDPStrategy, ModelParallelStrategy))
         if stage == "fit" and parallel and not self.compressor.trainable:
             self._ddp_anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def _allocate(self) -> None:
+        """Measure the frozen model's sensitivity on the first calibration windows and install the allocated widths.
+
+        Rank 0 measures and allocates; every process installs the same config (broadcast), so DDP replicas agree.
+        """
+        from kvlight.sensitivity import measure_sensitivity  # deferred: the backward pass is only needed here
+
+        if self.sharded:
+            raise ConfigError(
+                "target_memory_reduction needs the whole model on each process for its sensitivity pass; with FSDP "
+                "run kvlight analyze --strategy bits first and pass its compression config"
+            )
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "all_calibration_windows"):
+            raise KVLightError("target_memory_reduction needs the KVCalibrationDataModule (data: in the YAML)")
+        hp = self.hparams
+        start = time.perf_counter()
+        config_data = None
+        if self.trainer.global_rank == 0:
+            windows = datamodule.all_calibration_windows()[: hp.sensitivity_samples]
+            if len(windows) == 0:
+                raise ConfigError("target_memory_reduction needs calibration windows: raise --calibration-samples")
+            model = self.frozen.to(self.trainer.strategy.root_device)
+            current = self.compressor.config
+            metrics = measure_sensitivity(
+                model, self.geometry, windows, 2, sink_tokens=current.sink_tokens, progress=False
+            )
+            target = hp.target_memory_reduction
+            target = RECOMMENDED["target_memory_reduction"] if target is None else target
+            allocation = allocate_bits(metrics, target, hp.bits_weighting)
+            config = allocation.to_config(current.algo_default, current.sink_tokens, current.recent_window)
+            config_data = config.to_dict()
+            self.allocation_metrics = metrics
+        config_data = self.trainer.strategy.broadcast(config_data, src=0)
+        self._install(CompressionConfig.from_dict(config_data).validate(*self._shape()))
+        self.allocation_pending = False
+        # The checkpoint then describes the allocated config alone, so `validate --ckpt_path` rebuilds it as is.
+        self.hparams["target_memory_reduction"] = None
+        self.allocation_seconds = time.perf_counter() - start
+
+    def _shape(self) -> tuple[int, int, int]:
+        return self.geometry.num_layers, self.geometry.num_kv_heads, self.geometry.head_dim
 
     def teardown(self, stage: str) -> None:
         if self._tracker is not None:
@@ -290,6 +396,7 @@ class KVCalibrationModule(pl.LightningModule):
             self.frozen.to(self.device)
         self.frozen  # noqa: B018 - loads the model (and its fingerprint) if configure_model has not run
         directory = datamodule.capture_path(self._fingerprint)
+        self._capture_dir = directory
         windows = datamodule.calibration_windows()
         reuse = True
         if self.sharded:
@@ -393,6 +500,32 @@ class KVCalibrationModule(pl.LightningModule):
         for tensor in self.compressor.statistics_tensors():
             tensor.copy_(self.trainer.strategy.reduce(tensor, reduce_op="sum"))
         self.compressor.finalize_statistics(self._key_weights, self._value_weights)
+        if self.compressor.has_widths:
+            self._calibrate_steps()
+
+    def _calibrate_steps(self) -> None:
+        """The static steps of width codecs: one more read of (up to STEP_ROWS of) this process's captured rows, now
+        that the bases are fitted; the error sums are added across processes, so every replica gets the same steps."""
+        from kvlight.shards import KVShardStream
+
+        if self._capture_dir is None:
+            raise KVLightError("width codecs need the captured rows to fit their steps; fit through the DataModule")
+        batch_size = self.trainer.datamodule.hparams.kv_batch_size
+        rows = num_rows(load_manifest(self._capture_dir, verify=False))
+        stream = KVShardStream(self._capture_dir, batch_size, max(1, math.ceil(rows / batch_size)), exact_epochs=1)
+        self.compressor.begin_step_calibration(self.device)
+        seen = 0
+        for batch in stream:
+            if seen >= STEP_ROWS:
+                break
+            take = STEP_ROWS - seen
+            self.compressor.accumulate_steps(
+                batch["keys"][:take].to(self.device), batch["values"][:take].to(self.device)
+            )
+            seen += min(take, batch["keys"].shape[0])
+        for tensor in self.compressor.step_tensors():
+            tensor.copy_(self.trainer.strategy.reduce(tensor, reduce_op="sum"))
+        self.compressor.finalize_steps()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         keys, values = batch["keys"], batch["values"]
@@ -437,9 +570,8 @@ class KVCalibrationModule(pl.LightningModule):
         batches = math.ceil(len(self._distill_windows) / size)
         index = self.global_step % batches
         input_ids = self._distill_windows[index * size : (index + 1) * size].to(self.device)
-        return distillation_loss(
-            self.frozen, self.compressor, input_ids, self._tracker, latent_quantizers(self.compressor)
-        )
+        quantizers = latent_quantizers(self.compressor, next(self.frozen.parameters()).dtype)
+        return distillation_loss(self.frozen, self.compressor, input_ids, self._tracker, quantizers)
 
     def on_train_epoch_end(self) -> None:
         # Normally fitted at the last batch already; this covers an epoch cut short (max_steps, limit_train_batches).
@@ -454,6 +586,11 @@ class KVCalibrationModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._saved_statistics = checkpoint.get(STATISTICS_KEY)
+        saved = (checkpoint.get("hyper_parameters") or {}).get("compression_config")
+        if saved is not None and saved != self.hparams["compression_config"]:
+            # A resumed fit allocated its widths again in setup; the checkpoint's allocation is the one it continues.
+            self._install(CompressionConfig.from_dict(saved).validate(*self._shape()))
+            self.hparams["target_memory_reduction"] = None
 
     # ------------------------------------------------------------------ validate
     def _chunked_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> torch.Tensor:

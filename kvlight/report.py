@@ -125,3 +125,81 @@ def heatmap_png(allocation: Allocation, title: str | None = None) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()
+
+
+BITS_NOTES = (
+    "Notes:",
+    "- bits_k/bits_v: mean width of the head's principal directions (K pre-RoPE); drop: directions of width 0,",
+    "  exact: of width 16 (kept in the K/V dtype). Widths 1-8 store static integer codes (kvlight.widths).",
+    "- dNLL: predicted increase of the mean NLL (nats per token) of the head's K and V at these widths:",
+    "  1/2 sum_i fisher_i D_i(b_i), the diagonal Fisher in each principal direction times its measured",
+    "  quantisation error at its width (second order, tokens, heads and directions treated as independent).",
+)
+
+
+def bits_summary_text(allocation, metrics: HeadMetrics | None, header: list[str]) -> str:
+    """The per-layer/head table of a :class:`~kvlight.bit_allocation.BitAllocation` and its totals."""
+    geometry = allocation.geometry
+    widths_k, widths_v = allocation.widths["k"], allocation.widths["v"]
+    lines = ["kvlight analyze: compression config summary (bits per principal direction)", *header]
+    lines.append(
+        f"strategy: bits, weighting {allocation.weighting}; target memory reduction: {100 * allocation.target:.2f}%"
+    )
+    lines.append(
+        f"stored: {allocation.bits_per_element():.3f} bits per element (K {allocation.bits_per_element('k'):.3f}, "
+        f"V {allocation.bits_per_element('v'):.3f}); {allocation.bytes_per_token()} bytes per token, "
+        f"{100 * allocation.memory_reduction():.2f}% less than an fp16 cache (long context, before exact tokens)"
+    )
+    loss = None if metrics is None else allocation.predicted_loss(metrics)
+    if loss is not None:
+        lines.append(f"predicted loss increase: {loss:.4f} nats/token (perplexity x{math.exp(loss):.3f})")
+    lines.append("")
+    columns = f"{'layer':>5} {'head':>4} {'bits_k':>6} {'bits_v':>6} {'drop_k':>6} {'drop_v':>6} {'exact':>5}"
+    has_loss = loss is not None
+    if has_loss:
+        columns += f" {'dNLL':>8}"
+        per_head = allocation.head_losses(metrics)
+    lines += [columns, "-" * len(columns)]
+    for layer in range(geometry.num_layers):
+        for head in range(geometry.num_kv_heads):
+            bk, bv = widths_k[layer, head], widths_v[layer, head]
+            exact = int((bk == 16).sum() + (bv == 16).sum())
+            row = f"{layer:>5} {head:>4} {bk.mean():>6.2f} {bv.mean():>6.2f} {int((bk == 0).sum()):>6} "
+            row += f"{int((bv == 0).sum()):>6} {exact:>5}"
+            if has_loss:
+                row += f" {per_head[layer, head]:>8.4f}"
+            lines.append(row)
+    return "\n".join([*lines, "", *BITS_NOTES]) + "\n"
+
+
+def bits_heatmap_png(allocation, title: str | None = None) -> bytes:
+    """A PNG of every direction's width: rows are (layer, head), columns the principal directions, K and V."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    geometry = allocation.geometry
+    rows = geometry.num_layers * geometry.num_kv_heads
+    figure = Figure(figsize=(8.0, 1.6 + 0.05 * rows), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2, sharey=True)
+    for axis, kind in zip(axes, ("k", "v")):
+        image = axis.imshow(
+            allocation.widths[kind].reshape(rows, -1),
+            cmap="magma",
+            vmin=0,
+            vmax=16,
+            aspect="auto",
+            interpolation="nearest",
+        )
+        axis.set_title(f"{kind.upper()} widths ({allocation.bits_per_element(kind):.2f} bits mean)")
+        axis.set_xlabel("principal direction (by variance)")
+    axes[0].set_ylabel("layer x KV head")
+    step = max(1, math.ceil(geometry.num_layers / 16))
+    axes[0].set_yticks([layer * geometry.num_kv_heads for layer in range(0, geometry.num_layers, step)])
+    axes[0].set_yticklabels([str(layer) for layer in range(0, geometry.num_layers, step)])
+    figure.colorbar(image, ax=axes, shrink=0.6, label="bits")
+    reduction = 100 * allocation.memory_reduction()
+    figure.suptitle(title or f"bits ({allocation.weighting}): {reduction:.1f}% of an fp16 cache saved", fontsize=10)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()

@@ -43,10 +43,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kvlight.cache import CaptureCache, PositionTracker, cache_kwargs
+from kvlight.capture import QueryMoments
 from kvlight.compressors.base import RunningMoments
-from kvlight.errors import CaptureError
+from kvlight.compressors.weighting import output_weights, score_weight
+from kvlight.distortion import DistortionMeter, direction_energy
+from kvlight.errors import CaptureError, KVLightError
 from kvlight.metrics_io import HeadMetrics
-from kvlight.models import KVGeometry
+from kvlight.models import KVGeometry, decoder_blocks, output_projections, rotary_module
 
 KINDS = ("k", "v")
 COND_FLOOR = 1e-12
@@ -102,8 +105,9 @@ class AttentionFisher:
 class KVSensitivity:
     """Per-direction sums ``sum_t gamma_t^2`` and ``sum_t c_t^2 gamma_t^2`` for every layer, kind and head."""
 
-    def __init__(self, means: dict, bases: dict, sink_tokens: int) -> None:
+    def __init__(self, means: dict, bases: dict, sink_tokens: int, distortion: DistortionMeter | None = None) -> None:
         self.means, self.bases, self.sink_tokens = means, bases, sink_tokens
+        self.distortion = distortion
         self.fisher = {key: torch.zeros_like(mean) for key, mean in means.items()}  # [H, D]
         self.joint = {key: torch.zeros_like(mean) for key, mean in means.items()}
 
@@ -115,6 +119,8 @@ class KVSensitivity:
         gamma = torch.einsum("bhtd,hde->bhte", grads, basis)
         self.fisher[(layer, kind)] += (gamma * gamma).sum(dim=(0, 2))
         self.joint[(layer, kind)] += (coords * coords * gamma * gamma).sum(dim=(0, 2))
+        if self.distortion is not None:
+            self.distortion.add((layer, kind), coords, gamma)
 
 
 def _batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -123,11 +129,17 @@ def _batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def principal_statistics(
-    model: nn.Module, geometry: KVGeometry, windows: torch.Tensor, batch_size: int = 2, progress: bool = True
+    model: nn.Module,
+    geometry: KVGeometry,
+    windows: torch.Tensor,
+    batch_size: int = 2,
+    progress: bool = True,
+    queries: QueryMoments | None = None,
 ) -> tuple[dict, dict, dict]:
     """Pass 1: ``(means, bases, variances)`` keyed ``(layer, kind)``: ``[H, D]``, ``[H, D, D]``, ``[H, D]``.
 
-    ``bases[...][h]`` holds head ``h``'s principal directions as columns, by descending variance.
+    ``bases[...][h]`` holds head ``h``'s principal directions as columns, by descending variance. With ``queries``,
+    the pass also sums the pre-RoPE query moments into it.
     """
     moments = {
         (layer, kind): RunningMoments(geometry.num_kv_heads, geometry.head_dim)
@@ -141,10 +153,13 @@ def principal_statistics(
         for kind, rows in (("k", keys), ("v", values)):  # [B, H, T, D] -> [B*T, H, D]
             moments[(layer, kind)].add(rows.transpose(1, 2).reshape(-1, rows.shape[1], rows.shape[-1]))
 
+    handles = [] if queries is None else queries.attach(model)
     try:
         for batch in tqdm(_batches(windows, batch_size), desc="K/V statistics", disable=not progress, leave=False):
             model(input_ids=batch.to(device), **cache_kwargs(CaptureCache(geometry.num_layers, keep, tracker)))
     finally:
+        for handle in handles:
+            handle.remove()
         if tracker is not None:
             tracker.close()
     means, bases, variances = {}, {}, {}
@@ -168,8 +183,9 @@ def measure_sensitivity(
     """Both passes over ``windows [N, T]`` (see the module docstring); returns every metric per layer and KV head."""
     if windows.ndim != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
         raise ValueError(f"need windows [N >= 1, T >= 2], got {tuple(windows.shape)}")
-    means, bases, variances = principal_statistics(model, geometry, windows, batch_size, progress)
-    sensitivity = KVSensitivity(means, bases, sink_tokens)
+    queries = QueryMoments(geometry) if _has_query_projections(model) else None
+    means, bases, variances = principal_statistics(model, geometry, windows, batch_size, progress, queries)
+    sensitivity = KVSensitivity(means, bases, sink_tokens, DistortionMeter(variances))
     attention = AttentionFisher(geometry.num_layers, geometry.num_kv_heads, min(attention_tokens, windows.shape[1]))
     generator = torch.Generator().manual_seed(seed)
     predicted = 0
@@ -193,6 +209,13 @@ def measure_sensitivity(
         curves[f"eig_{kind}"] = _stack(variances, kind, geometry).numpy()
         curves[f"fisher_{kind}"] = (_stack(sensitivity.fisher, kind, geometry) / predicted).numpy()
         curves[f"loss_{kind}"] = torch.cat([0.5 * tail, torch.zeros_like(tail[..., :1])], dim=-1).numpy()
+        shape = (geometry.num_kv_heads, geometry.head_dim)
+        tables = [sensitivity.distortion.distortion((layer, kind), shape) for layer in range(geometry.num_layers)]
+        curves[f"dist_{kind}"] = torch.stack([plain for plain, _ in tables]).numpy()
+        # The joint curve is per predicted token like fisher_* (rows were subsampled evenly, so their mean stands in).
+        curves[f"jdist_{kind}"] = torch.stack([joint for _, joint in tables]).numpy()
+    if queries is not None:
+        curves.update(_query_weights(model, geometry, queries, bases, windows.shape[1]))
     info = {
         "windows": int(windows.shape[0]),
         "seq_len": int(windows.shape[1]),
@@ -204,6 +227,29 @@ def measure_sensitivity(
         "cond": "eigmax / smallest eigenvalue orthogonal to the all-ones null direction, floored at 1e-12 eigmax",
     }
     return HeadMetrics(geometry, trace.numpy(), eigmax.numpy(), cond.numpy(), curves, info)
+
+
+def _has_query_projections(model: nn.Module) -> bool:
+    return all(hasattr(getattr(block, "self_attn", None), "q_proj") for block in decoder_blocks(model))
+
+
+def _query_weights(model, geometry: KVGeometry, queries: QueryMoments, bases: dict, window: int) -> dict:
+    """``qweight_k`` / ``qweight_v`` ``[L, H, D]``: the energy the queries (RoPE-averaged over distances up to
+    ``window``) put on each key direction, and the output projection on each value direction."""
+    rotary = rotary_module(model)
+    inv_freq = None if rotary is None else rotary.inv_freq.detach().cpu()
+    score = score_weight(queries.mean(), inv_freq, window=window)  # [L, H, D, D]
+    try:
+        output = output_weights(output_projections(model), geometry.num_kv_heads, geometry.head_dim)
+    except KVLightError:
+        return {}
+    weights = {"k": score, "v": output}
+    return {
+        f"qweight_{kind}": torch.stack(
+            [direction_energy(weights[kind][layer], bases[(layer, kind)]) for layer in range(geometry.num_layers)]
+        ).numpy()
+        for kind in KINDS
+    }
 
 
 def _stack(table: dict, kind: str, geometry: KVGeometry) -> torch.Tensor:

@@ -43,7 +43,9 @@ class CompressedKVModelWrapper(nn.Module):
     Args:
         model: a Hugging Face causal LM of the geometry the compressor was fitted to.
         compressor: a fitted :class:`KVCompressor` (PCA, KVSplice or mixed).
-        latent_dtype: dtype to store latents in (default: the model's K/V dtype).
+        latent_dtype: dtype to store latents in (default: ``storage_dtype``).
+        storage_dtype: dtype the cache keeps exact tokens and unquantized latents in (default: the K/V dtype), e.g.
+            bfloat16 for a float32 model.
         fast_decode: decode steps attend to the stored latents in place (kvlight.attention) instead of
             reconstructing the whole history; False keeps the plain reconstruction path. Switching the model to
             kvlight's attention function (sdpa or eager models only) lasts until :meth:`close`.
@@ -55,6 +57,7 @@ class CompressedKVModelWrapper(nn.Module):
         compressor: KVCompressor,
         latent_dtype: torch.dtype | None = None,
         fast_decode: bool = True,
+        storage_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.geometry = kv_geometry(model)
@@ -62,12 +65,19 @@ class CompressedKVModelWrapper(nn.Module):
         self.model = model
         self.compressor = compressor.to(device=next(model.parameters()).device)
         self.latent_dtype = latent_dtype
+        self.storage_dtype = storage_dtype
         self.fast = LatentAttention(model) if fast_decode else None  # first: it refuses a model already wrapped
         self.tracker = PositionTracker(model) if self.geometry.rope else None
 
     def new_cache(self) -> CompressedCache:
         """An empty compressed cache bound to this model's positions."""
-        return CompressedCache(self.compressor, self.tracker, latent_dtype=self.latent_dtype, fast=self.fast)
+        return CompressedCache(
+            self.compressor,
+            self.tracker,
+            latent_dtype=self.latent_dtype,
+            fast=self.fast,
+            storage_dtype=self.storage_dtype,
+        )
 
     def _with_cache(self, kwargs: dict) -> dict:
         if kwargs.get(CACHE_KWARG) is None and kwargs.get("use_cache", True):

@@ -233,6 +233,7 @@ def fitted_compressor(tiny_models, tiny_rows):
         init: str = "pca",
         heads: dict | None = None,
         quant_group_size: int | None = None,
+        bits=None,
         **config,
     ):
         geometry = kv_geometry(tiny_models[arch])
@@ -241,6 +242,10 @@ def fitted_compressor(tiny_models, tiny_rows):
         )
         if quant_group_size is not None:
             cfg.quant_group_size = quant_group_size
+        if bits is not None:  # widths per direction: bits(layer, head) -> (bits_k, bits_v), replacing the ranks
+            for (layer, head), entry in cfg.per_layer_head.items():
+                entry.pop("rank_k"), entry.pop("rank_v")
+                entry["bits_k"], entry["bits_v"] = (list(b) for b in bits(layer, head))
         for key, override in (heads or {}).items():  # per-(layer, head) changes, e.g. {(0, 1): {"rank_k": 3}}
             cfg.per_layer_head[key].update(override)
         compressor = PCACompressor(cfg, geometry) if algo == "pca" else KVSpliceCompressor(cfg, geometry, init=init)

@@ -61,3 +61,17 @@ def one_error_line(stderr: str) -> str:
     assert lines[0].startswith("kvlight: error:"), lines[0]
     assert "Traceback" not in stderr
     return lines[0]
+
+
+#: Mixed widths over a head_dim-16 head: every width of kvlight.widths.WIDTHS, decreasing with the variance rank.
+MIXED_WIDTHS = (16, 8, 6, 5, 4, 4, 3, 3, 2, 2, 2, 1, 1, 0, 0, 0)
+
+
+def mixed_widths(layer: int, head: int) -> tuple[list[int], list[int]]:
+    """``(bits_k, bits_v)`` of one head: :data:`MIXED_WIDTHS`, shifted per head so heads and K/V differ (keys get a
+    dropped direction inside their basis, so rank truncation and widths interact)."""
+    shift = (layer + head) % 3
+    keys = list(MIXED_WIDTHS[shift:]) + [0] * shift
+    keys[2], keys[3] = 0, keys[2]  # a dropped direction before stored ones
+    values = [min(16, w + 1) if w and w not in (6, 8) else w for w in MIXED_WIDTHS]
+    return keys, values

@@ -7,7 +7,7 @@ decoded into one shared workspace. Every case runs on the tiny Llama (GQA + RoPE
 
 import pytest
 import torch
-from helpers import ARCHS
+from helpers import ARCHS, mixed_widths
 
 from kvlight.cache import CompressedLayer
 from kvlight.wrapper import CompressedKVModelWrapper
@@ -35,6 +35,8 @@ CASES = [
         {"rank": 8, "latent_bits": 4, "quant_group_size": 8, "sink_tokens": 1, "recent_window": 2},
     ),
     ("full-int2-group-per-head", {"latent_bits": 2, "quant_group_size": 16}),
+    # Static mixed-width codes (kvlight.widths): every width 0..16, per-direction steps folded into the decoder.
+    ("mixed-widths", {"bits": mixed_widths, "sink_tokens": 1, "recent_window": 2}),
 ]
 
 

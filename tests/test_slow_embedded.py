@@ -15,7 +15,7 @@ from kvlight.compressors import PCACompressor
 from kvlight.config import CompressionConfig
 from kvlight.data import eval_and_calibration_windows, iter_texts
 from kvlight.metrics import TokenPerplexity
-from kvlight.models import kv_geometry, load_model, load_tokenizer
+from kvlight.models import kv_geometry, load_model, load_tokenizer, preferred_dtype
 from kvlight.wrapper import CompressedKVModelWrapper
 
 pytestmark = pytest.mark.slow
@@ -95,7 +95,7 @@ def test_kl_distillation_lowers_heldout_kl_on_the_embedded_default(embedded_cach
     from kvlight.distill import distill, distillation_loss, latent_quantizers
     from kvlight.models import output_projections, rotary_module
 
-    model, tokenizer = load_model(None, torch.bfloat16), load_tokenizer(None)
+    model, tokenizer = load_model(None, preferred_dtype()), load_tokenizer(None)
     geometry = kv_geometry(model)
     evaluation, calibration = eval_and_calibration_windows(
         lambda: iter_texts("builtin"), tokenizer, 128, eval_samples=2, calibration_samples=4

@@ -15,6 +15,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from kvlight.widths import DirectionQuantizer, check_widths, step_offset
+
 
 class HeadProjection(nn.Module):
     """Compress one head's K or V rows to ``rank`` dims and expand them back.
@@ -35,6 +37,25 @@ class HeadProjection(nn.Module):
         self.register_buffer("mean", torch.zeros(head_dim))
         # Calibration std of each latent channel: the static per-channel scale of quantized latents.
         self.register_buffer("latent_std", torch.ones(rank))
+
+    #: per-direction widths (kvlight.widths) when the head stores static mixed-width codes, else None.
+    widths: tuple[int, ...] | None = None
+
+    def set_widths(self, widths: tuple[int, ...]) -> None:
+        """Store this head's ``rank`` latent channels with these widths (static codes, see kvlight.widths).
+
+        Registers the static quantizer parameters ``code_step`` and ``code_offset`` (``[r]``, saved with the
+        weights); until calibrated they are the Gaussian-optimal steps for ``latent_std`` around zero.
+        """
+        self.widths = check_widths(list(widths), "widths", self.rank)
+        step, offset = step_offset(torch.zeros(self.rank), torch.ones(self.rank), torch.tensor(self.widths))
+        self.register_buffer("code_step", step)
+        self.register_buffer("code_offset", offset)
+
+    def latent_center(self) -> torch.Tensor:
+        """``[r]`` the latent of the calibration mean (every backend encodes affinely: the mean of its latents)."""
+        with torch.no_grad():
+            return self.encode(self.mean[None].float()).squeeze(0).float()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., D] -> z [..., r]``."""
@@ -61,6 +82,9 @@ class IdentityProjection(HeadProjection):
 
     def __init__(self, head_dim: int, rank: int | None = None) -> None:
         super().__init__(head_dim, head_dim)
+
+    def latent_center(self) -> torch.Tensor:
+        return self.mean.float()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -131,6 +155,33 @@ class LayerCodec(nn.Module):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, H, T, D] -> x_hat [B, H, T, D]``."""
         return self.decode(self.encode(x))
+
+    # ------------------------------------------------------------------ per-direction widths
+    @property
+    def has_widths(self) -> bool:
+        """True when every head stores static mixed-width codes (kvlight.widths)."""
+        return all(p.widths is not None for p in self.heads)
+
+    @property
+    def widths(self) -> torch.Tensor:
+        """``[sum_h r_h]`` the width of every latent channel."""
+        return torch.tensor([w for p in self.heads for w in p.widths], dtype=torch.long)
+
+    def direction_quantizer(self, exact_dtype: torch.dtype = torch.float16) -> DirectionQuantizer:
+        """The static mixed-width quantizer of this layer's latents (heads concatenated)."""
+        step = torch.cat([p.code_step for p in self.heads])
+        offset = torch.cat([p.code_offset for p in self.heads])
+        return DirectionQuantizer(self.widths, step, offset, exact_dtype)
+
+    def latent_center(self) -> torch.Tensor:
+        """``[sum_h r_h]`` the latent of each head's calibration mean."""
+        return torch.cat([p.latent_center() for p in self.heads])
+
+    def set_steps(self, step: torch.Tensor, offset: torch.Tensor) -> None:
+        """Write calibrated ``code_step`` / ``code_offset`` (``[sum_h r_h]``) back into the heads."""
+        for p, s, o in zip(self.heads, torch.split(step, self.splits), torch.split(offset, self.splits)):
+            p.code_step.copy_(s.to(p.code_step))
+            p.code_offset.copy_(o.to(p.code_offset))
 
 
 class RunningMoments:

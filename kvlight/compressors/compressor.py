@@ -20,7 +20,10 @@ from kvlight.compressors.base import IdentityProjection, LayerCodec, RunningMome
 from kvlight.config import CompressionConfig, atomic_write_text
 from kvlight.errors import CaptureError, ConfigError, GeometryMismatchError, KVLightError
 from kvlight.models import KVGeometry
+from kvlight.widths import EXACT, STEP_MULTIPLIERS, grid_errors, step_offset
 
+#: Captured rows that fit the static steps of width codecs (an even sample; more changes little).
+STEP_ROWS = 4096
 WEIGHTS_NAME = "compressor.safetensors"
 CONFIG_NAME = "compressor_config.json"
 KINDS = ("k", "v")
@@ -71,15 +74,20 @@ class KVCompressor(nn.Module):
                     spec = config.head(layer, head, self.head_dim)
                     rank = spec.rank_k if kind == "k" else spec.rank_v
                     if not spec.enabled:
-                        projections.append(IdentityProjection(self.head_dim))
+                        projection = IdentityProjection(self.head_dim)
                     elif spec.algo == "kvsplice":
-                        projections.append(PROJECTIONS["kvsplice"](self.head_dim, rank, latent_affine, init))
+                        projection = PROJECTIONS["kvsplice"](self.head_dim, rank, latent_affine, init)
                     else:
-                        projections.append(PROJECTIONS[spec.algo](self.head_dim, rank))
+                        projection = PROJECTIONS[spec.algo](self.head_dim, rank)
+                    if config.uses_widths(kind):  # validated: every enabled head has widths; disabled ones are exact
+                        bits = spec.bits(kind) if spec.enabled else (EXACT,) * self.head_dim
+                        projection.set_widths(bits[: projection.rank])
+                    projections.append(projection)
                 codecs[kind] = LayerCodec(projections)
             layers.append(nn.ModuleDict(codecs))
         self.layers = nn.ModuleList(layers)
         self._moments: dict[tuple[int, str], RunningMoments] | None = None
+        self._step_errors: dict[tuple[int, str], torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ serving
     def codec(self, layer: int, kind: str) -> LayerCodec:
@@ -101,6 +109,20 @@ class KVCompressor(nn.Module):
     def trainable(self) -> bool:
         """True when some head has parameters to fit by gradient descent."""
         return any(p.requires_grad for p in self.parameters())
+
+    def width_codecs(self) -> list[tuple[int, str]]:
+        """``(layer, kind)`` of every codec that stores static mixed-width codes."""
+        return [
+            (layer, kind) for layer in range(self.num_layers) for kind in KINDS if self.codec(layer, kind).has_widths
+        ]
+
+    @property
+    def has_widths(self) -> bool:
+        return bool(self.width_codecs())
+
+    def direction_quantizers(self, exact_dtype: torch.dtype = torch.float16) -> dict:
+        """``{(layer, kind): DirectionQuantizer}`` of the width codecs (a snapshot of their current steps)."""
+        return {key: self.codec(*key).direction_quantizer(exact_dtype) for key in self.width_codecs()}
 
     # ------------------------------------------------------------------ calibration
     def begin_statistics(self, device: torch.device | str = "cpu") -> None:
@@ -163,6 +185,75 @@ class KVCompressor(nn.Module):
                 else:
                     projection.init_from_statistics(mean[head], covariance[head])
         self._moments = None
+        self.reset_steps()
+
+    # ------------------------------------------------------------------ static steps of width codecs
+    def reset_steps(self) -> None:
+        """Gaussian-optimal steps for every width codec from its latents' centre and std (no data pass)."""
+        with torch.no_grad():
+            for key in self.width_codecs():
+                codec = self.codec(*key)
+                step, offset = step_offset(codec.latent_center().cpu(), codec.latent_std.cpu(), codec.widths)
+                codec.set_steps(step, offset)
+
+    def begin_step_calibration(self, device: torch.device | str = "cpu") -> None:
+        """Start a pass that measures, per coded channel, the squared error of every step in ``STEP_MULTIPLIERS``."""
+        self._step_errors = {
+            key: torch.zeros(self.codec(*key).latent_dim, len(STEP_MULTIPLIERS), dtype=torch.float64, device=device)
+            for key in self.width_codecs()
+        }
+
+    @torch.no_grad()
+    def accumulate_steps(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Add captured rows ``keys/values [N, L, H, D]`` to the step search (after :meth:`finalize_statistics`)."""
+        if self._step_errors is None:
+            raise RuntimeError("call begin_step_calibration() first")
+        if keys.shape[0] == 0:
+            return
+        for (layer, kind), errors in self._step_errors.items():
+            codec = self.codec(layer, kind)
+            rows = (keys if kind == "k" else values)[:, layer]
+            z = codec.encode(rows.unsqueeze(2).transpose(0, 2).to(codec.latent_std.dtype))[0].float()  # [N, R]
+            widths = codec.widths.to(z.device)
+            center, sigma = codec.latent_center().to(z.device), codec.latent_std.float().to(z.device)
+            for width in widths.unique().tolist():
+                if 0 < width < EXACT:
+                    index = (widths == width).nonzero().squeeze(1)
+                    errors[index] += grid_errors(z[:, index], center[index], sigma[index], width).to(errors.device)
+
+    def step_tensors(self) -> list[torch.Tensor]:
+        """The step-search sums, in a fixed order, for an all-reduce (sum) across processes."""
+        return [] if self._step_errors is None else [self._step_errors[key] for key in sorted(self._step_errors)]
+
+    def finalize_steps(self) -> None:
+        """Give every coded channel the step of least measured squared error, then drop the sums."""
+        if self._step_errors is None:
+            raise RuntimeError("no step statistics were accumulated")
+        multipliers = torch.tensor(STEP_MULTIPLIERS, dtype=torch.float64)
+        with torch.no_grad():
+            for key, errors in self._step_errors.items():
+                codec = self.codec(*key)
+                errors = errors.cpu()
+                best = multipliers[errors.argmin(-1)]
+                best[errors.sum(-1) == 0] = 1.0  # no rows (or not coded): keep the Gaussian step
+                step, offset = step_offset(codec.latent_center().cpu(), codec.latent_std.cpu(), codec.widths, best)
+                codec.set_steps(step, offset)
+        self._step_errors = None
+
+    def calibrate_steps(self, batches: Iterable[dict[str, torch.Tensor]], max_rows: int = STEP_ROWS) -> None:
+        """One pass over ``{'keys', 'values'}`` batches fitting the static steps of every width codec, on at most
+        ``max_rows`` rows (an even sample of each batch, in proportion)."""
+        batches = batches if isinstance(batches, (list, tuple)) else list(batches)
+        total = sum(batch["keys"].shape[0] for batch in batches)
+        self.begin_step_calibration(next(iter(self.buffers())).device)
+        for batch in batches:
+            keys, values = batch["keys"], batch["values"]
+            if total > max_rows:
+                count = max(1, round(keys.shape[0] * max_rows / total))
+                index = torch.linspace(0, keys.shape[0] - 1, count).round().long()
+                keys, values = keys[index], values[index]
+            self.accumulate_steps(keys, values)
+        self.finalize_steps()
 
     def fit_statistics(
         self,
@@ -183,7 +274,8 @@ class KVCompressor(nn.Module):
         key_weights: torch.Tensor | None = None,
         value_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The seed's loss ``mse(K_hat, K) + mse(V_hat, V)`` over every layer and head.
+        """The seed's loss ``mse(K_hat, K) + mse(V_hat, V)`` over every layer and head (width codecs: through their
+        static codes, rounded in the forward with a straight-through gradient).
 
         Args:
             keys, values: ``[N, L, H, D]`` captured rows (keys pre-RoPE for RoPE models).
@@ -192,10 +284,15 @@ class KVCompressor(nn.Module):
             value_weights: optional ``[L, H, D, D]`` output-projection weights, the same way for the value term.
         """
         total = keys.new_zeros(())
+        quantizers = self.direction_quantizers(keys.dtype)
         for layer in range(self.num_layers):
             for kind, rows in (("k", keys), ("v", values)):
                 x = rows[:, layer].unsqueeze(2).transpose(0, 2)  # [1, H, N, D]: the cache layout, N as time
-                error = self.codec(layer, kind).reconstruct(x) - x
+                codec = self.codec(layer, kind)
+                if (layer, kind) in quantizers:  # static codes: train through the rounding (straight-through)
+                    error = codec.decode(quantizers[(layer, kind)].fake_quantize(codec.encode(x.float()))) - x
+                else:
+                    error = codec.reconstruct(x) - x
                 weights = key_weights if kind == "k" else value_weights
                 if weights is not None:
                     weight = weights[layer].to(error)

@@ -1,0 +1,133 @@
+"""The bits-per-direction rows that bench/frontier.py and bench/retrieval.py share, fitted once and kept on disk.
+
+A row is a byte budget (a fraction of an fp16 cache at the 512-token protocol: the frontier's windows), a
+weighting (uniform widths, MSE-allocated, Fisher-allocated: kvlight.bit_allocation) and whether the projections
+were then KL-distilled through the static codes (kvlight.distill; KVSplice heads from the PCA start, the learned
+latent scale and shift acting as learned steps). Every row keeps 4 sink tokens and a recent window exact; their
+bytes count, so the widths get what is left of the budget at 512 tokens (at 2048 the same compressor stores less).
+
+Fitting a row needs the sensitivity metrics of the calibration windows (one pass, cached) and, for distilled rows,
+minutes of Adam steps, so compressors are saved under ``$KVLIGHT_CACHE/bench/bits/`` keyed by everything that
+determines them, and loaded back by the next benchmark.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvlight.bit_allocation import allocate_bits, fp16_bytes_per_token
+from kvlight.compressors import KVCompressor, load_compressor
+from kvlight.distill import distill
+from kvlight.metrics_io import metrics_to_json, read_metrics_file
+from kvlight.sensitivity import measure_sensitivity
+
+#: byte budgets, as fractions of an fp16 DynamicCache at the protocol length (issue 11's rows).
+BUDGETS = (0.25, 0.1875, 0.125, 0.09375, 0.0625)
+WEIGHTINGS = ("uniform", "mse", "fisher", "fisher-joint")
+PROTOCOL_LENGTH = 512
+SINKS = 4
+#: exact recent tokens per budget: at 512 tokens each costs 1/512 of the fp16 bytes, a large share of a small budget.
+#: Measured (Fisher widths, 512 tokens): at 25 % of fp16 bytes +2.25 / +1.69 / +1.58 / +1.50 % with 16 / 8 / 4 / 0
+#: recent tokens, at 12.5 % +39.3 / +29.7 / +25.4 / +21.6 %: the bits are worth more than the window at every budget.
+RECENT = dict.fromkeys(BUDGETS, 0)
+#: distillation of the distilled rows: steps x windows of 512, peak learning rate (warm-up + cosine). 48 steps, not the
+#: rank rows' 96: on a 2-core AVX2 CPU in float32 a step takes ~17 s.
+DISTILL_STEPS, DISTILL_BATCH, DISTILL_LR = 48, 2, 3e-4
+#: the distilled rows: the recommended weighting at every budget, and every weighting at 12.5 %.
+DISTILLED = [(budget, "fisher-joint") for budget in BUDGETS] + [(0.125, w) for w in ("uniform", "mse", "fisher")]
+NAMES = {
+    "uniform": "uniform widths",
+    "mse": "MSE-allocated widths",
+    "fisher": "Fisher-allocated widths",
+    "fisher-joint": "joint-Fisher-allocated widths",
+}
+#: bumped whenever what the sensitivity pass measures changes, so cached metrics and rows are measured again.
+METRICS_VERSION = 2
+
+
+@dataclass(frozen=True)
+class BitRow:
+    budget: float
+    weighting: str
+    distilled: bool = False
+
+    @property
+    def recent(self) -> int:
+        return RECENT[self.budget]
+
+    def label(self, steps: int = DISTILL_STEPS) -> tuple[str, str]:
+        """(method, setting) columns of the row."""
+        method = f"kvlight {NAMES[self.weighting]}" + (" + KL-distilled" if self.distilled else "")
+        setting = f"budget {100 * self.budget:g} % at 512, sinks {SINKS}, recent {self.recent}"
+        if self.distilled:
+            setting += f", {steps} steps x {DISTILL_BATCH} windows of 512"
+        return method, setting
+
+
+def all_rows(distilled: bool = True) -> list[BitRow]:
+    rows = [BitRow(b, w) for b in BUDGETS for w in WEIGHTINGS]
+    return rows + ([BitRow(b, w, True) for b, w in DISTILLED] if distilled else [])
+
+
+def long_context_target(row: BitRow, geometry) -> float:
+    """The allocator's target (1 - width bits / 16 at long context) that makes the cache hold ``row.budget`` of an
+    fp16 cache's bytes at the protocol length: exact tokens at 2 bytes per number, int32 positions per token."""
+    exact = (SINKS + row.recent) / PROTOCOL_LENGTH
+    positions = 4 / fp16_bytes_per_token(geometry)
+    widths_fraction = (row.budget - exact - positions) / (1 - exact)
+    return 1.0 - widths_fraction
+
+
+def cache_root() -> Path:
+    root = Path(os.environ.get("KVLIGHT_CACHE", Path.home() / ".cache" / "kvlight")) / "bench" / "bits"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sensitivity(model, geometry, calibration: torch.Tensor):
+    """The sensitivity metrics of the calibration windows (4 sinks left out), measured once and cached."""
+    path = cache_root() / f"metrics-{_key(calibration.sum().item(), calibration.shape, SINKS, METRICS_VERSION)}.json"
+    if path.exists():
+        return read_metrics_file(path, geometry)
+    start = time.perf_counter()
+    metrics = measure_sensitivity(model, geometry, calibration, 2, 256, SINKS, 0, progress=False)
+    print(f"sensitivity analysis {time.perf_counter() - start:.0f}s", flush=True)
+    path.write_text(metrics_to_json(metrics))
+    return metrics
+
+
+def compressor_for(
+    row: BitRow, model, geometry, calibration, rows, metrics, tracker, steps: int = DISTILL_STEPS
+) -> KVCompressor:
+    """The fitted (and, for distilled rows, distilled) compressor of ``row``, from the disk cache when it is there."""
+    key = _key(
+        row, steps if row.distilled else 0, calibration.sum().item(), calibration.shape, DISTILL_LR, METRICS_VERSION
+    )
+    directory = cache_root() / f"row-{key}"
+    dtype = next(model.parameters()).dtype
+    if (directory / "compressor_config.json").exists():
+        return load_compressor(directory, geometry).to(dtype)
+    allocation = allocate_bits(metrics, long_context_target(row, geometry), row.weighting)
+    algo = "kvsplice" if row.distilled else "pca"
+    config = allocation.to_config(algo, SINKS, row.recent)
+    compressor = KVCompressor(config, geometry, latent_affine=True)
+    compressor.fit_statistics([rows])
+    if row.distilled:
+        start = time.perf_counter()
+        losses = distill(model, compressor, calibration, tracker, steps, DISTILL_LR, DISTILL_BATCH)
+        print(
+            f"distilled {row} in {time.perf_counter() - start:.0f}s: KL {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True
+        )
+    compressor.save_pretrained(directory)
+    return compressor.to(dtype)

@@ -1,0 +1,299 @@
+"""Bits per principal direction (kvlight.widths): packed codes, static steps, and the cache that stores them.
+
+What must hold: every width packs and unpacks exactly; the bytes held are the bytes counted; the straight-through
+fake quantizer gives the stored values; widths of only 16 and 0 are PCA at that rank, bit for bit; 8 bits
+everywhere costs (almost) nothing; fitted steps beat the Gaussian rule on heavy-tailed latents; configs with
+widths round-trip through JSON and save_pretrained, and bad widths are one-line errors naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import ARCHS, HEAD_DIM, chunked_logits, held_tensors, mixed_widths, nbytes
+
+from kvlight.cache import CompressedCache, PositionTracker
+from kvlight.compressors import KVCompressor, load_compressor
+from kvlight.config import CompressionConfig
+from kvlight.errors import ConfigError
+from kvlight.models import kv_geometry
+from kvlight.widths import (
+    FIELDS,
+    STEP_MULTIPLIERS,
+    WIDTHS,
+    DirectionQuantizer,
+    grid_errors,
+    padded_bytes_per_token,
+    step_offset,
+)
+
+
+def quantizer_for(widths: list[int], seed: int = 0, exact_dtype=torch.float32):
+    torch.manual_seed(seed)
+    widths_t = torch.tensor(widths)
+    sigma = torch.rand(len(widths)) + 0.5
+    center = torch.randn(len(widths))
+    step, offset = step_offset(center, sigma, widths_t)
+    return DirectionQuantizer(widths_t, step, offset, exact_dtype), center, sigma
+
+
+# ---------------------------------------------------------------------- packing
+@pytest.mark.parametrize("width", [w for w in WIDTHS if 0 < w < 16])
+def test_every_code_of_every_width_survives_packing(width):
+    channels = 13  # not a multiple of any packing factor: the last byte of each field is partial
+    quantizer, _, _ = quantizer_for([width] * channels)
+    codes = torch.randint(0, 2**width, (2, 5, channels), dtype=torch.uint8)
+    z = quantizer.offset + quantizer.step * codes.float()  # exactly on the grid
+    packed = quantizer.quantize(z)
+    assert torch.equal(quantizer.codes(z), codes)
+    torch.testing.assert_close(quantizer.dequantize(packed, torch.float32), z, rtol=0, atol=1e-5)
+    expected = sum(math.ceil(channels * size / 8) for size, _ in FIELDS[width])
+    assert nbytes(packed.tensors()) == 2 * 5 * expected == 2 * 5 * quantizer.bytes_per_token()
+
+
+def test_mixed_widths_bytes_match_the_formula_and_values_round_trip():
+    widths = [16, 8, 6, 5, 4, 3, 2, 1, 0] * 3
+    quantizer, center, sigma = quantizer_for(widths)
+    z = center + sigma * torch.randn(4, 7, len(widths))
+    packed = quantizer.quantize(z)
+    assert nbytes(packed.tensors()) == 4 * 7 * quantizer.bytes_per_token()
+    assert quantizer.bytes_per_token() == padded_bytes_per_token([widths], exact_itemsize=4)
+    restored = quantizer.dequantize(packed, torch.float32)
+    widths_t = torch.tensor(widths)
+    exact, dropped = widths_t == 16, widths_t == 0
+    assert torch.equal(restored[..., exact], z[..., exact])
+    assert torch.equal(restored[..., dropped], center[dropped].expand(4, 7, -1))
+    coded = ~(exact | dropped)
+    error = (restored - z)[..., coded].abs()
+    levels = 2.0 ** widths_t[coded].float() - 1
+    inside = (z[..., coded] >= quantizer.offset[coded]) & (
+        z[..., coded] <= quantizer.offset[coded] + quantizer.step[coded] * levels
+    )
+    assert (error[inside] <= quantizer.step[coded].expand_as(error)[inside] / 2 + 1e-5).all()
+
+
+def test_fake_quantize_gives_the_stored_values_and_passes_gradients_where_stored():
+    widths = [16, 8, 4, 3, 1, 0, 0]
+    quantizer, center, sigma = quantizer_for(widths, exact_dtype=torch.bfloat16)
+    z = (center + sigma * torch.randn(3, 9, len(widths))).requires_grad_(True)
+    fake = quantizer.fake_quantize(z)
+    stored = quantizer.dequantize(quantizer.quantize(z.detach()), torch.float32)
+    torch.testing.assert_close(fake.detach(), stored, rtol=0, atol=1e-6)
+    fake.sum().backward()
+    stored_channels = torch.tensor([w > 0 for w in widths])
+    assert torch.equal(z.grad[..., stored_channels], torch.ones_like(z.grad[..., stored_channels]))
+    assert torch.equal(z.grad[..., ~stored_channels], torch.zeros_like(z.grad[..., ~stored_channels]))
+
+
+def test_fitted_steps_beat_the_gaussian_rule_on_heavy_tailed_latents():
+    torch.manual_seed(0)
+    z = torch.distributions.Laplace(0.0, 1.0).sample((4000, 6))
+    sigma, center = z.std(0), torch.zeros(6)
+    gaussian = STEP_MULTIPLIERS.index(1.0)
+    for width, gain in ((3, 0.95), (4, 0.8), (8, 0.5)):  # Laplace tails: the Gaussian step clips them
+        errors = grid_errors(z, center, sigma, width)  # [C, G]
+        assert (errors.min(-1).values < gain * errors[:, gaussian]).all(), width
+
+
+# ---------------------------------------------------------------------- config
+def widths_config(geometry, bits=mixed_widths, **extra) -> CompressionConfig:
+    config = CompressionConfig.uniform(
+        geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, rank=geometry.head_dim, algo="pca", **extra
+    )
+    for (layer, head), entry in config.per_layer_head.items():
+        entry.pop("rank_k"), entry.pop("rank_v")
+        entry["bits_k"], entry["bits_v"] = bits(layer, head)
+    return CompressionConfig.from_dict(config.to_dict())
+
+
+BAD_WIDTHS = {
+    "width-7": (lambda e: e.update(bits_k=[7] * HEAD_DIM), 'per_layer_head["0/0"].bits_k holds width 7'),
+    "not-a-list": (lambda e: e.update(bits_v=4), 'per_layer_head["0/0"].bits_v must be a list'),
+    "bool": (lambda e: e.update(bits_k=[True] * HEAD_DIM), "holds width True"),
+    "short": (lambda e: e.update(bits_k=[4] * 5), 'per_layer_head["0/0"].bits_k has 5 widths but'),
+    "with-rank": (lambda e: e.update(rank=8), 'per_layer_head["0/0"] has both bits_k and rank'),
+    "with-rank-v": (lambda e: e.update(rank_v=8), "has both bits_v and rank_v"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_WIDTHS))
+def test_bad_widths_are_one_line_errors_naming_the_key(case, tiny_models):
+    geometry = kv_geometry(tiny_models["llama"])
+    data = widths_config(geometry).to_dict()
+    mutate, message = BAD_WIDTHS[case]
+    mutate(data["per_layer_head"]["0/0"])
+    with pytest.raises(ConfigError) as error:
+        CompressionConfig.from_dict(data).validate(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_widths_for_some_heads_only_are_refused(tiny_models):
+    geometry = kv_geometry(tiny_models["llama"])
+    data = widths_config(geometry).to_dict()
+    data["per_layer_head"]["1/0"] = {"rank": 8}
+    with pytest.raises(ConfigError, match=r'per_layer_head\["1/0"\] lacks bits_k'):
+        CompressionConfig.from_dict(data).validate(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_widths_round_trip_through_json_and_save_pretrained(arch, tiny_models, tiny_rows, tmp_path):
+    geometry = kv_geometry(tiny_models[arch])
+    config = widths_config(geometry, sink_tokens=1, recent_window=2)
+    config.to_json(tmp_path / "cfg.json")
+    again = CompressionConfig.from_json(tmp_path / "cfg.json")
+    assert again.to_dict() == config.to_dict()
+    assert again.head(0, 0, HEAD_DIM).bits_k == tuple(mixed_widths(0, 0)[0])
+    assert len((tmp_path / "cfg.json").read_text().splitlines()) < 30  # one line per head, not per width
+
+    compressor = KVCompressor(again, geometry)
+    keys, values = tiny_rows[arch]["calib"]
+    compressor.fit_statistics([{"keys": keys, "values": values}])
+    compressor.save_pretrained(tmp_path / "saved")
+    loaded = load_compressor(tmp_path / "saved", geometry)
+    assert loaded.config.to_dict() == compressor.config.to_dict()
+    for (name, tensor), (other, loaded_tensor) in zip(compressor.state_dict().items(), loaded.state_dict().items()):
+        assert name == other and torch.equal(tensor, loaded_tensor)
+    assert any(name.endswith("code_step") for name in loaded.state_dict())
+
+
+# ---------------------------------------------------------------------- the cache
+def cache_for(model, compressor):
+    geometry = kv_geometry(model)
+    tracker = PositionTracker(model) if geometry.rope else None
+    return CompressedCache(compressor, tracker), tracker
+
+
+def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    return math.exp(-logp.gather(-1, ids[:, 1:, None]).mean().item())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("rank", [5, 11])
+def test_widths_of_16_and_0_are_pca_at_that_rank_exactly(arch, rank, tiny_models, tiny_windows, tiny_rows):
+    model = tiny_models[arch]
+    geometry = kv_geometry(model)
+    keys, values = tiny_rows[arch]["calib"]
+    rows = [{"keys": keys, "values": values}]
+    head = [16] * rank + [0] * (HEAD_DIM - rank)
+    widths = KVCompressor(widths_config(geometry, bits=lambda layer, h: (head, head), sink_tokens=1), geometry)
+    pca = KVCompressor(
+        CompressionConfig.uniform(
+            geometry.num_layers, geometry.num_kv_heads, HEAD_DIM, rank=rank, algo="pca", sink_tokens=1
+        ),
+        geometry,
+    )
+    widths.fit_statistics(rows)
+    pca.fit_statistics(rows)
+    ids = tiny_windows["eval"][:4]
+    outputs = []
+    for compressor in (widths, pca):
+        cache, tracker = cache_for(model, compressor)
+        with torch.no_grad():
+            outputs.append((chunked_logits(model, ids, cache, chunk=8), cache.stored_bytes()))
+        if tracker is not None:
+            tracker.close()
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    assert outputs[0][1] == outputs[1][1]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bytes_held_are_the_bytes_counted(arch, tiny_models, tiny_windows, fitted_compressor):
+    model = tiny_models[arch]
+    compressor = fitted_compressor(arch, "pca", bits=mixed_widths, sink_tokens=2, recent_window=3)
+    cache, tracker = cache_for(model, compressor)
+    ids = tiny_windows["eval"][:3]
+    with torch.no_grad():
+        chunked_logits(model, ids, cache, chunk=5)
+    if tracker is not None:
+        tracker.close()
+    held = [t for layer in cache.layers for t in held_tensors(layer) if t.numel()]
+    assert cache.stored_bytes() == sum(layer_bytes(layer) for layer in cache.layers) + position_bytes(cache)
+    # What is held beyond the counted tensors is buffer slack only (LatentStore grows in chunks).
+    assert nbytes(held) >= sum(layer_bytes(layer) for layer in cache.layers)
+    compressed = cache.layers[0].num_compressed
+    per_token = sum(
+        codec.direction_quantizer(torch.float32).bytes_per_token()
+        for codec in (compressor.codec(0, "k"), compressor.codec(0, "v"))
+    )
+    latent = sum(nbytes(store.tensors()) for store in (cache.layers[0].latent_k, cache.layers[0].latent_v))
+    assert latent == 3 * compressed * per_token
+
+
+def layer_bytes(layer) -> int:
+    return nbytes(layer.stored_tensors())
+
+
+def position_bytes(cache) -> int:
+    positions = cache.position_log.positions
+    return 0 if positions is None else nbytes([positions])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eight_bits_everywhere_costs_under_half_a_percent(arch, tiny_models, tiny_windows, fitted_compressor):
+    model = tiny_models[arch]
+    compressor = fitted_compressor(arch, "pca", bits=lambda layer, head: ([8] * HEAD_DIM, [8] * HEAD_DIM))
+    ids = tiny_windows["eval"]
+    with torch.no_grad():
+        base = perplexity(model(input_ids=ids).logits, ids)
+        cache, tracker = cache_for(model, compressor)
+        compressed = perplexity(chunked_logits(model, ids, cache, chunk=8), ids)
+    if tracker is not None:
+        tracker.close()
+    assert abs(compressed / base - 1) < 0.005, (base, compressed)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_divergence_rises_as_widths_fall(arch, tiny_models, tiny_windows, fitted_compressor):
+    """KL to the exact model's predictions (the tiny models barely use attention, so perplexity alone is noise)."""
+    from kvlight.distill import token_kl
+
+    model = tiny_models[arch]
+    ids = tiny_windows["eval"]
+    with torch.no_grad():
+        exact = model(input_ids=ids).logits
+    results = []
+    for width in (8, 4, 2, 1, 0):
+        compressor = fitted_compressor(arch, "pca", bits=lambda layer, head, w=width: ([w] * HEAD_DIM, [w] * HEAD_DIM))
+        cache, tracker = cache_for(model, compressor)
+        with torch.no_grad():
+            results.append(float(token_kl(exact, chunked_logits(model, ids, cache, chunk=8))))
+        if tracker is not None:
+            tracker.close()
+    assert results == sorted(results) and results[0] < 0.01 * results[-1], results
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_float32_model_can_store_its_cache_in_bfloat16(arch, tiny_models, tiny_windows, fitted_compressor):
+    """``storage_dtype``: exact tokens and exact channels in 16 bits (what a 16-bit deployment holds), attention still
+    reads float32; fast decode still gives the plain path's tokens."""
+    from kvlight.wrapper import CompressedKVModelWrapper
+
+    model = tiny_models[arch]
+    compressor = fitted_compressor(arch, "pca", bits=mixed_widths, sink_tokens=2, recent_window=3)
+    ids = tiny_windows["eval"][:3]
+    outputs = {}
+    for storage in (None, torch.bfloat16):
+        cache, tracker = cache_for(model, compressor)
+        cache.storage_dtype = storage
+        with torch.no_grad():
+            outputs[storage] = (chunked_logits(model, ids, cache, chunk=5), cache)
+        if tracker is not None:
+            tracker.close()
+    (full_logits, full_cache), (half_logits, half_cache) = outputs[None], outputs[torch.bfloat16]
+    assert full_logits.dtype == half_logits.dtype == torch.float32
+    layer = half_cache.layers[0]
+    assert layer.sink_k.dtype == layer.keys.dtype == torch.bfloat16
+    exact = sum(nbytes([getattr(full_cache.layers[0], n)]) for n in ("sink_k", "sink_v", "keys", "values"))
+    assert full_cache.stored_bytes() - half_cache.stored_bytes() >= len(half_cache.layers) * exact // 2
+    torch.testing.assert_close(half_logits, full_logits, atol=0.05, rtol=0.05)
+    tokens = []
+    for fast in (False, True):
+        wrapper = CompressedKVModelWrapper(model, compressor, fast_decode=fast, storage_dtype=torch.bfloat16)
+        try:
+            tokens.append(wrapper.generate(input_ids=ids[:, :20], max_new_tokens=8, do_sample=False, pad_token_id=0))
+        finally:
+            wrapper.close()
+    assert torch.equal(tokens[0], tokens[1])
