@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine  # noqa: E402
-from kvlight.data import KVCalibrationDataModule  # noqa: E402
+from kvlight.calibration.datamodule import KVCalibrationDataModule  # noqa: E402
 from kvlight.models import load_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -11,12 +11,14 @@ from collections.abc import Callable
 
 import torch
 
-from kvlight.cache import cache_kwargs
-from kvlight.capture import capture_kv
+from kvlight.calibration.capture import capture_kv
+from kvlight.calibration.texts import builtin_documents
+from kvlight.calibration.windows import pack_windows
 from kvlight.compressors import KVCompressor
 from kvlight.config import CompressionConfig
-from kvlight.data import builtin_documents, pack_windows
-from kvlight.models import kv_geometry, load_model, load_tokenizer
+from kvlight.geometry import kv_geometry
+from kvlight.hf import cache_kwargs
+from kvlight.models import load_model, load_tokenizer
 
 
 def machine() -> str:

@@ -41,10 +41,11 @@ from bench.common import (  # noqa: E402
     offline_windows,
     quantized_cache_bytes,
 )
-from kvlight.cache import cache_kwargs, dynamic_cache, dynamic_cache_bytes  # noqa: E402
 from kvlight.compressors import KVCompressor, load_compressor  # noqa: E402
 from kvlight.config import CompressionConfig  # noqa: E402
-from kvlight.wrapper import CompressedKVModelWrapper  # noqa: E402
+from kvlight.hf import cache_kwargs, dynamic_cache  # noqa: E402
+from kvlight.serving.cache import dynamic_cache_bytes  # noqa: E402
+from kvlight.serving.wrapper import CompressedKVModelWrapper  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PREFILL_CHUNK = 1024
@@ -69,7 +70,7 @@ def compressors(model, geometry, tokenizer, args) -> dict[str, KVCompressor]:
     ``--pca`` directories (what ``kvlight calibrate`` wrote), otherwise fitted on the frontier's calibration windows
     (the widths row from bench/bitrows.py's disk cache when bench/frontier.py made it)."""
     from bench import bitrows
-    from kvlight.cache import PositionTracker
+    from kvlight.serving.positions import PositionTracker
 
     out = {}
     calibration = offline_windows(tokenizer, 512, skip=16, count=16)

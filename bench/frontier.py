@@ -49,15 +49,17 @@ from bench.common import (  # noqa: E402
     offline_windows,
     quantized_cache_bytes,
 )
-from kvlight.allocate import budget  # noqa: E402
-from kvlight.cache import CompressedCache, PositionTracker, dynamic_cache, dynamic_cache_bytes  # noqa: E402
-from kvlight.capture import QueryMoments  # noqa: E402
+from kvlight.analysis.queries import QueryMoments  # noqa: E402
+from kvlight.analysis.rank_allocation import budget  # noqa: E402
+from kvlight.analysis.sensitivity import measure_sensitivity  # noqa: E402
+from kvlight.calibration.distill import distill  # noqa: E402
 from kvlight.compressors import KVCompressor  # noqa: E402
 from kvlight.compressors.weighting import output_weights, score_weight  # noqa: E402
 from kvlight.config import CompressionConfig  # noqa: E402
-from kvlight.distill import distill  # noqa: E402
+from kvlight.hf import dynamic_cache  # noqa: E402
 from kvlight.models import output_projections, preferred_dtype, resolve_dtype, rotary_module  # noqa: E402
-from kvlight.sensitivity import measure_sensitivity  # noqa: E402
+from kvlight.serving.cache import CompressedCache, dynamic_cache_bytes  # noqa: E402
+from kvlight.serving.positions import PositionTracker  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RECENT = 16  # exact recent window of kvlight's configurations, and the HF caches' residual length

@@ -36,8 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import bitrows  # noqa: E402
 from bench.common import captured_rows, embedded_default, machine, offline_windows  # noqa: E402
-from kvlight.attention import LatentAttention  # noqa: E402
-from kvlight.cache import CompressedCache, PositionTracker, cache_kwargs, dynamic_cache  # noqa: E402
+from kvlight.hf import cache_kwargs, dynamic_cache  # noqa: E402
+from kvlight.serving.attention import LatentAttention  # noqa: E402
+from kvlight.serving.cache import CompressedCache  # noqa: E402
+from kvlight.serving.positions import PositionTracker  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LENGTHS = (1000, 2000, 4000)

@@ -30,9 +30,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
+from kvlight.analysis.metrics_io import metrics_to_json, read_metrics_file  # noqa: E402
 from kvlight.cli import main as kvlight  # noqa: E402
-from kvlight.config import CompressionConfig, atomic_write_text  # noqa: E402
-from kvlight.metrics_io import metrics_to_json, read_metrics_file  # noqa: E402
+from kvlight.config import CompressionConfig  # noqa: E402
+from kvlight.files import atomic_write_text  # noqa: E402
 from kvlight.models import geometry_of  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

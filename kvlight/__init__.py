@@ -7,7 +7,7 @@ position-observing pre-hook of a :class:`CompressedKVModelWrapper` (removed by `
 from kvlight.compressors import KVCompressor, KVSpliceCompressor, PCACompressor, load_compressor
 from kvlight.config import CompressionConfig
 from kvlight.errors import KVLightError
-from kvlight.wrapper import CompressedKVModelWrapper
+from kvlight.serving.wrapper import CompressedKVModelWrapper
 
 __all__ = [
     "CompressedKVModelWrapper",

@@ -33,14 +33,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvlight.errors import ConfigError
-from kvlight.widths import EXACT, check_widths, stored_rank
+from kvlight.files import atomic_write_text
 
 #: Backends a head may name in ``algo``; each is one file under ``kvlight/compressors``.
 KNOWN_ALGOS = ("pca", "kvsplice")
@@ -56,6 +55,33 @@ _GLOBAL_KEYS = {
     "latent_bits",
     "quant_group_size",
 }
+#: widths a latent direction may take (bits per element); 0: dropped, 16: exact in the K/V dtype.
+WIDTHS = (0, 1, 2, 3, 4, 5, 6, 8, 16)
+
+EXACT = 16
+
+#: the widths stored as integer codes.
+CODED_WIDTHS = tuple(w for w in WIDTHS if 0 < w < EXACT)
+
+
+def check_widths(widths, where: str, length: int | None = None) -> tuple[int, ...]:
+    """``widths`` as a tuple of ints from :data:`WIDTHS`; raises ``ValueError`` naming ``where`` otherwise."""
+    if not isinstance(widths, (list, tuple)) or not widths:
+        raise ValueError(f"{where} must be a list of widths, one per head dimension")
+    if length is not None and len(widths) != length:
+        raise ValueError(f"{where} has {len(widths)} widths but the head dimension is {length}")
+    for width in widths:
+        if isinstance(width, bool) or not isinstance(width, int) or width not in WIDTHS:
+            raise ValueError(f"{where} holds width {width!r}; each must be one of {', '.join(map(str, WIDTHS))}")
+    return tuple(int(w) for w in widths)
+
+
+def stored_rank(widths) -> int:
+    """Latent channels a head must encode: up to its last stored direction (trailing 0 widths are never encoded)."""
+    last = max((i for i, w in enumerate(widths) if w > 0), default=0)
+    return last + 1
+
+
 #: The default when no config, rank or target is given: the best training-free quality per byte that
 #: bench/frontier.py found at <= 25 % of an fp16 cache (issue 11). A width per principal direction allocated by the
 #: gradient-weighted distortion (kvlight.bit_allocation, "fisher-joint") within 24 % of an fp16 cache's bytes at long
@@ -365,39 +391,6 @@ class CompressionConfig:
     def to_json(self, path: str | os.PathLike) -> None:
         """Write the config atomically (a temp file renamed into place)."""
         atomic_write_text(Path(path), self.to_json_text())
-
-
-def default_file_mode() -> int:
-    """The mode ``open()`` would give a new file under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write_bytes(path: Path, data: bytes, fsync: bool = False) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one, never a part.
-
-    The file gets the umask's mode (``mkstemp`` alone would leave 0600); ``fsync`` also flushes it to disk first.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            if fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.chmod(tmp, default_file_mode())  # results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """:func:`atomic_write_bytes` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------- parsing helpers

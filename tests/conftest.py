@@ -82,7 +82,7 @@ def _tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from kvlight.data import builtin_documents
+    from kvlight.calibration.texts import builtin_documents
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -154,7 +154,8 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_windows(tiny_tokenizer):
     """Token windows of the built-in corpus: ``{"eval": [8, 32], "calib": [16, 32], "train": [64, 64]}``."""
-    from kvlight.data import eval_and_calibration_windows, iter_texts
+    from kvlight.calibration.texts import iter_texts
+    from kvlight.calibration.windows import eval_and_calibration_windows
 
     evaluation, calibration = eval_and_calibration_windows(
         lambda: iter_texts("builtin"), tiny_tokenizer, TINY_SEQ, eval_samples=8, calibration_samples=16
@@ -204,8 +205,8 @@ def tiny_models(tiny_model_paths):
 @pytest.fixture(scope="session")
 def tiny_rows(tiny_models, tiny_windows):
     """Captured pre-RoPE K/V rows per arch: ``{"calib": (keys, values), "heldout": (keys, values)}``, ``[N, L, H, D]``."""
-    from kvlight.capture import capture_kv
-    from kvlight.models import kv_geometry
+    from kvlight.calibration.capture import capture_kv
+    from kvlight.geometry import kv_geometry
 
     rows = {}
     for arch, model in tiny_models.items():
@@ -224,7 +225,7 @@ def fitted_compressor(tiny_models, tiny_rows):
     """``fitted_compressor(arch, algo, rank=None, **config)``: a compressor fitted (statistics pass) on captured rows."""
     from kvlight.compressors import KVSpliceCompressor, PCACompressor
     from kvlight.config import CompressionConfig
-    from kvlight.models import kv_geometry
+    from kvlight.geometry import kv_geometry
 
     def make(
         arch: str,
@@ -297,8 +298,8 @@ def _one_torch_thread():
 @pytest.fixture(scope="session")
 def analyze_metrics_files(tiny_model_paths, tmp_path_factory):
     """``{arch: Path}``: metrics JSON measured once per tiny model (8 windows x 32 tokens after 8 eval windows)."""
-    from kvlight.analyze import measure_model
-    from kvlight.metrics_io import metrics_to_json
+    from kvlight.analysis.metrics_io import metrics_to_json
+    from kvlight.cli.analyze import measure_model
 
     root = tmp_path_factory.mktemp("analyze-metrics")
     paths = {}

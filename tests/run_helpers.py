@@ -130,12 +130,12 @@ def record_config(directory: Path, tag: str, *callbacks: dict) -> str:
 
 
 #: FSDP2 through Lightning's ModelParallelStrategy (the frozen model's blocks sharded over the processes).
-FSDP = ["--trainer.strategy", '{"class_path": "kvlight.strategy.FrozenModelFSDP"}']
+FSDP = ["--trainer.strategy", '{"class_path": "kvlight.calibration.strategy.FrozenModelFSDP"}']
 
 
 def calibrate_suite(repo: Path, model: str, out: Path, devices: int, strategy: str = "ddp") -> None:
     """PCA fit + validate, then a KVSplice fit, with ``devices`` CPU processes; records under ``out``."""
-    from kvlight.cli import lightning_cli
+    from kvlight.cli.lightning import lightning_cli
 
     parallel = []
     if devices > 1:

@@ -15,14 +15,15 @@ import pytest
 import torch
 from helpers import one_error_line
 
-from kvlight.allocate import TierThresholds, _min_cost_exact, budget, tiers, uniform
+from kvlight.analysis.metrics_io import CURVES, HeadMetrics, metrics_to_csv, metrics_to_json, read_metrics_file
+from kvlight.analysis.rank_allocation import TierThresholds, _min_cost_exact, budget, tiers, uniform
+from kvlight.analysis.sensitivity import AttentionFisher, attention_fisher_metrics
 from kvlight.cli import main
 from kvlight.compressors import KVCompressor
 from kvlight.config import CompressionConfig
 from kvlight.errors import ConfigError, MetricsError
-from kvlight.metrics_io import CURVES, HeadMetrics, metrics_to_csv, metrics_to_json, read_metrics_file
-from kvlight.models import KVGeometry, geometry_of, kv_geometry
-from kvlight.sensitivity import AttentionFisher, attention_fisher_metrics
+from kvlight.geometry import KVGeometry, kv_geometry
+from kvlight.models import geometry_of
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = ("fim_metrics.json", "fim_metrics.csv", "cfg.json", "cfg_summary.txt", "cfg_ranks.png")
@@ -109,9 +110,11 @@ def test_predicted_loss_tracks_the_measured_kl_of_truncating_one_head(
     arch, layer, rank, tiny_model_paths, tiny_models, analyze_metrics_files
 ):
     """The curve predicts KL(p_model || p_truncated) per token to second order: within a factor 3 here."""
-    from kvlight.analyze import calibration_windows
-    from kvlight.cache import CaptureCache, PositionTracker, cache_kwargs
-    from kvlight.sensitivity import principal_statistics
+    from kvlight.analysis.sensitivity import principal_statistics
+    from kvlight.cli.analyze import calibration_windows
+    from kvlight.hf import cache_kwargs
+    from kvlight.serving.capture_cache import CaptureCache
+    from kvlight.serving.positions import PositionTracker
 
     model, head = tiny_models[arch], 0
     geometry = kv_geometry(model)

@@ -16,19 +16,16 @@ import pytest
 import torch
 from helpers import HEAD_DIM, chunked_logits, one_error_line
 
-from kvlight.bit_allocation import (
-    allocate_bits,
-    fp16_bytes_per_token,
-    uniform_bits,
-)
-from kvlight.cache import CompressedCache, PositionTracker
+from kvlight.analysis.bit_allocation import allocate_bits, fp16_bytes_per_token, uniform_bits
+from kvlight.analysis.metrics_io import HeadMetrics, read_metrics_file
 from kvlight.cli import main
 from kvlight.compressors import KVCompressor
-from kvlight.config import CompressionConfig
+from kvlight.config import WIDTHS, CompressionConfig
 from kvlight.errors import ConfigError
-from kvlight.metrics_io import HeadMetrics, read_metrics_file
-from kvlight.models import KVGeometry, geometry_of, kv_geometry
-from kvlight.widths import WIDTHS
+from kvlight.geometry import KVGeometry, kv_geometry
+from kvlight.models import geometry_of
+from kvlight.serving.cache import CompressedCache
+from kvlight.serving.positions import PositionTracker
 
 TARGETS = (0.5, 0.75, 0.8125, 0.875, 0.90625, 0.9375)
 
@@ -152,7 +149,7 @@ def test_config_of_an_allocation_lists_every_head_and_its_reduction():
 
 # ---------------------------------------------------------------------- measured on the tiny models
 def kl_of(model, compressor, ids) -> float:
-    from kvlight.distill import token_kl
+    from kvlight.calibration.distill import token_kl
 
     geometry = kv_geometry(model)
     tracker = PositionTracker(model) if geometry.rope else None
@@ -186,7 +183,7 @@ def test_measured_metrics_carry_distortions_and_divergence_rises_with_the_target
 
 
 def test_kl_distillation_trains_through_mixed_widths(tiny_models, tiny_rows, tiny_windows, analyze_metrics_files):
-    from kvlight.distill import distill, distillation_loss, latent_quantizers
+    from kvlight.calibration.distill import distill, distillation_loss, latent_quantizers
 
     model = tiny_models["llama"]
     geometry = kv_geometry(model)
@@ -309,7 +306,7 @@ def test_calibrate_with_a_target_measures_allocates_and_calibrates(tiny_llama_pa
     assert 0.75 <= reduction < 0.78  # within a step and the packing padding of a 2-layer model
     assert (output / "fim_metrics.json").stat().st_size > 0
     # The checkpoint describes the allocated config alone: validate rebuilds it without measuring again.
-    from kvlight.module import KVCalibrationModule
+    from kvlight.calibration.module import KVCalibrationModule
 
     module = KVCalibrationModule.load_from_checkpoint(output / "checkpoints" / "last.ckpt")
     assert module.hparams.target_memory_reduction is None and not module.allocation_pending

@@ -9,10 +9,12 @@ import pytest
 import torch
 from run_helpers import cli_args, load_records, record_config
 
-from kvlight.capture import capture_kv
+from kvlight.calibration.capture import capture_kv
+from kvlight.calibration.datamodule import KVCalibrationDataModule
+from kvlight.calibration.texts import iter_texts
+from kvlight.calibration.windows import eval_and_calibration_windows
 from kvlight.cli import main
-from kvlight.data import KVCalibrationDataModule, eval_and_calibration_windows, iter_texts
-from kvlight.models import kv_geometry
+from kvlight.geometry import kv_geometry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +98,7 @@ def test_windows_are_cut_from_an_endless_stream(data_tokenizer):
 
 def test_data_module_streams_an_endless_source(data_tokenizer, monkeypatch):
     source = EndlessDocuments()
-    monkeypatch.setattr("kvlight.data.iter_texts", source)
+    monkeypatch.setattr("kvlight.calibration.datamodule.iter_texts", source)
     module = KVCalibrationDataModule(dataset="a-hub-dataset-too-big-to-hold", seq_len=64, calibration_samples=8)
     module.tokenizer = data_tokenizer
     module.setup("fit")

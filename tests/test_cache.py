@@ -6,10 +6,12 @@ import torch
 from helpers import ARCH_BACKEND, ARCHS, HEAD_DIM, chunked_logits, held_tensors, nbytes
 from transformers import DynamicCache
 
-from kvlight.cache import CompressedCache, LatentStore, PositionTracker, dynamic_cache_bytes
-from kvlight.capture import capture_kv
-from kvlight.models import kv_geometry
-from kvlight.wrapper import CompressedKVModelWrapper
+from kvlight.calibration.capture import capture_kv
+from kvlight.geometry import kv_geometry
+from kvlight.serving.cache import CompressedCache, dynamic_cache_bytes
+from kvlight.serving.latents import LatentStore
+from kvlight.serving.positions import PositionTracker
+from kvlight.serving.wrapper import CompressedKVModelWrapper
 
 ATOL = 1e-4
 
@@ -347,7 +349,7 @@ def test_unrotate_inverts_rotate(variant, tiny_models):
 
 def _projection_hooks(model, arch):
     """Forward hooks recording each layer's pre-RoPE K and V projections as ``[B, T, H, D]``."""
-    from kvlight.models import kv_geometry
+    from kvlight.geometry import kv_geometry
 
     geometry = kv_geometry(model)
     heads, dim = geometry.num_kv_heads, geometry.head_dim

@@ -13,10 +13,11 @@ import torch
 import yaml
 from helpers import one_error_line
 
-from kvlight.cli import lightning_cli, main
+from kvlight.cli import main
+from kvlight.cli.lightning import lightning_cli
 from kvlight.compressors import PCACompressor, load_compressor
 from kvlight.config import CompressionConfig
-from kvlight.models import kv_geometry
+from kvlight.geometry import kv_geometry
 
 REPO = Path(__file__).resolve().parents[1]
 YAMLS = sorted((REPO / "configs").glob("*.yaml"))
@@ -111,7 +112,7 @@ FIT_CASES = {
 
 @pytest.mark.parametrize("case", list(FIT_CASES))
 def test_fit_then_validate_from_checkpoint(case, tmp_path, tiny_model_paths, tiny_rows, kvlight_cache):
-    from kvlight.module import KVCalibrationModule
+    from kvlight.calibration.module import KVCalibrationModule
 
     arch, config_name, extra = FIT_CASES[case]
     config, model = REPO / "configs" / config_name, tiny_model_paths[arch]

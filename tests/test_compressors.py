@@ -11,7 +11,7 @@ from kvlight.compressors import KVCompressor, KVSpliceCompressor, PCACompressor,
 from kvlight.compressors.compressor import CONFIG_NAME, WEIGHTS_NAME
 from kvlight.config import CompressionConfig
 from kvlight.errors import ConfigError, GeometryMismatchError, KVLightError
-from kvlight.models import KVGeometry, kv_geometry
+from kvlight.geometry import KVGeometry, kv_geometry
 
 RANKS = [1, 2, 4, 8, 12, 16]
 COMPRESSOR_CLASSES = {"pca": PCACompressor, "kvsplice": KVSpliceCompressor}
@@ -223,7 +223,7 @@ def test_loading_onto_another_geometry_raises(arch, change, tmp_path, tiny_model
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_wrapping_another_model_raises(arch, tiny_models, fitted_compressor):
-    from kvlight.wrapper import CompressedKVModelWrapper
+    from kvlight.serving.wrapper import CompressedKVModelWrapper
 
     other = tiny_models["gpt2" if arch == "llama" else "llama"]
     with pytest.raises(GeometryMismatchError):

@@ -9,18 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kvlight.data import (
-    BUILTIN_CORPUS,
-    KVCalibrationDataModule,
-    builtin_documents,
-    default_capture_dir,
-    eval_and_calibration_windows,
-    iter_texts,
-    pack_windows,
-    shard_for_rank,
-)
+from kvlight.calibration.datamodule import KVCalibrationDataModule, default_capture_dir
+from kvlight.calibration.shards import write_shards
+from kvlight.calibration.texts import BUILTIN_CORPUS, builtin_documents, iter_texts
+from kvlight.calibration.windows import eval_and_calibration_windows, pack_windows, shard_for_rank
 from kvlight.errors import CaptureError, DataLoadError
-from kvlight.shards import write_shards
 
 DOCS = [
     "Alpha beta gamma delta.",

@@ -13,14 +13,15 @@ import pytest
 import torch
 from helpers import HEAD_DIM
 
-from kvlight.cache import PositionTracker
+from kvlight.calibration.distill import distill, distillation_loss, latent_quantizers, simulate, warmup_cosine
 from kvlight.compressors import KVCompressor
 from kvlight.compressors.base import principal_basis
 from kvlight.compressors.weighting import output_weight, weighted_projection
 from kvlight.config import CompressionConfig
-from kvlight.distill import distill, distillation_loss, latent_quantizers, simulate, warmup_cosine
 from kvlight.errors import ConfigError
-from kvlight.models import decoder_blocks, kv_geometry, output_projections
+from kvlight.geometry import kv_geometry
+from kvlight.models import decoder_blocks, output_projections
+from kvlight.serving.positions import PositionTracker
 
 
 def _compressor(tiny_models, tiny_rows, arch: str, rank: int, bits=None, sinks: int = 0, group: int = 4):
@@ -171,8 +172,8 @@ def test_calibrate_with_kl_objective(tmp_path, tiny_llama_path, tiny_models, tin
     distilled compressor on the evaluation windows is below that of the reconstruction-trained one."""
     from test_cli import tiny_calibrate_args
 
+    from kvlight.calibration.module import KVCalibrationModule
     from kvlight.cli import main
-    from kvlight.module import KVCalibrationModule
 
     fitted = {}
     for objective in ("reconstruction", "kl"):
@@ -204,7 +205,7 @@ def test_calibrate_with_kl_objective(tmp_path, tiny_llama_path, tiny_models, tin
 
 
 def test_objective_options_are_checked(tiny_llama_path):
-    from kvlight.module import KVCalibrationModule
+    from kvlight.calibration.module import KVCalibrationModule
 
     cases = [
         ({"compressor": "pca", "objective": "kl"}, "objective kl trains KVSplice heads"),

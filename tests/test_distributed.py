@@ -16,8 +16,8 @@ import pytest
 import torch
 from run_helpers import calibrate_suite, checkpoint_state, load_records
 
-from kvlight.module import KVCalibrationModule
-from kvlight.shards import KVShardStream, write_shards
+from kvlight.calibration.module import KVCalibrationModule
+from kvlight.calibration.shards import KVShardStream, write_shards
 
 pytestmark = pytest.mark.slow  # one 2-process launch for the module: about 25 s on two busy cores
 

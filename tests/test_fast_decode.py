@@ -9,8 +9,8 @@ import pytest
 import torch
 from helpers import ARCHS, mixed_widths
 
-from kvlight.cache import CompressedLayer
-from kvlight.wrapper import CompressedKVModelWrapper
+from kvlight.serving.layer import CompressedLayer
+from kvlight.serving.wrapper import CompressedKVModelWrapper
 
 NEW_TOKENS = 12
 
@@ -155,7 +155,7 @@ def test_close_restores_the_attention_implementation(arch, tiny_models, tiny_win
 def test_codes_are_read_without_dequantizing_when_a_group_is_one_head(
     group, dequantized, tiny_models, tiny_windows, fitted_compressor, monkeypatch
 ):
-    from kvlight.quant import LatentQuantizer
+    from kvlight.serving.quant import LatentQuantizer
 
     calls = {"n": 0}
     original = LatentQuantizer.dequantize_fast

@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
+from kvlight.analysis.metrics_io import CURVES, HeadMetrics, metrics_to_csv, metrics_to_json, read_metrics_file
 from kvlight.compressors import KVCompressor, PCACompressor, load_compressor
 from kvlight.config import CompressionConfig
 from kvlight.errors import ConfigError, KVLightError, MetricsError
-from kvlight.metrics_io import CURVES, HeadMetrics, metrics_to_csv, metrics_to_json, read_metrics_file
-from kvlight.models import KVGeometry
+from kvlight.geometry import KVGeometry
 
 GEOMETRY = KVGeometry("llama", num_layers=2, num_kv_heads=2, head_dim=16, rope=True)
 # Bounded examples and a deadline generous enough for a busy shared machine, yet far below a hang.
@@ -378,7 +378,7 @@ def test_checkpoint_refuses_another_model(tiny_llama_path, tiny_gpt2_path, tmp_p
     assert main(["fit", *cli_args(pca, tiny_llama_path, tmp_path, *data)]) == 0
     checkpoint = tmp_path / "checkpoints" / "last.ckpt"
     with pytest.raises(KVLightError) as refused:
-        from kvlight.module import KVCalibrationModule
+        from kvlight.calibration.module import KVCalibrationModule
 
         KVCalibrationModule.load_from_checkpoint(checkpoint, model=tiny_gpt2_path)
     assert "\n" not in str(refused.value)

@@ -9,9 +9,10 @@ import pytest
 import torch
 from helpers import ARCHS
 
-from kvlight.capture import capture_kv
-from kvlight.models import kv_geometry, rotary_module
-from kvlight.wrapper import CompressedKVModelWrapper
+from kvlight.calibration.capture import capture_kv
+from kvlight.geometry import kv_geometry
+from kvlight.models import rotary_module
+from kvlight.serving.wrapper import CompressedKVModelWrapper
 
 # Runs in a fresh interpreter: snapshot library objects, import kvlight and every submodule, compare.
 _PROBE = r"""
@@ -77,7 +78,9 @@ def test_importing_kvlight_patches_nothing():
     done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert {"kvlight.cache", "kvlight.wrapper", "kvlight.module", "kvlight.cli"} <= set(report["imported"])
+    assert {"kvlight.serving.cache", "kvlight.serving.wrapper", "kvlight.calibration.module", "kvlight.cli"} <= set(
+        report["imported"]
+    )
     assert report["changed"] == []
     assert report["same"] == [True, True, True]
 

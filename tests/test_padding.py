@@ -9,8 +9,8 @@ gets position 0); kvlight's cache re-rotates compressed keys with exactly those 
 import pytest
 import torch
 
-from kvlight.cache import dynamic_cache
-from kvlight.wrapper import CompressedKVModelWrapper
+from kvlight.hf import dynamic_cache
+from kvlight.serving.wrapper import CompressedKVModelWrapper
 
 PAD = 0  # any id: padded positions are masked (the tests also swap it for others)
 LENGTHS = (20, 7, 13)  # prompt lengths of one batch: rows padded by 0, 13 and 7 tokens
@@ -129,7 +129,7 @@ def test_left_padded_wrapper_forward_matches_each_row_alone(arch, sinks, tiny_mo
 
 # ---------------------------------------------------------------------- right padding in evaluation
 def _module(tiny_llama_path, fitted_compressor, **config):
-    from kvlight.module import KVCalibrationModule
+    from kvlight.calibration.module import KVCalibrationModule
 
     module = KVCalibrationModule(model=tiny_llama_path, compressor="pca", rank=8, eval_chunk=8, **config)
     fitted = fitted_compressor("llama", "pca", 8, **config)

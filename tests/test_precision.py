@@ -11,7 +11,7 @@ import pytest
 import torch
 from run_helpers import cli_args, load_records, record_config
 
-from kvlight.cli import lightning_cli
+from kvlight.cli.lightning import lightning_cli
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = ["--data.seq_len", "32", "--data.calibration_samples", "8", "--data.eval_samples", "4"]

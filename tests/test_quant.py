@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
-from kvlight.cache import CompressedCache, PositionTracker, dynamic_cache
-from kvlight.quant import LatentQuantizer
+from kvlight.hf import dynamic_cache
+from kvlight.serving.cache import CompressedCache
+from kvlight.serving.positions import PositionTracker
+from kvlight.serving.quant import LatentQuantizer
 from tests.helpers import HEAD_DIM, chunked_logits, held_tensors, nbytes
 
 #: bits -> (bytes per latent value as packed codes, has per-group scale and zero)

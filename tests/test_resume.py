@@ -13,10 +13,10 @@ import pytest
 import torch
 from run_helpers import SimulatedKill, checkpoint_state, cli_args, load_records, record_config
 
+from kvlight.calibration.module import STATISTICS_KEY
+from kvlight.calibration.shards import KVShardStream, load_manifest, write_shards
 from kvlight.cli import main
 from kvlight.errors import CaptureError
-from kvlight.module import STATISTICS_KEY
-from kvlight.shards import KVShardStream, load_manifest, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 YAML = {"kvsplice": str(REPO / "configs" / "smollm2_kvsplice.yaml"), "pca": str(REPO / "configs" / "smollm2_pca.yaml")}
@@ -136,11 +136,13 @@ DAMAGE = {"truncated": _truncate, "one-byte-flipped": _flip_byte}
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_damaged_shard_is_recaptured_not_used(damage, uninterrupted, tiny_llama_path, tmp_path, cache_dir, monkeypatch):
-    import kvlight.capture
+    import kvlight.calibration.capture
 
     captures = []
-    original = kvlight.capture.capture_kv
-    monkeypatch.setattr(kvlight.capture, "capture_kv", lambda *a, **k: captures.append(1) or original(*a, **k))
+    original = kvlight.calibration.capture.capture_kv
+    monkeypatch.setattr(
+        kvlight.calibration.capture, "capture_kv", lambda *a, **k: captures.append(1) or original(*a, **k)
+    )
     (directory,) = [path.parent for path in (cache_dir / "captures").glob("*/manifest.json") if _is_pca_data(path)]
     shard = sorted(directory.glob("shard-*.safetensors"))[0]
     DAMAGE[damage](shard)

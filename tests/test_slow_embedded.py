@@ -9,14 +9,16 @@ import pytest
 import torch
 from helpers import chunked_logits
 
-from kvlight.capture import capture_kv
+from kvlight.calibration.capture import capture_kv
+from kvlight.calibration.perplexity import TokenPerplexity
+from kvlight.calibration.texts import iter_texts
+from kvlight.calibration.windows import eval_and_calibration_windows
 from kvlight.cli import main
 from kvlight.compressors import PCACompressor
 from kvlight.config import CompressionConfig
-from kvlight.data import eval_and_calibration_windows, iter_texts
-from kvlight.metrics import TokenPerplexity
-from kvlight.models import kv_geometry, load_model, load_tokenizer, preferred_dtype
-from kvlight.wrapper import CompressedKVModelWrapper
+from kvlight.geometry import kv_geometry
+from kvlight.models import load_model, load_tokenizer, preferred_dtype
+from kvlight.serving.wrapper import CompressedKVModelWrapper
 
 pytestmark = pytest.mark.slow
 
@@ -88,12 +90,12 @@ def test_compressed_perplexity_rises_as_rank_falls(embedded_cache):
 def test_kl_distillation_lowers_heldout_kl_on_the_embedded_default(embedded_cache):
     """``objective: kl`` on the real model (RoPE, GQA 9/3, 30 layers): from the query/output-weighted start at K32/V64
     int4, 24 distillation steps lower the KL on held-out windows."""
-    from kvlight.cache import PositionTracker
-    from kvlight.capture import QueryMoments
+    from kvlight.analysis.queries import QueryMoments
+    from kvlight.calibration.distill import distill, distillation_loss, latent_quantizers
     from kvlight.compressors import KVCompressor
     from kvlight.compressors.weighting import output_weights, score_weight
-    from kvlight.distill import distill, distillation_loss, latent_quantizers
     from kvlight.models import output_projections, rotary_module
+    from kvlight.serving.positions import PositionTracker
 
     model, tokenizer = load_model(None, preferred_dtype()), load_tokenizer(None)
     geometry = kv_geometry(model)

@@ -11,14 +11,16 @@ import pytest
 import torch
 from helpers import HEAD_DIM
 
-from kvlight.cache import PositionTracker
-from kvlight.capture import QueryMoments, capture_kv
+from kvlight.analysis.queries import QueryMoments
+from kvlight.calibration.capture import capture_kv
 from kvlight.compressors import KVCompressor
 from kvlight.compressors.base import principal_basis
 from kvlight.compressors.weighting import rope_rotation, score_weight, weighted_projection
 from kvlight.config import CompressionConfig
 from kvlight.errors import ConfigError
-from kvlight.models import decoder_blocks, kv_geometry, rotary_module
+from kvlight.geometry import kv_geometry
+from kvlight.models import decoder_blocks, rotary_module
+from kvlight.serving.positions import PositionTracker
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +139,8 @@ def test_calibrate_with_query_weighted_keys(tmp_path, tiny_llama_path, tiny_rows
     error: lower query-weighted held-out error than the plain fit of the same run settings, plain MSE higher."""
     from test_cli import tiny_calibrate_args
 
+    from kvlight.calibration.module import KVCalibrationModule
     from kvlight.cli import main
-    from kvlight.module import KVCalibrationModule
 
     fitted = {}
     for objective in ("mse", "query"):
@@ -180,7 +182,7 @@ def test_calibrate_with_query_weighted_keys(tmp_path, tiny_llama_path, tiny_rows
 
 
 def test_query_objective_needs_kvsplice(tiny_llama_path):
-    from kvlight.module import KVCalibrationModule
+    from kvlight.calibration.module import KVCalibrationModule
 
     with pytest.raises(ConfigError, match="key_objective query needs KVSplice"):
         KVCalibrationModule(model=tiny_llama_path, compressor="pca", rank=4, key_objective="query")

@@ -14,20 +14,14 @@ import pytest
 import torch
 from helpers import ARCHS, HEAD_DIM, chunked_logits, held_tensors, mixed_widths, nbytes
 
-from kvlight.cache import CompressedCache, PositionTracker
 from kvlight.compressors import KVCompressor, load_compressor
-from kvlight.config import CompressionConfig
+from kvlight.compressors.statistics import STEP_MULTIPLIERS, grid_errors, step_offset
+from kvlight.config import WIDTHS, CompressionConfig
 from kvlight.errors import ConfigError
-from kvlight.models import kv_geometry
-from kvlight.widths import (
-    FIELDS,
-    STEP_MULTIPLIERS,
-    WIDTHS,
-    DirectionQuantizer,
-    grid_errors,
-    padded_bytes_per_token,
-    step_offset,
-)
+from kvlight.geometry import kv_geometry
+from kvlight.serving.cache import CompressedCache
+from kvlight.serving.positions import PositionTracker
+from kvlight.serving.widths import FIELDS, DirectionQuantizer, padded_bytes_per_token
 
 
 def quantizer_for(widths: list[int], seed: int = 0, exact_dtype=torch.float32):
@@ -248,7 +242,7 @@ def test_eight_bits_everywhere_costs_under_half_a_percent(arch, tiny_models, tin
 @pytest.mark.parametrize("arch", ARCHS)
 def test_divergence_rises_as_widths_fall(arch, tiny_models, tiny_windows, fitted_compressor):
     """KL to the exact model's predictions (the tiny models barely use attention, so perplexity alone is noise)."""
-    from kvlight.distill import token_kl
+    from kvlight.calibration.distill import token_kl
 
     model = tiny_models[arch]
     ids = tiny_windows["eval"]
@@ -269,7 +263,7 @@ def test_divergence_rises_as_widths_fall(arch, tiny_models, tiny_windows, fitted
 def test_a_float32_model_can_store_its_cache_in_bfloat16(arch, tiny_models, tiny_windows, fitted_compressor):
     """``storage_dtype``: exact tokens and exact channels in 16 bits (what a 16-bit deployment holds), attention still
     reads float32; fast decode still gives the plain path's tokens."""
-    from kvlight.wrapper import CompressedKVModelWrapper
+    from kvlight.serving.wrapper import CompressedKVModelWrapper
 
     model = tiny_models[arch]
     compressor = fitted_compressor(arch, "pca", bits=mixed_widths, sink_tokens=2, recent_window=3)

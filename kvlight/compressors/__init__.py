@@ -1,8 +1,9 @@
 """Compression backends. A new backend is one file defining a :class:`HeadProjection` plus one line here."""
 
-from kvlight.compressors.base import HeadProjection, IdentityProjection, LayerCodec, RunningMoments
+from kvlight.compressors.base import HeadProjection, IdentityProjection, LayerCodec
 from kvlight.compressors.kvsplice import KVSpliceProjection
 from kvlight.compressors.pca import PCAProjection
+from kvlight.compressors.statistics import RunningMoments
 
 #: algo name (as written in the compression config) -> projection class.
 PROJECTIONS: dict[str, type[HeadProjection]] = {
@@ -10,12 +11,7 @@ PROJECTIONS: dict[str, type[HeadProjection]] = {
     KVSpliceProjection.algo: KVSpliceProjection,
 }
 
-from kvlight.compressors.compressor import (  # noqa: E402  (needs PROJECTIONS)
-    KVCompressor,
-    KVSpliceCompressor,
-    PCACompressor,
-    load_compressor,
-)
+from kvlight.compressors.compressor import KVCompressor, KVSpliceCompressor, PCACompressor, load_compressor
 
 __all__ = [
     "PROJECTIONS",

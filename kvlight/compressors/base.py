@@ -15,7 +15,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from kvlight.widths import DirectionQuantizer, check_widths, step_offset
+from kvlight.compressors.statistics import step_offset
+from kvlight.config import check_widths
+from kvlight.serving.widths import DirectionQuantizer
 
 
 class HeadProjection(nn.Module):
@@ -182,36 +184,6 @@ class LayerCodec(nn.Module):
         for p, s, o in zip(self.heads, torch.split(step, self.splits), torch.split(offset, self.splits)):
             p.code_step.copy_(s.to(p.code_step))
             p.code_offset.copy_(o.to(p.code_offset))
-
-
-class RunningMoments:
-    """Float64 sums of rows per head, for means and covariances that add up across batches and ranks.
-
-    Shapes: ``count`` scalar, ``total [H, D]``, ``outer [H, D, D]``.
-    """
-
-    def __init__(self, num_heads: int, head_dim: int, device: torch.device | str = "cpu") -> None:
-        self.count = torch.zeros((), dtype=torch.float64, device=device)
-        self.total = torch.zeros(num_heads, head_dim, dtype=torch.float64, device=device)
-        self.outer = torch.zeros(num_heads, head_dim, head_dim, dtype=torch.float64, device=device)
-
-    def add(self, rows: torch.Tensor) -> None:
-        """rows ``[N, H, D]`` (any float dtype; accumulated in float64 whatever the training precision)."""
-        rows = rows.detach().to(self.total.device, torch.float64)
-        self.count += rows.shape[0]
-        self.total += rows.sum(0)
-        self.outer += torch.einsum("nhd,nhe->hde", rows, rows)
-
-    def tensors(self) -> list[torch.Tensor]:
-        """The sums, for an all-reduce across processes."""
-        return [self.count, self.total, self.outer]
-
-    def mean_and_covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mean [H, D], covariance [H, D, D])``, centred, float64."""
-        n = self.count.clamp_min(1)
-        mean = self.total / n
-        covariance = self.outer / n - torch.einsum("hd,he->hde", mean, mean)
-        return mean, covariance
 
 
 def random_init_(weight: torch.Tensor, std: float = 0.02) -> None:

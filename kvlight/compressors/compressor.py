@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kvlight.compressors.base import IdentityProjection, LayerCodec, RunningMoments
-from kvlight.config import CompressionConfig, atomic_write_text
+from kvlight.compressors.base import IdentityProjection, LayerCodec
+from kvlight.compressors.statistics import STEP_MULTIPLIERS, RunningMoments, grid_errors, step_offset
+from kvlight.config import EXACT, CompressionConfig
 from kvlight.errors import CaptureError, ConfigError, GeometryMismatchError, KVLightError
-from kvlight.models import KVGeometry
-from kvlight.widths import EXACT, STEP_MULTIPLIERS, grid_errors, step_offset
+from kvlight.files import atomic_write_text
+from kvlight.geometry import KVGeometry
 
 #: Captured rows that fit the static steps of width codecs (an even sample; more changes little).
 STEP_ROWS = 4096

@@ -1,28 +1,14 @@
-"""Command line: LightningCLI (``fit``, ``validate``) and the one-shot commands.
-
-    kvlight fit --config configs/smollm2_pca.yaml
-    kvlight validate --config configs/smollm2_pca.yaml --ckpt_path OUT/checkpoints/last.ckpt
-    kvlight calibrate --compressor pca --output-dir OUT        # fit + validate, the seed's five lines
-    kvlight config uniform --model M --rank 32 -o cfg.json
-
-Every :class:`KVLightError` ends the command with one line on stderr and exit code 2.
-"""
+"""LightningCLI around the calibration module and data module: ``kvlight fit`` / ``kvlight validate``."""
 
 from __future__ import annotations
-
-import sys
-
-from kvlight.errors import KVLightError
-
-LIGHTNING_COMMANDS = {"fit", "validate", "test", "predict"}
 
 
 def lightning_cli(args: list[str] | None = None, run: bool = True):
     """The LightningCLI around :class:`KVCalibrationModule` and :class:`KVCalibrationDataModule`."""
     from lightning.pytorch.cli import LightningCLI
 
-    from kvlight.data import KVCalibrationDataModule
-    from kvlight.module import KVCalibrationModule
+    from kvlight.calibration.datamodule import KVCalibrationDataModule
+    from kvlight.calibration.module import KVCalibrationModule
 
     class KVLightCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -71,21 +57,3 @@ def last_checkpoint(trainer) -> str | None:
         candidates |= set(Path(trainer.default_root_dir).glob("checkpoints/last*.ckpt"))
     existing = [path for path in candidates if path.is_file()]
     return str(max(existing, key=lambda path: path.stat().st_mtime_ns)) if existing else None
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv and argv[0] in LIGHTNING_COMMANDS:
-            lightning_cli(argv)
-            return 0
-        from kvlight.commands import run_command
-
-        return run_command(argv)
-    except KVLightError as exc:
-        print(f"kvlight: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,11 +14,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kvlight.cache import CaptureCache, PositionTracker, cache_kwargs
-from kvlight.config import atomic_write_bytes
+from kvlight.analysis.queries import QueryMoments
+from kvlight.calibration.shards import KVReservoir, load_manifest, write_shards
 from kvlight.errors import CaptureError
-from kvlight.models import KVGeometry, decoder_blocks
-from kvlight.shards import KVReservoir, load_manifest, write_shards
+from kvlight.files import atomic_write_bytes
+from kvlight.geometry import KVGeometry
+from kvlight.hf import cache_kwargs
+from kvlight.serving.capture_cache import CaptureCache
+from kvlight.serving.positions import PositionTracker
 
 ROWS_PER_SHARD = 2048
 
@@ -33,46 +36,6 @@ def check_finite(layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
                 f"captured {name} of layer {layer}, KV head {head} contains NaN or inf; "
                 "the model produces non-finite activations on this data (try float32 or other text)"
             )
-
-
-class QueryMoments:
-    """Float64 sums of pre-RoPE query outer products per layer and KV head, ``[L, H, D, D]``, from ``q_proj`` hooks.
-
-    The query heads that share a KV head are pooled: they all read its keys. :meth:`attach` hooks the model for
-    the duration of a capture pass; :meth:`mean` gives ``E[q q^T]`` (the input of
-    :func:`kvlight.compressors.weighting.score_weight`).
-    """
-
-    def __init__(self, geometry: KVGeometry) -> None:
-        self.geometry = geometry
-        shape = (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, geometry.head_dim)
-        self.sums = torch.zeros(shape, dtype=torch.float64)
-        self.count = 0
-
-    def attach(self, model: nn.Module) -> list:
-        handles = []
-        for layer, block in enumerate(decoder_blocks(model)):
-            projection = getattr(getattr(block, "self_attn", None), "q_proj", None)
-            if projection is None:
-                raise ValueError(f"{type(model).__name__} has no self_attn.q_proj to measure queries on")
-            handles.append(projection.register_forward_hook(self._hook(layer)))
-        return handles
-
-    def _hook(self, layer: int):
-        heads, dim = self.geometry.num_kv_heads, self.geometry.head_dim
-
-        def observe(module, args, output) -> None:
-            q = output.detach().to(torch.float64).reshape(-1, heads, output.shape[-1] // (heads * dim), dim)
-            self.sums[layer] += torch.einsum("nhgd,nhge->hde", q, q).cpu()
-            if layer == 0:
-                self.count += q.shape[0] * q.shape[2]
-
-        return observe
-
-    def mean(self) -> torch.Tensor:
-        if self.count == 0:
-            raise ValueError("no queries were observed")
-        return self.sums / self.count
 
 
 @torch.no_grad()

@@ -30,11 +30,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvlight.config import CompressionConfig
+from kvlight.analysis.metrics_io import HeadMetrics
+from kvlight.config import EXACT, WIDTHS, CompressionConfig
 from kvlight.errors import ConfigError
-from kvlight.metrics_io import HeadMetrics
-from kvlight.models import KVGeometry
-from kvlight.widths import EXACT, FIELD_SIZES, FIELDS, WIDTHS, padded_bytes_per_token
+from kvlight.geometry import KVGeometry
+from kvlight.serving.widths import FIELD_SIZES, FIELDS, padded_bytes_per_token
 
 #: how directions are weighed (see the module docstring); "uniform" ignores the metrics.
 WEIGHTINGS = ("fisher", "fisher-joint", "mse", "query", "uniform")

@@ -7,8 +7,8 @@ import math
 
 import numpy as np
 
-from kvlight.allocate import Allocation
-from kvlight.metrics_io import HeadMetrics
+from kvlight.analysis.metrics_io import HeadMetrics
+from kvlight.analysis.rank_allocation import Allocation
 
 NOTES = (
     "Notes:",

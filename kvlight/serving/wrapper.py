@@ -11,10 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvlight.attention import LatentAttention
-from kvlight.cache import CACHE_KWARG, CompressedCache, PositionTracker
 from kvlight.compressors import KVCompressor
-from kvlight.models import kv_geometry
+from kvlight.geometry import kv_geometry
+from kvlight.hf import CACHE_KWARG
+from kvlight.serving.attention import LatentAttention
+from kvlight.serving.cache import CompressedCache
+from kvlight.serving.positions import PositionTracker
 
 
 def positions_from_mask(attention_mask: torch.Tensor | None, new_tokens: int | None) -> torch.Tensor | None:

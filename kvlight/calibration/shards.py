@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from kvlight.config import atomic_write_bytes
 from kvlight.errors import CaptureError, OutputError
+from kvlight.files import atomic_write_bytes, fsync_directory
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "kvlight-kv-shards"
@@ -175,20 +174,6 @@ class KVReservoir:
         return self._keys[:n], self._values[:n]
 
 
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; not every platform/filesystem lets a directory be opened, hence best effort.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so readers see either the old file, no file, or the complete new file (synced)."""
     atomic_write_bytes(path, data, fsync=True)
@@ -265,7 +250,7 @@ def write_shards(
             "meta": meta,
         }
         _atomic_write(directory / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True).encode())
-        _fsync_directory(directory)
+        fsync_directory(directory)
         listed = {entry["name"] for entry in files}
         for stale in directory.glob("shard-*.safetensors"):
             if stale.name not in listed:

@@ -24,97 +24,21 @@ from dataclasses import dataclass
 
 import torch
 
-#: widths a latent direction may take (bits per element); 0: dropped, 16: exact in the K/V dtype.
-WIDTHS = (0, 1, 2, 3, 4, 5, 6, 8, 16)
-EXACT = 16
-#: the widths stored as integer codes.
-CODED_WIDTHS = tuple(w for w in WIDTHS if 0 < w < EXACT)
+from kvlight.compressors.statistics import levels_of
+from kvlight.config import EXACT
+
 #: fields ``(size, shift)`` each width is packed as: bits ``[shift, shift + size)`` of the code.
-FIELDS = {1: ((1, 0),), 2: ((2, 0),), 3: ((2, 1), (1, 0)), 4: ((4, 0),), 5: ((4, 1), (1, 0)), 6: ((4, 2), (2, 0))}
-FIELDS[8] = ((8, 0),)
+FIELDS = {
+    1: ((1, 0),),
+    2: ((2, 0),),
+    3: ((2, 1), (1, 0)),
+    4: ((4, 0),),
+    5: ((4, 1), (1, 0)),
+    6: ((4, 2), (2, 0)),
+    8: ((8, 0),),
+}
+
 FIELD_SIZES = (8, 4, 2, 1)
-#: step of the mean-squared-error optimal uniform quantizer with ``2^b`` levels for a unit Gaussian (Max, 1960):
-#: the starting point of each channel's step search.
-GAUSSIAN_STEP = {1: 1.596, 2: 0.9957, 3: 0.5860, 4: 0.3352, 5: 0.1881, 6: 0.1041, 8: 0.0312}
-#: multipliers of the Gaussian step tried per channel; the one with the least squared error on calibration rows wins.
-#: Powers of 2^(1/4) from 0.5 to 3.4, 1.0 (the Gaussian step itself) among them: heavy tails want wider steps at
-#: high widths (the Gaussian step clips them), light tails narrower ones at low widths.
-STEP_MULTIPLIERS = tuple(2.0 ** (k / 4) for k in range(-4, 8))
-
-
-def check_widths(widths, where: str, length: int | None = None) -> tuple[int, ...]:
-    """``widths`` as a tuple of ints from :data:`WIDTHS`; raises ``ValueError`` naming ``where`` otherwise."""
-    if not isinstance(widths, (list, tuple)) or not widths:
-        raise ValueError(f"{where} must be a list of widths, one per head dimension")
-    if length is not None and len(widths) != length:
-        raise ValueError(f"{where} has {len(widths)} widths but the head dimension is {length}")
-    for width in widths:
-        if isinstance(width, bool) or not isinstance(width, int) or width not in WIDTHS:
-            raise ValueError(f"{where} holds width {width!r}; each must be one of {', '.join(map(str, WIDTHS))}")
-    return tuple(int(w) for w in widths)
-
-
-def stored_rank(widths) -> int:
-    """Latent channels a head must encode: up to its last stored direction (trailing 0 widths are never encoded)."""
-    last = max((i for i, w in enumerate(widths) if w > 0), default=0)
-    return last + 1
-
-
-def levels_of(widths: torch.Tensor) -> torch.Tensor:
-    """Largest code ``2^b - 1`` per channel (0 for widths 0 and 16), float32."""
-    coded = (widths > 0) & (widths < EXACT)
-    return torch.where(coded, 2.0 ** widths.clamp(max=8).float() - 1.0, torch.zeros_like(widths, dtype=torch.float32))
-
-
-def step_offset(
-    center: torch.Tensor, sigma: torch.Tensor, widths: torch.Tensor, multiplier: torch.Tensor | float = 1.0
-):
-    """Static ``(step, offset)`` per channel: ``2^b`` levels centred on ``center``, ``step = sigma * GAUSSIAN_STEP[b] *
-    multiplier``. Dropped channels get ``offset = center``; exact channels ``step = 1, offset = 0``."""
-    gaussian = torch.tensor([GAUSSIAN_STEP.get(int(w), 1.0) for w in widths.tolist()], dtype=torch.float64)
-    step = sigma.double() * gaussian * torch.as_tensor(multiplier, dtype=torch.float64)
-    step = step.clamp_min(1e-12)
-    offset = center.double() - step * levels_of(widths).double() / 2
-    exact, dropped = widths == EXACT, widths == 0
-    step = torch.where(exact | dropped, torch.ones_like(step), step)
-    offset = torch.where(exact, torch.zeros_like(offset), torch.where(dropped, center.double(), offset))
-    return step.float(), offset.float()
-
-
-def grid_errors(
-    z: torch.Tensor,
-    center: torch.Tensor,
-    sigma: torch.Tensor,
-    width: int,
-    chunk: int = 512,
-    weights: torch.Tensor | None = None,
-):
-    """Summed squared quantisation error of ``z [N, C]`` at ``width`` bits for every step in :data:`STEP_MULTIPLIERS`.
-
-    Args:
-        z: latents of ``C`` channels (float).
-        center, sigma: ``[C]`` each channel's calibration mean and std.
-        width: a coded width (1..8).
-        weights: optional ``[N, C]`` per-row weights (e.g. squared loss gradients): then also their weighted sums.
-
-    Returns:
-        ``[C, G]`` float64 sums over the ``N`` rows (``G = len(STEP_MULTIPLIERS)``); with ``weights``, a pair
-        ``(plain, weighted)``.
-    """
-    multipliers = torch.tensor(STEP_MULTIPLIERS, dtype=torch.float32, device=z.device)
-    step = (sigma.float() * GAUSSIAN_STEP[width]).clamp_min(1e-12)[:, None] * multipliers  # [C, G]
-    levels = float(2**width - 1)
-    offset = center.float()[:, None] - step * levels / 2
-    total = torch.zeros(z.shape[1], len(STEP_MULTIPLIERS), dtype=torch.float64, device=z.device)
-    weighted = torch.zeros_like(total) if weights is not None else None
-    for start in range(0, z.shape[0], chunk):
-        x = z[start : start + chunk].float()[:, :, None]  # [n, C, 1]
-        code = torch.clamp(torch.round((x - offset) / step), 0.0, levels)
-        error = (offset + step * code - x) ** 2
-        total += error.sum(0).double()
-        if weighted is not None:
-            weighted += (error * weights[start : start + chunk].float()[:, :, None]).sum(0).double()
-    return total if weighted is None else (total, weighted)
 
 
 @dataclass

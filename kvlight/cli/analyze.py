@@ -20,13 +20,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvlight.allocate import STRATEGIES, TierThresholds, allocate, budget_units, check_rank_step, check_target
-from kvlight.bit_allocation import WEIGHTINGS, allocate_bits, check_bits_target
-from kvlight.config import RECOMMENDED, atomic_write_bytes, atomic_write_text
+from kvlight.analysis.bit_allocation import WEIGHTINGS, allocate_bits, check_bits_target
+from kvlight.analysis.metrics_io import (
+    HeadMetrics,
+    fetch_wandb_metrics,
+    metrics_to_csv,
+    metrics_to_json,
+    read_metrics_file,
+)
+from kvlight.analysis.rank_allocation import (
+    STRATEGIES,
+    TierThresholds,
+    allocate,
+    budget_units,
+    check_rank_step,
+    check_target,
+)
+from kvlight.analysis.report import bits_heatmap_png, bits_summary_text, heatmap_png, summary_text
+from kvlight.config import RECOMMENDED
 from kvlight.errors import ConfigError
-from kvlight.metrics_io import HeadMetrics, fetch_wandb_metrics, metrics_to_csv, metrics_to_json, read_metrics_file
-from kvlight.models import EMBEDDED_DEFAULT, KVGeometry, geometry_of, kv_geometry, load_model
-from kvlight.report import bits_heatmap_png, bits_summary_text, heatmap_png, summary_text
+from kvlight.files import atomic_write_bytes, atomic_write_text
+from kvlight.geometry import KVGeometry, kv_geometry
+from kvlight.models import EMBEDDED_DEFAULT, geometry_of, load_model
 
 METRICS_JSON, METRICS_CSV = "fim_metrics.json", "fim_metrics.csv"
 _DESCRIPTION = """\
@@ -133,7 +148,8 @@ def calibration_windows(
     text_field: str = "text",
 ):
     """calibrate's calibration windows ``[N, seq_len]``: the ``N`` windows after the ``eval_samples`` first."""
-    from kvlight.data import eval_and_calibration_windows, iter_texts
+    from kvlight.calibration.texts import iter_texts
+    from kvlight.calibration.windows import eval_and_calibration_windows
     from kvlight.models import load_tokenizer
 
     _, windows = eval_and_calibration_windows(
@@ -160,7 +176,7 @@ def measure_model(
     progress: bool = True,
 ) -> HeadMetrics:
     """Load ``model`` and measure every metric on calibrate's calibration windows of ``dataset``."""
-    from kvlight.sensitivity import measure_sensitivity  # deferred: it imports transformers' cache classes
+    from kvlight.analysis.sensitivity import measure_sensitivity
 
     _check_lengths(seq_len, sink_tokens)
     windows = calibration_windows(model, dataset, calibration_samples, eval_samples, seq_len)
@@ -298,7 +314,7 @@ def _metrics_source(args: argparse.Namespace, plan: _Plan) -> tuple[HeadMetrics 
     )
 
     def measure() -> HeadMetrics:
-        from kvlight.sensitivity import measure_sensitivity
+        from kvlight.analysis.sensitivity import measure_sensitivity
 
         metrics = measure_sensitivity(
             network,
@@ -329,7 +345,7 @@ def _describe(geometry: KVGeometry) -> str:
 
 def _check_writable(plan: _Plan) -> None:
     """Fail before the long pass if an output location cannot be written (creates the directories)."""
-    from kvlight.commands import ensure_writable
+    from kvlight.files import ensure_writable
 
     ensure_writable(plan.output)
     if plan.config_path is not None:

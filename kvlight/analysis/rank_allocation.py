@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvlight.analysis.metrics_io import HeadMetrics
 from kvlight.config import CompressionConfig
 from kvlight.errors import ConfigError
-from kvlight.metrics_io import HeadMetrics
-from kvlight.models import KVGeometry
+from kvlight.geometry import KVGeometry
 
 STRATEGIES = ("budget", "tiers", "uniform")
 #: The seed's tier ranks, for head_dim 64.

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from kvlight.widths import CODED_WIDTHS, EXACT, WIDTHS, grid_errors
+from kvlight.compressors.statistics import grid_errors
+from kvlight.config import CODED_WIDTHS, EXACT, WIDTHS
 
 
 class DistortionMeter:

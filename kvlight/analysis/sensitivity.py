@@ -42,14 +42,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from kvlight.cache import CaptureCache, PositionTracker, cache_kwargs
-from kvlight.capture import QueryMoments
-from kvlight.compressors.base import RunningMoments
+from kvlight.analysis.distortion import DistortionMeter, direction_energy
+from kvlight.analysis.metrics_io import HeadMetrics
+from kvlight.analysis.queries import QueryMoments
+from kvlight.compressors.statistics import RunningMoments
 from kvlight.compressors.weighting import output_weights, score_weight
-from kvlight.distortion import DistortionMeter, direction_energy
 from kvlight.errors import CaptureError, KVLightError
-from kvlight.metrics_io import HeadMetrics
-from kvlight.models import KVGeometry, decoder_blocks, output_projections, rotary_module
+from kvlight.geometry import KVGeometry
+from kvlight.hf import cache_kwargs
+from kvlight.models import decoder_blocks, output_projections, rotary_module
+from kvlight.serving.capture_cache import CaptureCache
+from kvlight.serving.positions import PositionTracker
 
 KINDS = ("k", "v")
 COND_FLOOR = 1e-12

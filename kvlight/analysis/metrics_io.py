@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from kvlight.config import WIDTHS
 from kvlight.errors import MetricsError
-from kvlight.models import KVGeometry
-from kvlight.widths import WIDTHS
+from kvlight.geometry import KVGeometry
 
 #: Scalar metrics of the seed, in its column order; the tiers rule reads ``trace`` and ``cond``.
 SEED_METRICS = ("trace", "eigmax", "cond")

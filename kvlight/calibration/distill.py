@@ -22,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvlight.cache import CaptureCache, PositionTracker, cache_kwargs
 from kvlight.compressors import KVCompressor
-from kvlight.quant import LatentQuantizer, codec_quantizer
-from kvlight.widths import DirectionQuantizer
+from kvlight.hf import cache_kwargs
+from kvlight.serving.capture_cache import CaptureCache
+from kvlight.serving.positions import PositionTracker
+from kvlight.serving.quant import LatentQuantizer, codec_quantizer
+from kvlight.serving.widths import DirectionQuantizer
 
 Quantizer = LatentQuantizer | DirectionQuantizer
 

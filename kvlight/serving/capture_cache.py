@@ -1,0 +1,58 @@
+"""A one-forward cache that hands every layer's pre-RoPE K/V to a callback (capture, sensitivity, distillation)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from kvlight.serving.positions import PositionTracker
+
+
+class CaptureLayer(DynamicLayer):
+    """One forward, no past: hands pre-RoPE K/V to a callback, which may return replacements.
+
+    The callback gets ``(layer, keys_pre_rope, values)``, each ``[B, H, T, D]``. Returning None
+    leaves the forward untouched (capture); returning ``(keys_pre_rope, values)`` makes attention use
+    those instead (keys rotated again), e.g. with a zero perturbation that requires grad, to measure
+    the loss's sensitivity to each head's K and V.
+    """
+
+    def __init__(self, layer_idx: int, owner: CaptureCache) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.owner = owner
+        self.length = 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.length:
+            raise RuntimeError("a CaptureCache serves exactly one forward pass")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.length = key_states.shape[2]
+        tracker = self.owner.tracker
+        positions = None if tracker is None else tracker.current.expand(key_states.shape[0], -1)
+        keys = key_states if tracker is None else tracker.unrotate(key_states, positions)
+        replaced = self.owner.sink(self.layer_idx, keys, value_states)
+        if replaced is None:
+            return key_states, value_states
+        keys, values = replaced
+        return (keys if tracker is None else tracker.rotate(keys, positions)), values
+
+
+class CaptureCache(Cache):
+    """A one-forward cache that reports every layer's pre-RoPE keys and values ``[B, H, T, D]`` to ``sink``."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        sink: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None],
+        tracker: PositionTracker | None = None,
+    ) -> None:
+        self.sink = sink
+        self.tracker = tracker
+        super().__init__(layers=[CaptureLayer(i, self) for i in range(num_layers)])

@@ -1,0 +1,95 @@
+"""The stored latents of one layer and kind, in buffers grown in chunks and filled in place."""
+
+from __future__ import annotations
+
+import torch
+
+from kvlight.serving.quant import LatentQuantizer, QuantizedLatents
+from kvlight.serving.widths import DirectionQuantizer, PackedCodes
+
+
+class LatentStore:
+    """The latents of one layer and kind, ``[B, T, R]``, in the K/V dtype, quantized with per-token group scales
+    (:class:`~kvlight.quant.LatentQuantizer`) or as static mixed-width codes (:class:`~kvlight.widths.DirectionQuantizer`).
+
+    Stored in buffers preallocated in chunks of :attr:`GROW` tokens and filled in place, so a decode
+    step writes one token instead of copying the whole history (at most ``GROW - 1`` tokens of slack).
+    """
+
+    #: tokens added to the buffers whenever they are full.
+    GROW = 256
+
+    def __init__(
+        self, quantizer: LatentQuantizer | DirectionQuantizer | None, template: torch.Tensor, width: int
+    ) -> None:
+        self.quantizer = quantizer
+        self.widths = isinstance(quantizer, DirectionQuantizer)
+        self.length = 0
+        self._buffers = self._encode(template.new_zeros(template.shape[0], 0, width))
+
+    def _encode(self, z: torch.Tensor) -> list[torch.Tensor | None]:
+        """``z [B, T, R]`` -> the tensors stored for it: ``[latents]``, ``[codes, scale, zero]`` or
+        ``[field arrays..., exact channels]``."""
+        if self.quantizer is None:
+            return [z]
+        q = self.quantizer.quantize(z)
+        if self.widths:
+            return q.tensors()
+        return [q.codes, q.scale, q.zero]
+
+    @property
+    def capacity(self) -> int:
+        return self._buffers[0].shape[1]
+
+    @property
+    def data(self) -> torch.Tensor | QuantizedLatents | PackedCodes:
+        """The stored latents of the ``length`` tokens (views of the buffers)."""
+        parts = [None if b is None else b[:, : self.length] for b in self._buffers]
+        if self.quantizer is None:
+            return parts[0]
+        return PackedCodes(parts[:-1], parts[-1]) if self.widths else QuantizedLatents(*parts)
+
+    def append(self, z: torch.Tensor) -> None:
+        """Store new latents ``z [B, T, R]`` after the existing ones (no copy of the history unless full)."""
+        new = self._encode(z)
+        count = z.shape[1]
+        if self.length + count > self.capacity:
+            capacity = -(-(self.length + count) // self.GROW) * self.GROW
+            grown = []
+            for buffer in self._buffers:
+                if buffer is None:
+                    grown.append(None)
+                    continue
+                bigger = buffer.new_zeros(buffer.shape[0], capacity, *buffer.shape[2:])
+                bigger[:, : self.length] = buffer[:, : self.length]
+                grown.append(bigger)
+            self._buffers = grown
+        for buffer, part in zip(self._buffers, new):
+            if buffer is not None:
+                buffer[:, self.length : self.length + count] = part
+        self.length += count
+
+    def read(self, dtype: torch.dtype, channel_scaled: bool = True) -> torch.Tensor:
+        """All stored latents ``[B, T, R]`` in ``dtype`` (``channel_scaled=False``: see LatentQuantizer.dequantize)."""
+        if self.quantizer is None:
+            return self.data.to(dtype)
+        if self.widths:
+            return self.quantizer.dequantize(self.data, dtype)
+        return self.quantizer.dequantize(self.data, dtype, channel_scaled=channel_scaled)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The stored tensors of the ``length`` tokens (what the byte accounting counts)."""
+        data = self.data
+        return [data] if self.quantizer is None else data.tensors()
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the buffers, slack included."""
+        return sum(b.numel() * b.element_size() for b in self._buffers if b is not None)
+
+    def truncate(self, count: int) -> None:
+        """Keep the first ``count`` tokens."""
+        self.length = min(count, self.length)
+
+    def select(self, fn) -> None:
+        """Apply a batch selection ``fn`` to the stored tensors (the result is exactly sized)."""
+        self._buffers = [None if b is None else fn(b[:, : self.length]).contiguous() for b in self._buffers]

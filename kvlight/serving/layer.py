@@ -1,0 +1,276 @@
+"""One layer of the compressed cache: exact sinks, latents, an exact recent window."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from kvlight.serving import attention
+from kvlight.serving.latents import LatentStore
+
+if TYPE_CHECKING:
+    from kvlight.serving.cache import CompressedCache
+
+
+class CompressedLayer(DynamicLayer):
+    """One layer's cache: exact sinks, latents, exact recent window; ``update`` returns reconstructed K/V."""
+
+    def __init__(self, layer_idx: int, owner: CompressedCache) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.owner = owner
+        self.length = 0
+        self.decode_steps = 0  # one-token updates since the last longer input (see update)
+        self.latent_k: LatentStore | None = None
+        self.latent_v: LatentStore | None = None
+        self.sink_k = self.sink_v = None
+        # Left padding: a row's first sink_tokens *positions* can sit past the sink slots and be compressed; their
+        # exact K/V are kept here, indexed by position, with the slot each occupies (-1: none). See _keep_row_sinks.
+        self.row_sink_k = self.row_sink_v = self.row_sink_slot = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        batch, heads, _, dim = key_states.shape
+        #: dtype the exact tokens are kept in (the K/V dtype unless the cache's storage_dtype says otherwise).
+        self.store_dtype = self.owner.storage_dtype or key_states.dtype
+        empty = key_states.new_zeros(batch, heads, 0, dim, dtype=self.store_dtype)
+        self.keys, self.values = empty, empty.clone()  # the exact recent window
+        self.sink_k, self.sink_v = empty.clone(), empty.clone()
+        latent_dtype = self.owner.latent_dtype or self.store_dtype
+        template = key_states.new_zeros(batch, 0, 0, dtype=latent_dtype)
+        stores = []
+        for kind in ("k", "v"):
+            codec = self.owner.compressor.codec(self.layer_idx, kind)
+            stores.append(LatentStore(self.owner.quantizer(codec, latent_dtype), template, codec.latent_dim))
+        self.latent_k, self.latent_v = stores
+
+    def get_seq_length(self) -> int:
+        # Every token counts, wherever it is stored: positions and masks derive from this.
+        return self.length
+
+    @property
+    def num_compressed(self) -> int:
+        return 0 if self.latent_k is None else self.latent_k.length
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store new ``[B, H, T, D]`` K/V; return K/V ``[B, H, N, D]`` for all N cached positions."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        owner = self.owner
+        owner.position_log.observe(key_states.shape[0], key_states.shape[2], key_states.device)
+        start = self.length
+        self.length += key_states.shape[2]
+        stored_k, stored_v = key_states.to(self.store_dtype), value_states.to(self.store_dtype)
+        # 1. The first sink_tokens positions of the sequence stay exact.
+        n_sink = max(0, min(owner.sink_tokens - start, key_states.shape[2]))
+        if n_sink:
+            self.sink_k = torch.cat([self.sink_k, stored_k[:, :, :n_sink]], dim=2)
+            self.sink_v = torch.cat([self.sink_v, stored_v[:, :, :n_sink]], dim=2)
+        # 2. The rest joins the recent window; what overflows it is compressed once.
+        self.keys = torch.cat([self.keys, stored_k[:, :, n_sink:]], dim=2)
+        self.values = torch.cat([self.values, stored_v[:, :, n_sink:]], dim=2)
+        overflow = self.keys.shape[2] - owner.recent_window
+        # Decode steps compress in blocks: every compress_block one-token steps (counted from the last longer input)
+        # the window is flushed to recent_window, so the encoder runs once per block instead of once per token. The
+        # flush depends on the step count, not on how full the window is, so a left-padded row is flushed at the same
+        # steps as the same row alone.
+        self.decode_steps = self.decode_steps + 1 if key_states.shape[2] == 1 else 0
+        if overflow > 0 and self.decode_steps % owner.compress_block == 0:
+            first = self.sink_k.shape[2] + self.num_compressed  # sequence index of the oldest recent token
+            self._compress(self.keys[:, :, :overflow], self.values[:, :, :overflow], first)
+            self.keys, self.values = self.keys[:, :, overflow:], self.values[:, :, overflow:]
+        if owner.fast is not None and owner.fast.active and key_states.shape[2] == 1 and self.row_sink_slot is None:
+            # Decode step: attention reads the stored latents in place (kvlight.attention), not the returned tensors.
+            attention.hand_over(key_states, self)
+            return key_states, value_states
+        keys, values = self._reconstruct()
+        exact = lambda t: t.to(self.dtype)  # noqa: E731 - what attention reads is in the K/V dtype
+        return (
+            torch.cat([exact(self.sink_k), keys, exact(self.keys)], dim=2),
+            torch.cat([exact(self.sink_v), values, exact(self.values)], dim=2),
+        )
+
+    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """Attention of one decode step over everything this layer stores, without rebuilding the history.
+
+        ``query [B, Hq, 1, D]`` (post-RoPE), ``mask [B|1, 1, 1, N]`` or None -> output ``[B, 1, Hq, D]``.
+        Values (and keys of models without RoPE) are read in latent space; pre-RoPE keys are reconstructed into
+        the cache's shared workspace and rotated in place.
+        """
+        owner = self.owner
+        batch, q_heads, _, dim = query.shape
+        heads = self.keys.shape[1]
+        dtype = query.dtype
+        q = query.reshape(batch, heads, q_heads // heads, dim)  # [B, H, G, D]
+        n = self.num_compressed
+        sink_k, sink_v = self.sink_k.to(dtype), self.sink_v.to(dtype)
+        recent_k, recent_v = self.keys.to(dtype), self.values.to(dtype)
+        scores = [q @ sink_k.transpose(-1, -2)]
+        if n:
+            k_weight, k_bias = owner.decoder(self.layer_idx, "k", dtype)
+            z_k, k_scale, k_zero = self._latent_operand(self.latent_k, "k", dtype)
+            if owner.tracker is None:
+                scores.append(attention.latent_scores(q, z_k, k_weight, k_bias, k_scale, k_zero))
+            else:
+                workspace = owner.workspace(z_k.numel() // z_k.shape[-1] * dim, dtype)
+                keys = attention.decode_into(workspace, z_k, k_weight, k_bias, k_scale, k_zero)
+                cos, sin = owner.compressed_rope(self.sink_k.shape[2], n, dtype)
+                scores.append(q @ attention.rotate_in_place(keys, cos, sin).transpose(-1, -2))
+        scores.append(q @ recent_k.transpose(-1, -2))
+        scores = attention.apply_mask(torch.cat(scores, dim=-1).float() * scaling, mask)
+        probs = torch.softmax(scores, dim=-1).to(dtype)  # [B, H, G, N]
+        n_sink = sink_k.shape[2]
+        out = probs[..., :n_sink] @ sink_v + probs[..., n_sink + n :] @ recent_v
+        if n:
+            v_weight, v_bias = owner.decoder(self.layer_idx, "v", dtype)
+            z_v, v_scale, v_zero = self._latent_operand(self.latent_v, "v", dtype)
+            out = out + attention.latent_values(probs[..., n_sink : n_sink + n], z_v, v_weight, v_bias, v_scale, v_zero)
+        return out.reshape(batch, q_heads, 1, dim).transpose(1, 2)
+
+    def _latent_operand(self, store: LatentStore, kind: str, dtype: torch.dtype):
+        """Stored latents as the decode path reads them: ``(z [B, H, n, r], scale, zero)``.
+
+        When every head's rank equals the quantization group (one group per head and token), ``z`` are the integer
+        codes and ``scale``/``zero`` ``[B, H, n, 1]`` their group's parameters, left for the attention math to fold
+        in; otherwise ``z`` is dequantized (without the channel scale, which the decoder weights carry).
+        """
+        splits = self._splits(kind)
+        quantizer = store.quantizer
+        if quantizer is None:
+            return attention.latents_per_head(store.data.to(dtype), splits), None, None
+        if store.widths:  # static codes: the decoder carries steps and offsets, attention reads the integer codes
+            gather = self.owner.width_gather(self.layer_idx, kind, quantizer)
+            codes = quantizer.virtual_codes(store.data, dtype, pad=1)  # [B, n, V + 1], the last column zero
+            batch, tokens = codes.shape[:2]
+            return codes.index_select(-1, gather).view(batch, tokens, len(splits), -1).transpose(1, 2), None, None
+        data = store.data
+        if quantizer.bits != "fp8" and set(splits) == {quantizer.group_size}:
+            codes = attention.latents_per_head(quantizer.codes_as(data.codes, dtype), splits)
+            scale, zero = (t.to(dtype).transpose(1, 2).unsqueeze(-1) for t in (data.scale, data.zero))
+            return codes, scale, zero
+        return attention.latents_per_head(quantizer.dequantize_fast(data, dtype), splits), None, None
+
+    def _splits(self, kind: str) -> list[int]:
+        return self.owner.compressor.codec(self.layer_idx, kind).splits
+
+    def _compress(self, keys: torch.Tensor, values: torch.Tensor, first: int) -> None:
+        owner = self.owner
+        keys, values = keys.to(self.dtype), values.to(self.dtype)  # encoded in the K/V dtype, whatever they wait in
+        if owner.tracker is not None:
+            positions = owner.position_log.slice(first, first + keys.shape[2])
+            self._keep_row_sinks(keys, values, positions, first)
+            keys = owner.tracker.unrotate(keys, positions)
+        dtype = owner.latent_dtype or self.store_dtype
+        self.latent_k.append(owner.compressor.encode(self.layer_idx, "k", keys).to(dtype))
+        self.latent_v.append(owner.compressor.encode(self.layer_idx, "v", values).to(dtype))
+
+    def _keep_row_sinks(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, first: int) -> None:
+        """Keep exact the tokens about to be compressed whose position id is below ``sink_tokens``.
+
+        Without padding those tokens are the sink slots and never get here. With left padding a row's real tokens
+        start later (HF gives them positions 0, 1, ... from the attention mask), so they would be compressed where
+        the same row generated alone keeps them exact. Pads precede the real token of the same position, so the
+        latest token per position wins.
+        """
+        sinks = self.owner.sink_tokens
+        early = positions < sinks  # [B, n]
+        if not early.any():
+            return
+        if self.row_sink_k is None:
+            batch, heads, _, dim = keys.shape
+            self.row_sink_k = keys.new_zeros(batch, heads, sinks, dim, dtype=self.store_dtype)
+            self.row_sink_v = values.new_zeros(batch, heads, sinks, dim, dtype=self.store_dtype)
+            self.row_sink_slot = torch.full((batch, sinks), -1, dtype=torch.long, device=keys.device)
+        order = torch.arange(1, positions.shape[1] + 1, device=positions.device)
+        for position in positions[early].unique().tolist():
+            hit = positions == position
+            rows = hit.any(dim=1).nonzero().squeeze(1)
+            latest = (hit * order).argmax(dim=1)[rows]  # the last token of each row at this position
+            self.row_sink_k[rows, :, position] = keys[rows, :, latest].to(self.store_dtype)
+            self.row_sink_v[rows, :, position] = values[rows, :, latest].to(self.store_dtype)
+            self.row_sink_slot[rows, position] = first + latest
+
+    def _reconstruct(self) -> tuple[torch.Tensor, torch.Tensor]:
+        owner = self.owner
+        keys = owner.compressor.decode(self.layer_idx, "k", self.latent_k.read(self.dtype))
+        values = owner.compressor.decode(self.layer_idx, "v", self.latent_v.read(self.dtype))
+        if owner.tracker is not None and self.num_compressed:
+            first = self.sink_k.shape[2]
+            keys = owner.tracker.rotate(keys, owner.position_log.slice(first, first + self.num_compressed))
+        if self.row_sink_slot is not None:  # the exact copies of each row's sink positions replace their latents
+            rows, position = (self.row_sink_slot >= 0).nonzero(as_tuple=True)
+            column = self.row_sink_slot[rows, position] - self.sink_k.shape[2]
+            keys, values = keys.clone(), values.clone()
+            keys[rows, :, column] = self.row_sink_k[rows, :, position].to(keys.dtype)
+            values[rows, :, column] = self.row_sink_v[rows, :, position].to(values.dtype)
+        return keys, values
+
+    _EXACT = ("sink_k", "sink_v", "keys", "values")
+    _ROW_SINKS = ("row_sink_k", "row_sink_v", "row_sink_slot")
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this layer keeps for its tokens."""
+        if not self.is_initialized:
+            return []
+        exact = [getattr(self, name) for name in self._EXACT]
+        row_sinks = [getattr(self, name) for name in self._ROW_SINKS if getattr(self, name) is not None]
+        return exact + row_sinks + self.latent_k.tensors() + self.latent_v.tensors()
+
+    def allocated_bytes(self) -> int:
+        """Bytes this layer holds, the latent buffers' unused slack included."""
+        if not self.is_initialized:
+            return 0
+        exact = [getattr(self, name) for name in self._EXACT + self._ROW_SINKS if getattr(self, name) is not None]
+        return (
+            sum(t.numel() * t.element_size() for t in exact)
+            + self.latent_k.allocated_bytes()
+            + self.latent_v.allocated_bytes()
+        )
+
+    def _select(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.owner.forget_rope()
+        for name in self._EXACT + self._ROW_SINKS:
+            if getattr(self, name) is not None:
+                setattr(self, name, fn(getattr(self, name)))
+        self.latent_k.select(fn)
+        self.latent_v.select(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the newest ``-tokens_to_remove`` tokens (assisted generation rolls rejected tokens back)."""
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        if not self.is_initialized or tokens_to_remove == 0:
+            return
+        keep = max(0, self.length + tokens_to_remove)
+        self.owner.forget_rope()
+        n_sink = min(self.sink_k.shape[2], keep)
+        n_compressed = min(self.num_compressed, keep - n_sink)
+        n_recent = keep - n_sink - n_compressed
+        self.sink_k, self.sink_v = self.sink_k[:, :, :n_sink], self.sink_v[:, :, :n_sink]
+        self.latent_k.truncate(n_compressed)
+        self.latent_v.truncate(n_compressed)
+        self.keys, self.values = self.keys[:, :, :n_recent], self.values[:, :, :n_recent]
+        self.length = keep
+        if self.row_sink_slot is not None:  # exact copies of tokens no longer compressed are dropped
+            self.row_sink_slot[self.row_sink_slot >= n_sink + n_compressed] = -1
+
+    def reset(self) -> None:
+        super().reset()
+        self.owner.forget_rope()
+        self.length = 0
+        self.decode_steps = 0
+        self.latent_k = self.latent_v = self.sink_k = self.sink_v = None
+        self.row_sink_k = self.row_sink_v = self.row_sink_slot = None
