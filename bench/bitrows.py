@@ -129,7 +129,7 @@ def compressor_for(
     allocation = allocate_bits(metrics, long_context_target(row, geometry), row.weighting)
     algo = "kvsplice" if row.distilled else "pca"
     config = allocation.to_config(algo, SINKS, row.recent)
-    compressor = KVCompressor(config, geometry, latent_affine=True)
+    compressor = KVCompressor(config, geometry)
     compressor.fit_statistics([rows])
     if row.distilled:
         start = time.perf_counter()

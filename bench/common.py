@@ -95,7 +95,7 @@ def fitted_query_weighted(
     config: CompressionConfig, geometry, rows: dict[str, torch.Tensor], key_weights: torch.Tensor, dtype: torch.dtype
 ) -> KVCompressor:
     """KVSplice heads at their closed-form start: keys query-weighted (``key_weights [L, H, D, D]``), values PCA."""
-    compressor = KVCompressor(config, geometry, algo="kvsplice", latent_affine=False)
+    compressor = KVCompressor(config, geometry, algo="kvsplice", options={"kvsplice": {"latent_affine": False}})
     compressor.fit_statistics([rows], key_weights=key_weights)
     return compressor.to(dtype)
 

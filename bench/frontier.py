@@ -137,7 +137,7 @@ def budget_config(metrics, geometry, spec: tuple) -> CompressionConfig:
 
 def weighted_fit(config, geometry, rows, key_weights, value_weights, dtype) -> KVCompressor:
     """KVSplice heads at the closed form: keys by ``key_weights``, values by ``value_weights`` (None: PCA)."""
-    compressor = KVCompressor(config, geometry, algo="kvsplice", latent_affine=False)
+    compressor = KVCompressor(config, geometry, algo="kvsplice", options={"kvsplice": {"latent_affine": False}})
     compressor.fit_statistics([rows], key_weights=key_weights, value_weights=value_weights)
     return compressor.to(dtype)
 

@@ -38,11 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvlight.compressors.registry import backend_names
+from kvlight.compressors.widths import EXACT, check_widths, stored_rank
 from kvlight.errors import ConfigError
 from kvlight.files import atomic_write_text
-
-#: Backends a head may name in ``algo``; each is one file under ``kvlight/compressors``.
-KNOWN_ALGOS = ("pca", "kvsplice")
 
 _GLOBAL_KEYS = {
     "target_memory_reduction",
@@ -55,31 +54,6 @@ _GLOBAL_KEYS = {
     "latent_bits",
     "quant_group_size",
 }
-#: widths a latent direction may take (bits per element); 0: dropped, 16: exact in the K/V dtype.
-WIDTHS = (0, 1, 2, 3, 4, 5, 6, 8, 16)
-
-EXACT = 16
-
-#: the widths stored as integer codes.
-CODED_WIDTHS = tuple(w for w in WIDTHS if 0 < w < EXACT)
-
-
-def check_widths(widths, where: str, length: int | None = None) -> tuple[int, ...]:
-    """``widths`` as a tuple of ints from :data:`WIDTHS`; raises ``ValueError`` naming ``where`` otherwise."""
-    if not isinstance(widths, (list, tuple)) or not widths:
-        raise ValueError(f"{where} must be a list of widths, one per head dimension")
-    if length is not None and len(widths) != length:
-        raise ValueError(f"{where} has {len(widths)} widths but the head dimension is {length}")
-    for width in widths:
-        if isinstance(width, bool) or not isinstance(width, int) or width not in WIDTHS:
-            raise ValueError(f"{where} holds width {width!r}; each must be one of {', '.join(map(str, WIDTHS))}")
-    return tuple(int(w) for w in widths)
-
-
-def stored_rank(widths) -> int:
-    """Latent channels a head must encode: up to its last stored direction (trailing 0 widths are never encoded)."""
-    last = max((i for i, w in enumerate(widths) if w > 0), default=0)
-    return last + 1
 
 
 #: The default when no config, rank or target is given: the best training-free quality per byte that
@@ -411,8 +385,9 @@ def _optional_int(section: dict, key: str, minimum: int) -> int | None:
 
 
 def _algo(value: Any, where: str) -> str:
-    if value not in KNOWN_ALGOS:
-        raise ConfigError(f"{where} = {value!r} is not a known algo (known: {', '.join(KNOWN_ALGOS)})")
+    known = backend_names()
+    if value not in known:
+        raise ConfigError(f"{where} = {value!r} is not a known algo (known: {', '.join(known)})")
     return value
 
 

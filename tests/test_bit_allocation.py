@@ -20,7 +20,8 @@ from kvlight.analysis.bit_allocation import allocate_bits, fp16_bytes_per_token,
 from kvlight.analysis.metrics_io import HeadMetrics, read_metrics_file
 from kvlight.cli import main
 from kvlight.compressors import KVCompressor
-from kvlight.config import WIDTHS, CompressionConfig
+from kvlight.compressors.widths import WIDTHS
+from kvlight.config import CompressionConfig
 from kvlight.errors import ConfigError
 from kvlight.geometry import KVGeometry, kv_geometry
 from kvlight.models import geometry_of
@@ -189,7 +190,7 @@ def test_kl_distillation_trains_through_mixed_widths(tiny_models, tiny_rows, tin
     geometry = kv_geometry(model)
     metrics = read_metrics_file(analyze_metrics_files["llama"], geometry)
     config = allocate_bits(metrics, 0.875).to_config("kvsplice")
-    compressor = KVCompressor(config, geometry, latent_affine=False)
+    compressor = KVCompressor(config, geometry, options={"kvsplice": {"latent_affine": False}})
     keys, values = tiny_rows["llama"]["calib"]
     compressor.fit_statistics([{"keys": keys, "values": values}])
     before_steps = {k: v.clone() for k, v in compressor.state_dict().items() if k.endswith("code_step")}

@@ -31,7 +31,7 @@ def _compressor(tiny_models, tiny_rows, arch: str, rank: int, bits=None, sinks: 
         geometry.num_layers, geometry.num_kv_heads, HEAD_DIM, rank=rank, sink_tokens=sinks, latent_bits=bits
     )
     config.quant_group_size = group
-    compressor = KVCompressor(config, geometry, algo="kvsplice", latent_affine=False)
+    compressor = KVCompressor(config, geometry, algo="kvsplice", options={"kvsplice": {"latent_affine": False}})
     keys, values = tiny_rows[arch]["calib"]
     compressor.fit_statistics([{"keys": keys, "values": values}])
     return compressor

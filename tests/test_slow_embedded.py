@@ -108,7 +108,7 @@ def test_kl_distillation_lowers_heldout_kl_on_the_embedded_default(embedded_cach
         geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, rank_k=32, rank_v=64, sink_tokens=4
     )
     config.latent_bits, config.quant_group_size = 4, 64
-    compressor = KVCompressor(config, geometry, algo="kvsplice", latent_affine=False)
+    compressor = KVCompressor(config, geometry, algo="kvsplice", options={"kvsplice": {"latent_affine": False}})
     value_weights = output_weights(output_projections(model), geometry.num_kv_heads, geometry.head_dim)
     key_weights = score_weight(queries.mean(), rotary_module(model).inv_freq, window=128)
     compressor.fit_statistics([{"keys": keys, "values": values}], key_weights, value_weights)

@@ -16,12 +16,13 @@ from helpers import ARCHS, HEAD_DIM, chunked_logits, held_tensors, mixed_widths,
 
 from kvlight.compressors import KVCompressor, load_compressor
 from kvlight.compressors.statistics import STEP_MULTIPLIERS, grid_errors, step_offset
-from kvlight.config import WIDTHS, CompressionConfig
+from kvlight.compressors.widths import WIDTHS
+from kvlight.config import CompressionConfig
 from kvlight.errors import ConfigError
 from kvlight.geometry import kv_geometry
 from kvlight.serving.cache import CompressedCache
 from kvlight.serving.positions import PositionTracker
-from kvlight.serving.widths import FIELDS, DirectionQuantizer, padded_bytes_per_token
+from kvlight.serving.widths import FIELDS, DirectionQuantizer, direction_quantizer, padded_bytes_per_token
 
 
 def quantizer_for(widths: list[int], seed: int = 0, exact_dtype=torch.float32):
@@ -209,7 +210,7 @@ def test_bytes_held_are_the_bytes_counted(arch, tiny_models, tiny_windows, fitte
     assert nbytes(held) >= sum(layer_bytes(layer) for layer in cache.layers)
     compressed = cache.layers[0].num_compressed
     per_token = sum(
-        codec.direction_quantizer(torch.float32).bytes_per_token()
+        direction_quantizer(codec, torch.float32).bytes_per_token()
         for codec in (compressor.codec(0, "k"), compressor.codec(0, "v"))
     )
     latent = sum(nbytes(store.tensors()) for store in (cache.layers[0].latent_k, cache.layers[0].latent_v))
@@ -314,7 +315,7 @@ def test_fit_statistics_fits_the_static_steps_on_the_rows(rows, tiny_models, tin
             for kind, data in (("k", keys), ("v", values)):
                 codec = compressor.codec(layer, kind)
                 z = codec.encode(data[:, layer].unsqueeze(2).transpose(0, 2))
-                quantizer = codec.direction_quantizer(torch.float32)
+                quantizer = direction_quantizer(codec, torch.float32)
                 coded = quantizer.coded_index
                 restored = quantizer.dequantize(quantizer.quantize(z), torch.float32)
                 total += float(((restored - z)[..., coded] ** 2).sum())

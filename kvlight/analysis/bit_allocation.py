@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvlight.analysis.metrics_io import HeadMetrics
-from kvlight.config import EXACT, WIDTHS, CompressionConfig
+from kvlight.compressors.widths import EXACT, WIDTHS
+from kvlight.config import CompressionConfig
 from kvlight.errors import ConfigError
 from kvlight.geometry import KVGeometry
 from kvlight.serving.widths import FIELD_SIZES, FIELDS, padded_bytes_per_token

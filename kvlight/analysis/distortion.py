@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from kvlight.compressors.statistics import grid_errors
-from kvlight.config import CODED_WIDTHS, EXACT, WIDTHS
+from kvlight.compressors.widths import CODED_WIDTHS, EXACT, WIDTHS
 
 
 class DistortionMeter:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from kvlight.config import WIDTHS
+from kvlight.compressors.widths import WIDTHS
 from kvlight.errors import MetricsError
 from kvlight.geometry import KVGeometry
 

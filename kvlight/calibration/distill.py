@@ -27,7 +27,7 @@ from kvlight.hf import cache_kwargs
 from kvlight.serving.capture_cache import CaptureCache
 from kvlight.serving.positions import PositionTracker
 from kvlight.serving.quant import LatentQuantizer, codec_quantizer
-from kvlight.serving.widths import DirectionQuantizer
+from kvlight.serving.widths import DirectionQuantizer, direction_quantizers
 
 Quantizer = LatentQuantizer | DirectionQuantizer
 
@@ -38,7 +38,7 @@ def latent_quantizers(
     """The quantizer of every ``(layer, kind)`` codec as the cache builds it (static mixed-width codes for width
     codecs, exact channels in ``exact_dtype``; per-token groups with ``latent_bits``), or None when none is quantized."""
     bits, group = compressor.config.latent_bits, compressor.config.quant_group_size
-    quantizers: dict[tuple[int, str], Quantizer] = dict(compressor.direction_quantizers(exact_dtype))
+    quantizers: dict[tuple[int, str], Quantizer] = dict(direction_quantizers(compressor, exact_dtype))
     if bits is not None:
         for layer in range(compressor.num_layers):
             for kind in ("k", "v"):

@@ -25,6 +25,7 @@ from kvlight.calibration.perplexity import TokenPerplexity
 from kvlight.calibration.shards import load_manifest, num_rows
 from kvlight.compressors import KVCompressor
 from kvlight.compressors.compressor import STEP_ROWS
+from kvlight.compressors.registry import backend
 from kvlight.compressors.weighting import output_weights, score_weight
 from kvlight.config import RECOMMENDED, CompressionConfig
 from kvlight.errors import CaptureError, ConfigError, KVLightError
@@ -41,6 +42,7 @@ from kvlight.models import (
 )
 from kvlight.serving.cache import CompressedCache, dynamic_cache_bytes
 from kvlight.serving.positions import PositionTracker
+from kvlight.serving.widths import direction_quantizers
 
 #: Checkpoint key of the statistics sums when a checkpoint is taken inside the statistics epoch.
 STATISTICS_KEY = "kvlight_statistics"
@@ -173,9 +175,8 @@ class KVCalibrationModule(pl.LightningModule):
         hp = self.hparams
         # The checkpoint carries the resolved config itself, so `validate --ckpt_path` needs no file.
         self.hparams["compression_config"] = config.to_dict()
-        self.compressor = KVCompressor(
-            config, self.geometry, algo=hp.compressor, latent_affine=hp.latent_affine, init=hp.init
-        )
+        options = {"kvsplice": {"latent_affine": hp.latent_affine, "init": hp.init}}
+        self.compressor = KVCompressor(config, self.geometry, algo=hp.compressor, options=options)
         key_objective, value_objective, objective = hp.key_objective, hp.value_objective, hp.objective
         weighted = {"k": key_objective == "query", "v": value_objective == "output"}
         for kind, name in (("k", "key_objective query"), ("v", "value_objective output")):
@@ -184,7 +185,7 @@ class KVCalibrationModule(pl.LightningModule):
                 for layer in range(self.geometry.num_layers)
                 for h in range(self.geometry.num_kv_heads)
             }
-            if weighted[kind] and algos - {"none", "kvsplice"}:
+            if weighted[kind] and any(not backend(algo).weighted_objectives for algo in algos - {"none"}):
                 raise ConfigError(
                     f"{name} needs KVSplice {'key' if kind == 'k' else 'value'} heads (separate encoder and "
                     "decoder): use --compressor kvsplice"
@@ -481,7 +482,8 @@ class KVCalibrationModule(pl.LightningModule):
         if self.hparams.objective == "kl":
             loss = self._distillation_loss()
         else:
-            loss = self.compressor.reconstruction_loss(keys, values, self._key_weights, self._value_weights)
+            quantizers = direction_quantizers(self.compressor, keys.dtype)  # width codecs train through their codes
+            loss = self.compressor.reconstruction_loss(keys, values, self._key_weights, self._value_weights, quantizers)
         optimizer.zero_grad()
         self.manual_backward(loss)
         if self.sharded and self.trainer.world_size > 1:

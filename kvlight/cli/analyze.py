@@ -37,6 +37,7 @@ from kvlight.analysis.rank_allocation import (
     check_target,
 )
 from kvlight.analysis.report import bits_heatmap_png, bits_summary_text, heatmap_png, summary_text
+from kvlight.compressors.registry import backend_names
 from kvlight.config import RECOMMENDED
 from kvlight.errors import ConfigError
 from kvlight.files import atomic_write_bytes, atomic_write_text
@@ -112,7 +113,7 @@ def add_analyze_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
         "--recent-window", type=_non_negative, default=0, help="newest positions the cache keeps exact (config)"
     )
     out.add_argument("--rank-step", type=int, default=None, help="ranks are multiples of this (default head_dim/16)")
-    out.add_argument("--algo", choices=["kvsplice", "pca"], default="kvsplice", help="backend written into the config")
+    out.add_argument("--algo", choices=backend_names(), default="kvsplice", help="backend written into the config")
     defaults = TierThresholds()
     for name in ("trace_critical", "trace_moderate", "cond_excellent", "cond_good"):
         out.add_argument(

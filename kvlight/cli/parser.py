@@ -7,6 +7,7 @@ import argparse
 from kvlight.analysis.bit_allocation import WEIGHTINGS
 from kvlight.cli.calibrate import calibrate
 from kvlight.cli.config_command import write_uniform_config
+from kvlight.compressors.registry import backend_names
 from kvlight.config import RECOMMENDED
 from kvlight.errors import KVLightError
 
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="fit + validate in one go; prints the seed's five result lines")
     cal.add_argument("--model", default=None, help="hub id, local dir or .gguf file (default: embedded SmolLM2-135M)")
-    cal.add_argument("--compressor", choices=["kvsplice", "pca"], default="kvsplice")
+    cal.add_argument("--compressor", choices=backend_names(), default="kvsplice")
     cal.add_argument(
         "--config", default=None, help="compression config JSON (default: widths at --target-memory-reduction)"
     )
@@ -130,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     uni.add_argument("--rank", type=_positive, default=None)
     uni.add_argument("--rank-k", type=_positive, default=None)
     uni.add_argument("--rank-v", type=_positive, default=None)
-    uni.add_argument("--algo", choices=["kvsplice", "pca"], default="kvsplice")
+    uni.add_argument("--algo", choices=backend_names(), default="kvsplice")
     uni.add_argument("--sink-tokens", type=int, default=0)
     uni.add_argument("--recent-window", type=int, default=0)
     uni.add_argument("-o", "--output", required=True, help="where to write the JSON")

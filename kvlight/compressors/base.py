@@ -1,8 +1,8 @@
 """The plug-in interface: one projection per (layer, KV head, K or V), grouped per layer.
 
 A projection maps a head's rows ``x [N, D]`` to latents ``z [N, r]`` and back. Each backend is a
-:class:`HeadProjection` subclass in its own file, registered in ``kvlight/compressors/__init__.py``
-by its ``algo`` name. :class:`LayerCodec` runs the projections of every head of one layer on the
+:class:`HeadProjection` subclass in its own file, registered by its name with
+:func:`kvlight.compressors.registry.register_backend`. :class:`LayerCodec` runs the projections of every head of one layer on the
 cache's ``[B, H, T, D]`` tensors; :class:`KVCompressor` holds one codec per layer and kind.
 Plain PyTorch: nothing here imports Lightning or transformers.
 """
@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from kvlight.compressors.statistics import step_offset
-from kvlight.config import check_widths
-from kvlight.serving.widths import DirectionQuantizer
+from kvlight.compressors.widths import check_widths
 
 
 class HeadProjection(nn.Module):
@@ -26,9 +25,8 @@ class HeadProjection(nn.Module):
     Subclasses define :meth:`encode`, :meth:`decode` and :meth:`init_from_statistics`.
     """
 
+    #: the backend's registered name (kvlight.compressors.registry sets it).
     algo: ClassVar[str] = ""
-    #: True when the projection has parameters fitted by gradient descent after the statistics pass.
-    trainable: ClassVar[bool] = False
 
     def __init__(self, head_dim: int, rank: int) -> None:
         super().__init__()
@@ -169,11 +167,15 @@ class LayerCodec(nn.Module):
         """``[sum_h r_h]`` the width of every latent channel."""
         return torch.tensor([w for p in self.heads for w in p.widths], dtype=torch.long)
 
-    def direction_quantizer(self, exact_dtype: torch.dtype = torch.float16) -> DirectionQuantizer:
-        """The static mixed-width quantizer of this layer's latents (heads concatenated)."""
-        step = torch.cat([p.code_step for p in self.heads])
-        offset = torch.cat([p.code_offset for p in self.heads])
-        return DirectionQuantizer(self.widths, step, offset, exact_dtype)
+    @property
+    def code_step(self) -> torch.Tensor:
+        """``[sum_h r_h]`` the static steps of every latent channel (width codecs)."""
+        return torch.cat([p.code_step for p in self.heads])
+
+    @property
+    def code_offset(self) -> torch.Tensor:
+        """``[sum_h r_h]`` the static offsets of every latent channel (width codecs)."""
+        return torch.cat([p.code_offset for p in self.heads])
 
     def latent_center(self) -> torch.Tensor:
         """``[sum_h r_h]`` the latent of each head's calibration mean."""

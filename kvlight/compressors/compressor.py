@@ -2,31 +2,30 @@
 
 Built from a :class:`CompressionConfig` alone (it carries the geometry), so the seed's
 ``KVSpliceCompressor(config)`` + ``load_state_dict(torch.load(...))`` works; ``save_pretrained``
-writes safetensors plus a JSON naming the model geometry it was fitted to.
+writes safetensors plus a JSON naming the model geometry it was fitted to (kvlight.compressors.artefacts).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from kvlight.compressors import artefacts
 from kvlight.compressors.base import IdentityProjection, LayerCodec
-from kvlight.compressors.statistics import STEP_MULTIPLIERS, RunningMoments, grid_errors, step_offset
-from kvlight.config import EXACT, CompressionConfig
+from kvlight.compressors.registry import backend
+from kvlight.compressors.statistics import RunningMoments, StepSearch, step_offset
+from kvlight.compressors.widths import EXACT
+from kvlight.config import CompressionConfig
 from kvlight.errors import CaptureError, ConfigError, GeometryMismatchError, KVLightError
-from kvlight.files import atomic_write_text
 from kvlight.geometry import KVGeometry
 
 #: Captured rows that fit the static steps of width codecs (an even sample; more changes little).
 STEP_ROWS = 4096
-WEIGHTS_NAME = "compressor.safetensors"
-CONFIG_NAME = "compressor_config.json"
 KINDS = ("k", "v")
 
 
@@ -38,8 +37,8 @@ class KVCompressor(nn.Module):
             (configs written by kvlight do) unless ``geometry`` is given.
         geometry: the model's KV geometry; recorded, and checked against the config.
         algo: force one backend for every enabled head (``--compressor``), else each head's ``algo``.
-        latent_affine: KVSplice's learned latent scale and shift.
-        init: KVSplice initialisation, ``"pca"`` or ``"random"``.
+        options: settings per backend name, e.g. ``{"kvsplice": {"init": "random"}}`` (each backend's options
+            dataclass, kvlight.compressors.registry); backends not named keep their defaults.
     """
 
     def __init__(
@@ -47,12 +46,9 @@ class KVCompressor(nn.Module):
         config: CompressionConfig,
         geometry: KVGeometry | None = None,
         algo: str | None = None,
-        latent_affine: bool = True,
-        init: str = "pca",
+        options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        from kvlight.compressors import PROJECTIONS
-
         if algo is not None:
             config = config.with_algo(algo)
         if geometry is not None:
@@ -65,30 +61,35 @@ class KVCompressor(nn.Module):
         self.config = config
         self.geometry = geometry
         self.num_layers, self.num_kv_heads, self.head_dim = config.num_layers, config.num_kv_heads, config.d_head
-        self.latent_affine, self.init = latent_affine, init
-        layers = []
-        for layer in range(self.num_layers):
-            codecs = {}
-            for kind in KINDS:
-                projections = []
-                for head in range(self.num_kv_heads):
-                    spec = config.head(layer, head, self.head_dim)
-                    rank = spec.rank_k if kind == "k" else spec.rank_v
-                    if not spec.enabled:
-                        projection = IdentityProjection(self.head_dim)
-                    elif spec.algo == "kvsplice":
-                        projection = PROJECTIONS["kvsplice"](self.head_dim, rank, latent_affine, init)
-                    else:
-                        projection = PROJECTIONS[spec.algo](self.head_dim, rank)
-                    if config.uses_widths(kind):  # validated: every enabled head has widths; disabled ones are exact
-                        bits = spec.bits(kind) if spec.enabled else (EXACT,) * self.head_dim
-                        projection.set_widths(bits[: projection.rank])
-                    projections.append(projection)
-                codecs[kind] = LayerCodec(projections)
-            layers.append(nn.ModuleDict(codecs))
-        self.layers = nn.ModuleList(layers)
+        self.options = {name: backend(name).make_options(value) for name, value in (options or {}).items()}
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({kind: LayerCodec(self._projections(layer, kind)) for kind in KINDS})
+            for layer in range(self.num_layers)
+        )
         self._moments: dict[tuple[int, str], RunningMoments] | None = None
-        self._step_errors: dict[tuple[int, str], torch.Tensor] | None = None
+        self._steps: dict[tuple[int, str], StepSearch] | None = None
+
+    def _projections(self, layer: int, kind: str) -> list[nn.Module]:
+        """The projection of every KV head of one layer and kind, from the config's head specs."""
+        projections = []
+        for head in range(self.num_kv_heads):
+            spec = self.config.head(layer, head, self.head_dim)
+            rank = spec.rank_k if kind == "k" else spec.rank_v
+            if not spec.enabled:
+                projection = IdentityProjection(self.head_dim)
+            else:
+                entry = backend(spec.algo)
+                options = self.options.get(spec.algo) or entry.make_options()
+                projection = entry.projection(self.head_dim, rank, **vars(options))
+            if self.config.uses_widths(kind):  # validated: every enabled head has widths; disabled ones are exact
+                bits = spec.bits(kind) if spec.enabled else (EXACT,) * self.head_dim
+                projection.set_widths(bits[: projection.rank])
+            projections.append(projection)
+        return projections
+
+    def options_dict(self) -> dict[str, dict]:
+        """The backend options as plain data (what ``save_pretrained`` records)."""
+        return {name: dict(vars(options)) for name, options in self.options.items()}
 
     # ------------------------------------------------------------------ serving
     def codec(self, layer: int, kind: str) -> LayerCodec:
@@ -120,10 +121,6 @@ class KVCompressor(nn.Module):
     @property
     def has_widths(self) -> bool:
         return bool(self.width_codecs())
-
-    def direction_quantizers(self, exact_dtype: torch.dtype = torch.float16) -> dict:
-        """``{(layer, kind): DirectionQuantizer}`` of the width codecs (a snapshot of their current steps)."""
-        return {key: self.codec(*key).direction_quantizer(exact_dtype) for key in self.width_codecs()}
 
     # ------------------------------------------------------------------ calibration
     def begin_statistics(self, device: torch.device | str = "cpu") -> None:
@@ -176,11 +173,11 @@ class KVCompressor(nn.Module):
             weights = key_weights if kind == "k" else value_weights
             for head, projection in enumerate(self.codec(layer, kind).heads):
                 if weights is not None and projection.algo != "none":
-                    if projection.algo != "kvsplice":
+                    if not backend(projection.algo).weighted_objectives:
                         raise ConfigError(
                             f"{'query' if kind == 'k' else 'output'}-weighted {'keys' if kind == 'k' else 'values'} "
-                            f"need KVSplice heads (layer {layer}, head {head} is {projection.algo}): "
-                            "use --compressor kvsplice"
+                            f"need KVSplice heads or another backend with separate encoder and decoder (layer {layer}, "
+                            f"head {head} is {projection.algo}): use --compressor kvsplice"
                         )
                     projection.init_from_statistics(mean[head], covariance[head], score_weight=weights[layer, head])
                 else:
@@ -199,47 +196,38 @@ class KVCompressor(nn.Module):
 
     def begin_step_calibration(self, device: torch.device | str = "cpu") -> None:
         """Start a pass that measures, per coded channel, the squared error of every step in ``STEP_MULTIPLIERS``."""
-        self._step_errors = {
-            key: torch.zeros(self.codec(*key).latent_dim, len(STEP_MULTIPLIERS), dtype=torch.float64, device=device)
-            for key in self.width_codecs()
-        }
+        self._steps = {key: StepSearch(self.codec(*key).widths, device) for key in self.width_codecs()}
 
     @torch.no_grad()
     def accumulate_steps(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Add captured rows ``keys/values [N, L, H, D]`` to the step search (after :meth:`finalize_statistics`)."""
-        if self._step_errors is None:
+        if self._steps is None:
             raise RuntimeError("call begin_step_calibration() first")
         if keys.shape[0] == 0:
             return
-        for (layer, kind), errors in self._step_errors.items():
+        for (layer, kind), search in self._steps.items():
             codec = self.codec(layer, kind)
             rows = (keys if kind == "k" else values)[:, layer]
             z = codec.encode(rows.unsqueeze(2).transpose(0, 2).to(codec.latent_std.dtype))[0].float()  # [N, R]
-            widths = codec.widths.to(z.device)
-            center, sigma = codec.latent_center().to(z.device), codec.latent_std.float().to(z.device)
-            for width in widths.unique().tolist():
-                if 0 < width < EXACT:
-                    index = (widths == width).nonzero().squeeze(1)
-                    errors[index] += grid_errors(z[:, index], center[index], sigma[index], width).to(errors.device)
+            search.add(z, codec.latent_center().to(z.device), codec.latent_std.float().to(z.device))
 
     def step_tensors(self) -> list[torch.Tensor]:
         """The step-search sums, in a fixed order, for an all-reduce (sum) across processes."""
-        return [] if self._step_errors is None else [self._step_errors[key] for key in sorted(self._step_errors)]
+        return [] if self._steps is None else [self._steps[key].errors for key in sorted(self._steps)]
 
     def finalize_steps(self) -> None:
         """Give every coded channel the step of least measured squared error, then drop the sums."""
-        if self._step_errors is None:
+        if self._steps is None:
             raise RuntimeError("no step statistics were accumulated")
-        multipliers = torch.tensor(STEP_MULTIPLIERS, dtype=torch.float64)
         with torch.no_grad():
-            for key, errors in self._step_errors.items():
+            for key, search in self._steps.items():
                 codec = self.codec(*key)
-                errors = errors.cpu()
-                best = multipliers[errors.argmin(-1)]
-                best[errors.sum(-1) == 0] = 1.0  # no rows (or not coded): keep the Gaussian step
-                step, offset = step_offset(codec.latent_center().cpu(), codec.latent_std.cpu(), codec.widths, best)
+                multipliers = search.best_multipliers()
+                step, offset = step_offset(
+                    codec.latent_center().cpu(), codec.latent_std.cpu(), codec.widths, multipliers
+                )
                 codec.set_steps(step, offset)
-        self._step_errors = None
+        self._steps = None
 
     def calibrate_steps(self, batches: Iterable[dict[str, torch.Tensor]], max_rows: int = STEP_ROWS) -> None:
         """One pass over ``{'keys', 'values'}`` batches fitting the static steps of every width codec, on at most
@@ -278,18 +266,21 @@ class KVCompressor(nn.Module):
         values: torch.Tensor,
         key_weights: torch.Tensor | None = None,
         value_weights: torch.Tensor | None = None,
+        quantizers: Mapping[tuple[int, str], Any] | None = None,
     ) -> torch.Tensor:
-        """The seed's loss ``mse(K_hat, K) + mse(V_hat, V)`` over every layer and head (width codecs: through their
-        static codes, rounded in the forward with a straight-through gradient).
+        """The seed's loss ``mse(K_hat, K) + mse(V_hat, V)`` over every layer and head.
 
         Args:
             keys, values: ``[N, L, H, D]`` captured rows (keys pre-RoPE for RoPE models).
             key_weights: optional ``[L, H, D, D]`` score weights: the key term becomes ``E[e^T W e] / D`` with each
                 ``W`` scaled to trace ``D`` (so ``W = I`` is the plain MSE), the error attention scores see.
             value_weights: optional ``[L, H, D, D]`` output-projection weights, the same way for the value term.
+            quantizers: optional ``{(layer, kind): q}`` whose ``q.fake_quantize(z)`` is what storage makes of latents
+                (kvlight.serving.widths.direction_quantizers): those codecs train through the rounding
+                (straight-through gradient).
         """
         total = keys.new_zeros(())
-        quantizers = self.direction_quantizers(keys.dtype)
+        quantizers = quantizers or {}
         for layer in range(self.num_layers):
             for kind, rows in (("k", keys), ("v", values)):
                 x = rows[:, layer].unsqueeze(2).transpose(0, 2)  # [1, H, N, D]: the cache layout, N as time
@@ -313,26 +304,12 @@ class KVCompressor(nn.Module):
         return {
             "compression_config": self.config.to_dict(),
             "geometry": self.geometry.to_dict() if self.geometry else None,
-            "latent_affine": self.latent_affine,
-            "init": self.init,
-            "format": "kvlight-compressor/1",
+            "options": self.options_dict(),
         }
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``compressor.safetensors`` and ``compressor_config.json`` (atomically) to ``directory``."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(state, tmp, metadata={"format": "pt"})
-            os.replace(tmp, directory / WEIGHTS_NAME)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        atomic_write_text(directory / CONFIG_NAME, json.dumps(self.describe(), indent=2) + "\n")
+        """Write ``compressor.safetensors`` and ``compressor_config.json`` (each atomically) to ``directory``."""
+        artefacts.write_files(Path(directory), self.state_dict(), self.describe())
 
     def check_geometry(self, geometry: KVGeometry) -> None:
         """Refuse a model whose KV geometry differs from the one this compressor was built for."""
@@ -348,14 +325,14 @@ class KVCompressor(nn.Module):
 
 
 class PCACompressor(KVCompressor):
-    """Every enabled head uses PCA."""
+    """Every enabled head uses PCA (the seed's class name)."""
 
     def __init__(self, config: CompressionConfig, geometry: KVGeometry | None = None) -> None:
         super().__init__(config, geometry, algo="pca")
 
 
 class KVSpliceCompressor(KVCompressor):
-    """Every enabled head uses learned KVSplice projections."""
+    """Every enabled head uses learned KVSplice projections (the seed's class name and arguments)."""
 
     def __init__(
         self,
@@ -364,71 +341,27 @@ class KVSpliceCompressor(KVCompressor):
         latent_affine: bool = True,
         init: str = "pca",
     ) -> None:
-        super().__init__(config, geometry, algo="kvsplice", latent_affine=latent_affine, init=init)
+        options = {"kvsplice": {"latent_affine": latent_affine, "init": init}}
+        super().__init__(config, geometry, algo="kvsplice", options=options)
 
 
 def load_compressor(directory: str | os.PathLike, geometry: KVGeometry | None = None) -> KVCompressor:
     """Load what :meth:`KVCompressor.save_pretrained` wrote; with ``geometry``, refuse a different model."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     directory = Path(directory)
+    config, fitted, options = artefacts.read_description(directory)
     try:
-        described = json.loads((directory / CONFIG_NAME).read_text())
-    except OSError as exc:
-        raise KVLightError(
-            f"cannot read {directory / CONFIG_NAME}: {exc.strerror or exc}; is this a compressor directory?"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise KVLightError(f"{directory / CONFIG_NAME} is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise KVLightError(f"{directory / CONFIG_NAME} is nested too deeply to be a compressor description") from None
-    if not isinstance(described, dict) or described.get("format") != "kvlight-compressor/1":
-        raise KVLightError(f"{directory / CONFIG_NAME} is not a kvlight compressor description")
-    config = CompressionConfig.from_dict(described.get("compression_config"))
-    saved_geometry = described.get("geometry")
-    fitted = _saved_geometry(saved_geometry, directory / CONFIG_NAME) if saved_geometry is not None else None
-    latent_affine = described.get("latent_affine", True)
-    if not isinstance(latent_affine, bool):
-        raise KVLightError(f"{directory / CONFIG_NAME}: latent_affine must be true or false, got {latent_affine!r}")
-    try:
-        compressor = KVCompressor(
-            config,
-            fitted,
-            latent_affine=latent_affine,
-            init=described.get("init", "pca") if described.get("init") in ("pca", "random") else "pca",
-        )
+        compressor = KVCompressor(config, fitted, options=options)
     except ConfigError as exc:
-        raise KVLightError(
-            f"{directory / CONFIG_NAME}: its compression config does not fit its geometry: {exc}"
-        ) from None
+        where = directory / artefacts.CONFIG_NAME
+        raise KVLightError(f"{where}: its compression config does not fit its geometry: {exc}") from None
     if geometry is not None:
         compressor.check_geometry(geometry)
-    try:
-        state = load_file(directory / WEIGHTS_NAME)
-    except (OSError, SafetensorError) as exc:
-        raise KVLightError(f"cannot read {directory / WEIGHTS_NAME}: {exc}") from None
+    state = artefacts.read_weights(directory)
     try:
         compressor.load_state_dict(state)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         raise KVLightError(
-            f"{directory / WEIGHTS_NAME} does not match its config: {' '.join(first[:2])[:300]}"
+            f"{directory / artefacts.WEIGHTS_NAME} does not match its config: {' '.join(first[:2])[:300]}"
         ) from None
-    for name, tensor in state.items():  # a damaged or hand-made file: NaN weights would poison every generation
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise KVLightError(f"{directory / WEIGHTS_NAME}: {name} holds NaN or inf; calibrate the compressor again")
     return compressor
-
-
-def _saved_geometry(saved: object, where: Path) -> KVGeometry:
-    """The geometry a compressor file names, checked field by field (a hand-edited file may hold anything)."""
-    fields = {"num_layers": int, "num_kv_heads": int, "head_dim": int, "model_type": str, "rope": bool}
-    if not isinstance(saved, dict) or set(fields) - set(saved):
-        raise KVLightError(f"{where}: malformed geometry (needs {', '.join(fields)})")
-    for name, kind in fields.items():
-        value = saved[name]
-        wrong_type = not isinstance(value, kind) or (kind is int and isinstance(value, bool))
-        if wrong_type or (kind is int and value < 1):
-            raise KVLightError(f"{where}: malformed geometry: {name} = {value!r}")
-    return KVGeometry.from_dict(saved)

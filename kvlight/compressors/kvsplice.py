@@ -8,23 +8,45 @@ training matters for other objectives and for low-precision latents (where scale
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kvlight.compressors.base import HeadProjection, inverse_softplus, latent_std_of, principal_basis, random_init_
+from kvlight.compressors.registry import register_backend
+from kvlight.compressors.weighting import weighted_projection
+
+INITS = ("pca", "random")
+
+
+@dataclass(frozen=True)
+class KVSpliceOptions:
+    """KVSplice's settings.
+
+    Attributes:
+        latent_affine: the seed's learned latent scale and shift (between encoder and decoder: they matter once
+            latents are stored at low precision, where they act as learned quantization steps).
+        init: ``"pca"`` (start from the PCA solution) or ``"random"`` (the seed's N(0, 0.02)).
+    """
+
+    latent_affine: bool = True
+    init: str = "pca"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.latent_affine, bool):
+            raise ValueError(f"latent_affine must be true or false, got {self.latent_affine!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be 'pca' or 'random', got {self.init!r}")
 
 
 class KVSpliceProjection(HeadProjection):
     """Learned ``compress [r, D]`` and ``expand [D, r]`` with an optional latent affine map."""
 
-    algo = "kvsplice"
-    trainable = True
-
     def __init__(self, head_dim: int, rank: int, latent_affine: bool = True, init: str = "pca") -> None:
         super().__init__(head_dim, rank)
-        if init not in ("pca", "random"):
-            raise ValueError(f"init must be 'pca' or 'random', got {init!r}")
+        KVSpliceOptions(latent_affine, init)  # checks them
         self.init = init
         self.compress = nn.Parameter(torch.empty(rank, head_dim))
         self.expand = nn.Parameter(torch.empty(head_dim, rank))
@@ -57,8 +79,6 @@ class KVSpliceProjection(HeadProjection):
         with torch.no_grad():
             self.mean.copy_(mean.to(self.mean.dtype))
             if score_weight is not None:
-                from kvlight.compressors.weighting import weighted_projection
-
                 encoder, decoder, std = weighted_projection(covariance, score_weight, self.rank)
                 self.compress.copy_(encoder.to(self.compress.dtype))
                 self.expand.copy_(decoder.to(self.expand.dtype))
@@ -75,3 +95,6 @@ class KVSpliceProjection(HeadProjection):
                 if self.latent_affine:
                     self.latent_scale.fill_(inverse_softplus(1.0))
                     self.latent_shift.zero_()
+
+
+register_backend("kvsplice", KVSpliceProjection, KVSpliceOptions, trainable=True, weighted_objectives=True)

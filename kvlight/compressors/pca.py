@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kvlight.compressors.base import HeadProjection, latent_std_of, principal_basis
+from kvlight.compressors.registry import register_backend
+
+
+@dataclass(frozen=True)
+class PCAOptions:
+    """PCA has no settings: its basis is the eigendecomposition of the calibration covariance."""
 
 
 class PCAProjection(HeadProjection):
     """``z = (x - mean) @ U``, ``x_hat = z @ U^T + mean`` with ``U [D, r]`` the top-r eigenvectors."""
-
-    algo = "pca"
-    trainable = False
 
     def __init__(self, head_dim: int, rank: int) -> None:
         super().__init__(head_dim, rank)
@@ -31,3 +36,6 @@ class PCAProjection(HeadProjection):
         basis = principal_basis(covariance, self.rank)
         self.basis.copy_(basis.to(self.basis.dtype))
         self.latent_std.copy_(latent_std_of(basis, covariance).to(self.latent_std.dtype))
+
+
+register_backend("pca", PCAProjection, PCAOptions, trainable=False, weighted_objectives=False)

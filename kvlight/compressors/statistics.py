@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvlight.config import EXACT
+from kvlight.compressors.widths import EXACT
 
 
 class RunningMoments:
@@ -102,3 +102,32 @@ def grid_errors(
         if weighted is not None:
             weighted += (error * weights[start : start + chunk].float()[:, :, None]).sum(0).double()
     return total if weighted is None else (total, weighted)
+
+
+class StepSearch:
+    """The search for one codec's static steps: per latent channel, the summed squared error at every multiplier of
+    :data:`STEP_MULTIPLIERS` for its width (additive across batches and processes).
+
+    Args:
+        widths: ``[R]`` the codec's channel widths; only coded ones (1..8) are searched.
+    """
+
+    def __init__(self, widths: torch.Tensor, device: torch.device | str = "cpu") -> None:
+        self.widths = widths.to(device)
+        self.errors = torch.zeros(widths.numel(), len(STEP_MULTIPLIERS), dtype=torch.float64, device=device)
+
+    def add(self, z: torch.Tensor, center: torch.Tensor, sigma: torch.Tensor) -> None:
+        """Latents ``z [N, R]`` with the channels' calibration ``center`` and ``sigma`` (``[R]``)."""
+        widths = self.widths.to(z.device)
+        for width in widths.unique().tolist():
+            if 0 < width < EXACT:
+                index = (widths == width).nonzero().squeeze(1)
+                sums = grid_errors(z[:, index], center[index], sigma[index], width)
+                self.errors[index.to(self.errors.device)] += sums.to(self.errors.device)
+
+    def best_multipliers(self) -> torch.Tensor:
+        """``[R]`` float64: the multiplier of least error per channel; 1.0 (the Gaussian step) where nothing was seen."""
+        errors = self.errors.cpu()
+        best = torch.tensor(STEP_MULTIPLIERS, dtype=torch.float64)[errors.argmin(-1)]
+        best[errors.sum(-1) == 0] = 1.0
+        return best

@@ -27,7 +27,7 @@ from kvlight.serving import attention
 from kvlight.serving.layer import CompressedLayer
 from kvlight.serving.positions import PositionLog, PositionTracker
 from kvlight.serving.quant import LatentQuantizer, codec_quantizer
-from kvlight.serving.widths import DirectionQuantizer
+from kvlight.serving.widths import DirectionQuantizer, direction_quantizer
 
 
 def dynamic_cache_bytes(geometry: KVGeometry, batch: int, seq_len: int, dtype: torch.dtype) -> int:
@@ -91,7 +91,7 @@ class CompressedCache(Cache):
         """How one layer codec's latents (of ``dtype``) are stored: static mixed-width codes when its heads have
         widths, else per-token group quantization (``latent_bits``), else None (latents in ``dtype``)."""
         if codec.has_widths:
-            return codec.direction_quantizer(dtype)
+            return direction_quantizer(codec, dtype)
         return codec_quantizer(self.latent_bits, self.quant_group_size, codec)
 
     @torch.no_grad()

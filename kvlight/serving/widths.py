@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from kvlight.compressors.statistics import levels_of
-from kvlight.config import EXACT
+from kvlight.compressors.widths import EXACT
 
 #: fields ``(size, shift)`` each width is packed as: bits ``[shift, shift + size)`` of the code.
 FIELDS = {
@@ -214,3 +214,13 @@ def padded_bytes_per_token(widths: list[list[int]], exact_itemsize: int = 2) -> 
                     counts[size] += 1
         total += sum(math.ceil(n * size / 8) for size, n in counts.items())
     return total
+
+
+def direction_quantizer(codec, exact_dtype: torch.dtype = torch.float16) -> DirectionQuantizer:
+    """The static mixed-width quantizer of one layer codec's latents (its heads' widths, steps and offsets)."""
+    return DirectionQuantizer(codec.widths, codec.code_step, codec.code_offset, exact_dtype)
+
+
+def direction_quantizers(compressor, exact_dtype: torch.dtype = torch.float16) -> dict:
+    """``{(layer, kind): DirectionQuantizer}`` of a compressor's width codecs (a snapshot of their current steps)."""
+    return {key: direction_quantizer(compressor.codec(*key), exact_dtype) for key in compressor.width_codecs()}

@@ -1,0 +1,101 @@
+"""A compressor on disk: safetensors weights plus a JSON naming its config, geometry and backend options.
+
+:meth:`KVCompressor.save_pretrained <kvlight.compressors.compressor.KVCompressor.save_pretrained>` writes them
+(each atomically) through :func:`write_files`; :func:`kvlight.compressors.compressor.load_compressor` reads them back
+through :func:`read_description` and :func:`read_weights`, which refuse with one line anything that is not what was
+written: a malformed description, an unreadable file, NaN or inf weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from kvlight.compressors.registry import backend
+from kvlight.config import CompressionConfig
+from kvlight.errors import ConfigError, KVLightError
+from kvlight.files import atomic_write_text, write_atomically
+from kvlight.geometry import KVGeometry
+
+WEIGHTS_NAME = "compressor.safetensors"
+CONFIG_NAME = "compressor_config.json"
+FORMAT = "kvlight-compressor/1"
+
+
+def write_files(directory: Path, state: dict[str, torch.Tensor], description: dict) -> None:
+    """``compressor.safetensors`` (``state``) and ``compressor_config.json`` (``description``), each atomically."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    write_atomically(Path(directory) / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write_text(Path(directory) / CONFIG_NAME, json.dumps({**description, "format": FORMAT}, indent=2) + "\n")
+
+
+def read_description(directory: Path) -> tuple[CompressionConfig, KVGeometry | None, dict]:
+    """``(config, fitted geometry or None, backend options)`` from ``compressor_config.json``."""
+    where = Path(directory) / CONFIG_NAME
+    try:
+        described = json.loads(where.read_text())
+    except OSError as exc:
+        raise KVLightError(f"cannot read {where}: {exc.strerror or exc}; is this a compressor directory?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KVLightError(f"{where} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise KVLightError(f"{where} is nested too deeply to be a compressor description") from None
+    if not isinstance(described, dict) or described.get("format") != FORMAT:
+        raise KVLightError(f"{where} is not a kvlight compressor description")
+    config = CompressionConfig.from_dict(described.get("compression_config"))
+    saved = described.get("geometry")
+    return config, (_saved_geometry(saved, where) if saved is not None else None), _saved_options(described, where)
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``compressor.safetensors``; NaN or inf in any is an error (it would poison every generation)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    where = Path(directory) / WEIGHTS_NAME
+    try:
+        state = load_file(where)
+    except (OSError, SafetensorError) as exc:
+        raise KVLightError(f"cannot read {where}: {exc}") from None
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise KVLightError(f"{where}: {name} holds NaN or inf; calibrate the compressor again")
+    return state
+
+
+def _saved_geometry(saved: object, where: Path) -> KVGeometry:
+    """The geometry a compressor file names, checked field by field (a hand-edited file may hold anything)."""
+    fields = {"num_layers": int, "num_kv_heads": int, "head_dim": int, "model_type": str, "rope": bool}
+    if not isinstance(saved, dict) or set(fields) - set(saved):
+        raise KVLightError(f"{where}: malformed geometry (needs {', '.join(fields)})")
+    for name, kind in fields.items():
+        value = saved[name]
+        wrong_type = not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+        if wrong_type or (kind is int and value < 1):
+            raise KVLightError(f"{where}: malformed geometry: {name} = {value!r}")
+    return KVGeometry.from_dict(saved)
+
+
+def _saved_options(described: dict, where: Path) -> dict:
+    """Backend options as saved (``options``), or from the two KVSplice keys that files of kvlight 0.1 hold."""
+    if "latent_affine" in described and not isinstance(described["latent_affine"], bool):
+        raise KVLightError(f"{where}: latent_affine must be true or false, got {described['latent_affine']!r}")
+    if "options" in described:
+        options = described["options"]
+        if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+            raise KVLightError(f"{where}: options must map backend names to their settings")
+        for name, settings in options.items():
+            try:
+                backend(name).make_options(settings)
+            except ConfigError as exc:
+                raise KVLightError(f"{where}: {exc}") from None
+        return options
+    latent_affine = described.get("latent_affine", True)
+    if not isinstance(latent_affine, bool):
+        raise KVLightError(f"{where}: latent_affine must be true or false, got {latent_affine!r}")
+    init = described.get("init", "pca") if described.get("init") in ("pca", "random") else "pca"
+    return {"kvsplice": {"latent_affine": latent_affine, "init": init}}
