@@ -304,9 +304,9 @@ def analyze_metrics_files(tiny_model_paths, tmp_path_factory):
     root = tmp_path_factory.mktemp("analyze-metrics")
     paths = {}
     for arch, model in tiny_model_paths.items():
-        metrics = measure_model(
-            model, calibration_samples=8, eval_samples=8, seq_len=32, batch_size=4, attention_tokens=32, progress=False
-        )
+        data = {"calibration_samples": 8, "eval_samples": 8, "seq_len": 32}
+        sensitivity = {"samples": 8, "batch_size": 4, "attention_tokens": 32, "progress": False}
+        metrics = measure_model(model, data, sensitivity)
         paths[arch] = root / f"{arch}.json"
         paths[arch].write_text(metrics_to_json(metrics))
     return paths

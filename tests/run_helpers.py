@@ -19,10 +19,33 @@ import torch
 DDP_DATA = ["--data.seq_len", "32", "--data.calibration_samples", "5", "--data.eval_samples", "3"]
 DDP_DATA += ["--data.batch_size", "2", "--data.seed", "0"]
 #: KVSplice from a random start: training has real work to do, so "reaches the same loss" means something.
-KVSPLICE = ["--model.init", "random", "--model.lr", "0.03", "--trainer.max_epochs", "30"]
+KVSPLICE = [
+    "--model.backend_options",
+    '{"kvsplice": {"init": "random"}}',
+    "--model.objective.lr",
+    "0.03",
+    "--trainer.max_epochs",
+    "30",
+]
 #: End-to-end distillation at low rank with int4 latents, 8 steps of 2 windows per process.
-KL = ["--model.objective", "kl", "--model.rank", "3", "--model.lr", "0.01", "--model.latent_bits", "4"]
-KL += ["--model.quant_group_size", "3", "--model.distill_batch_size", "2", "--trainer.max_steps", "8"]
+KL = [
+    "--model.objective.objective",
+    "kl",
+    "--model.compression.rank",
+    "3",
+    "--model.objective.lr",
+    "0.01",
+    "--model.compression.latent_bits",
+    "4",
+]
+KL += [
+    "--model.compression.quant_group_size",
+    "3",
+    "--model.objective.distill_batch_size",
+    "2",
+    "--trainer.max_steps",
+    "8",
+]
 KL += ["--trainer.max_epochs", "-1"]
 
 
@@ -96,9 +119,9 @@ def cli_args(config: str, model: str, root: Path, *extra: str) -> list[str]:
         config,
         "--model.model",
         model,
-        "--model.rank",
+        "--model.compression.rank",
         "8",
-        "--model.model_dtype",
+        "--model.runtime.model_dtype",
         "float32",
         "--trainer.default_root_dir",
         str(root),

@@ -119,7 +119,7 @@ def test_predicted_loss_tracks_the_measured_kl_of_truncating_one_head(
     model, head = tiny_models[arch], 0
     geometry = kv_geometry(model)
     metrics = read_metrics_file(analyze_metrics_files[arch], geometry)
-    windows = calibration_windows(tiny_model_paths[arch], "builtin", 8, 8, 32)
+    windows = calibration_windows(tiny_model_paths[arch], {"calibration_samples": 8, "eval_samples": 8, "seq_len": 32})
     means, bases, _ = principal_statistics(model, geometry, windows, 4, progress=False)
     mean, basis = means[(layer, "v")][head].float(), bases[(layer, "v")][head][:, :rank].float()
 

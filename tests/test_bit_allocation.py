@@ -310,7 +310,7 @@ def test_calibrate_with_a_target_measures_allocates_and_calibrates(tiny_llama_pa
     from kvlight.calibration.module import KVCalibrationModule
 
     module = KVCalibrationModule.load_from_checkpoint(output / "checkpoints" / "last.ckpt")
-    assert module.hparams.target_memory_reduction is None and not module.allocation_pending
+    assert module.hparams.compression["target_memory_reduction"] is None and not module.allocation_pending
     assert module.compressor.config.to_dict() == config.to_dict()
     # Exact tokens aside, the cache stores what the allocation promised (against a 16-bit cache: the model is bf16).
     saved = results["memory_savings_pct"]

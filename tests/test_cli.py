@@ -45,17 +45,17 @@ def lightning_args(config: Path, model: str, root: Path, *extra: str) -> list[st
         "false",
         "--trainer.enable_model_summary",
         "false",
-        "--model.rank",
+        "--model.compression.rank",
         "8",
-        "--model.rank_k",  # a YAML may set rank_k/rank_v for the embedded default's head_dim 64
+        "--model.compression.rank_k",  # a YAML may set rank_k/rank_v for the embedded default's head_dim 64
         "8",
-        "--model.rank_v",
+        "--model.compression.rank_v",
         "8",
-        "--model.sink_tokens",  # plain latents, so the byte counts below follow the rank alone
+        "--model.compression.sink_tokens",  # plain latents, so the byte counts below follow the rank alone
         "0",
-        "--model.recent_window",
+        "--model.compression.recent_window",
         "0",
-        "--model.latent_bits",
+        "--model.compression.latent_bits",
         "null",
         *extra,
     ]
@@ -80,9 +80,16 @@ def test_yaml_parses_through_the_lightning_cli(config, capsys):
     assert done.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     written = yaml.safe_load(config.read_text())
+
+    def same(written: dict, printed: dict, where: str) -> None:  # every key written parses to its value
+        for key, value in written.items():
+            if isinstance(value, dict) and isinstance(printed.get(key), dict):
+                same(value, printed[key], f"{where}.{key}")
+            else:
+                assert printed[key] == value, f"{config.name}: {where}.{key}"
+
     for section in ("model", "data"):
-        for key, value in written[section].items():
-            assert printed[section][key] == value, f"{config.name}: {section}.{key}"
+        same(written[section], printed[section], section)
     assert printed["trainer"]["max_epochs"] == written["trainer"]["max_epochs"]
     assert "model" not in printed["data"]  # linked from model.model: one model, one tokenizer
 
@@ -93,7 +100,7 @@ def test_yaml_instantiates_on_a_tiny_model(config, tiny_llama_path, tmp_path):
     single = ["--trainer.strategy", "auto", "--trainer.devices", "1"] if not torch.cuda.is_available() else []
     cli = lightning_cli(lightning_args(config, tiny_llama_path, tmp_path, *single), run=False)
     written = yaml.safe_load(config.read_text())
-    assert cli.model.hparams.compressor == written["model"]["compressor"]
+    assert cli.model.hparams.compression["compressor"] == written["model"]["compression"]["compressor"]
     assert cli.model.compressor.latent_dims() == [(2 * 8, 2 * 8)] * 2  # 2 KV heads x rank 8, both layers
     assert cli.datamodule.hparams.model == tiny_llama_path
     assert cli.trainer.max_epochs == written["trainer"]["max_epochs"]
@@ -105,7 +112,16 @@ FIT_CASES = {
     "gpt2-kvsplice-random": (
         "gpt2",
         "smollm2_kvsplice.yaml",
-        ["--trainer.max_epochs", "8", "--model.init", "random", "--model.lr", "0.02", "--data.kv_batch_size", "32"],
+        [
+            "--trainer.max_epochs",
+            "8",
+            "--model.backend_options",
+            '{"kvsplice": {"init": "random"}}',
+            "--model.objective.lr",
+            "0.02",
+            "--data.kv_batch_size",
+            "32",
+        ],
     ),
 }
 

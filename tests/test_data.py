@@ -443,7 +443,7 @@ def test_train_dataloader_streams_the_recorded_shards(data_tokenizer, tmp_path):
     keys = torch.arange(12 * 2 * 1 * 4, dtype=torch.float32).reshape(12, 2, 1, 4)
     write_shards(tmp_path / "capture", keys, -keys, rows_per_shard=5, meta={})
     module = make_module(data_tokenizer, kv_batch_size=4)
-    module.set_kv_shards(tmp_path / "capture", num_batches=5)
+    module.stream_shards(tmp_path / "capture", num_batches=5)
 
     batches = list(module.train_dataloader())
 

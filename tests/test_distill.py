@@ -14,6 +14,7 @@ import torch
 from helpers import HEAD_DIM
 
 from kvlight.calibration.distill import distill, distillation_loss, latent_quantizers, simulate, warmup_cosine
+from kvlight.calibration.options import grouped
 from kvlight.compressors import KVCompressor
 from kvlight.compressors.base import principal_basis
 from kvlight.compressors.weighting import output_weight, weighted_projection
@@ -216,7 +217,7 @@ def test_objective_options_are_checked(tiny_llama_path):
     ]
     for kwargs, message in cases:
         with pytest.raises(ConfigError, match=message):
-            KVCalibrationModule(model=tiny_llama_path, rank=4, **kwargs)
+            KVCalibrationModule(model=tiny_llama_path, **grouped(rank=4, **kwargs))
 
 
 def test_warmup_cosine_schedule():

@@ -174,7 +174,14 @@ def test_fsdp_refuses_a_split_with_unequal_forward_counts(tiny_llama_path, tmp_p
     from run_helpers import FSDP
 
     command = [sys.executable, "-m", "kvlight.cli", "fit", "--config", str(REPO / "configs" / "smollm2_pca.yaml")]
-    command += ["--model.model", tiny_llama_path, "--model.rank", "8", "--model.model_dtype", "float32"]
+    command += [
+        "--model.model",
+        tiny_llama_path,
+        "--model.compression.rank",
+        "8",
+        "--model.runtime.model_dtype",
+        "float32",
+    ]
     command += ["--data.seq_len", "32", "--data.calibration_samples", "9", "--data.eval_samples", "2"]
     command += ["--trainer.accelerator", "cpu", "--trainer.devices", "2", *FSDP]
     command += ["--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"]
@@ -191,7 +198,7 @@ def test_fsdp_yaml_calibrates_on_gpus(tiny_llama_path, tmp_path, tiny_rows):
     # configs/llama_7b_fsdp.yaml as shipped, on the tiny Llama with offline text and every GPU up to two.
     devices = min(2, torch.cuda.device_count())
     command = [sys.executable, "-m", "kvlight.cli", "fit", "--config", str(REPO / "configs" / "llama_7b_fsdp.yaml")]
-    command += ["--model.model", tiny_llama_path, "--model.rank", "8", "--trainer.devices", str(devices)]
+    command += ["--model.model", tiny_llama_path, "--model.compression.rank", "8", "--trainer.devices", str(devices)]
     command += ["--data.dataset", "builtin", "--data.dataset_config", "null", "--data.seq_len", "32"]
     command += ["--data.calibration_samples", "4", "--data.eval_samples", "2", "--data.kv_batch_size", "32"]
     command += ["--trainer.max_epochs", "3", "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"]

@@ -9,6 +9,7 @@ gets position 0); kvlight's cache re-rotates compressed keys with exactly those 
 import pytest
 import torch
 
+from kvlight.calibration.options import grouped
 from kvlight.hf import dynamic_cache
 from kvlight.serving.wrapper import CompressedKVModelWrapper
 
@@ -131,7 +132,7 @@ def test_left_padded_wrapper_forward_matches_each_row_alone(arch, sinks, tiny_mo
 def _module(tiny_llama_path, fitted_compressor, **config):
     from kvlight.calibration.module import KVCalibrationModule
 
-    module = KVCalibrationModule(model=tiny_llama_path, compressor="pca", rank=8, eval_chunk=8, **config)
+    module = KVCalibrationModule(model=tiny_llama_path, **grouped(compressor="pca", rank=8, eval_chunk=8, **config))
     fitted = fitted_compressor("llama", "pca", 8, **config)
     module.compressor.load_state_dict(fitted.state_dict())
     return module

@@ -21,7 +21,14 @@ ALGO = {
     # From a random start, so training (not only the float64 statistics) happens under the precision.
     "kvsplice": (
         str(REPO / "configs" / "smollm2_kvsplice.yaml"),
-        ["--model.init", "random", "--model.lr", "0.03", "--trainer.max_epochs", "30"],
+        [
+            "--model.backend_options",
+            '{"kvsplice": {"init": "random"}}',
+            "--model.objective.lr",
+            "0.03",
+            "--trainer.max_epochs",
+            "30",
+        ],
     ),
 }
 
@@ -80,7 +87,7 @@ def test_statistics_stay_float64_with_a_bfloat16_model(tiny_llama_path, tmp_path
     monkeypatch.setattr("sys.argv", ["kvlight"])
     config, _ = ALGO["pca"]
     args = cli_args(config, tiny_llama_path, tmp_path, *DATA, "--trainer.precision", "bf16-mixed")
-    lightning_cli(["fit", *args, "--model.model_dtype", "bfloat16", "--config", record_config(tmp_path, "fit")])
+    lightning_cli(["fit", *args, "--model.runtime.model_dtype", "bfloat16", "--config", record_config(tmp_path, "fit")])
     assert load_records(tmp_path, "fit")[0]["statistics_dtypes"] == [["torch.float64"]]
 
 

@@ -24,7 +24,17 @@ YAML = {"kvsplice": str(REPO / "configs" / "smollm2_kvsplice.yaml"), "pca": str(
 # from a random start so that every step changes the weights.
 DATA = ["--data.seq_len", "32", "--data.calibration_samples", "4", "--data.eval_samples", "2"]
 DATA += ["--data.kv_batch_size", "32"]
-ALGO = {"kvsplice": ["--trainer.max_epochs", "4", "--model.init", "random", "--model.lr", "0.02"], "pca": []}
+ALGO = {
+    "kvsplice": [
+        "--trainer.max_epochs",
+        "4",
+        "--model.backend_options",
+        '{"kvsplice": {"init": "random"}}',
+        "--model.objective.lr",
+        "0.02",
+    ],
+    "pca": [],
+}
 BATCHES, EPOCHS = 4, {"kvsplice": 4, "pca": 1}
 
 EVERY_STEP = {

@@ -13,6 +13,7 @@ from helpers import HEAD_DIM
 
 from kvlight.analysis.queries import QueryMoments
 from kvlight.calibration.capture import capture_kv
+from kvlight.calibration.options import grouped
 from kvlight.compressors import KVCompressor
 from kvlight.compressors.base import principal_basis
 from kvlight.compressors.weighting import rope_rotation, score_weight, weighted_projection
@@ -185,8 +186,10 @@ def test_query_objective_needs_kvsplice(tiny_llama_path):
     from kvlight.calibration.module import KVCalibrationModule
 
     with pytest.raises(ConfigError, match="key_objective query needs KVSplice"):
-        KVCalibrationModule(model=tiny_llama_path, compressor="pca", rank=4, key_objective="query")
+        KVCalibrationModule(model=tiny_llama_path, **grouped(compressor="pca", rank=4, key_objective="query"))
     with pytest.raises(ConfigError, match="must be one of"):
-        KVCalibrationModule(model=tiny_llama_path, compressor="kvsplice", rank=4, key_objective="cosine")
+        KVCalibrationModule(model=tiny_llama_path, **grouped(compressor="kvsplice", rank=4, key_objective="cosine"))
     with pytest.raises(ConfigError, match="score_window must be a positive"):
-        KVCalibrationModule(model=tiny_llama_path, compressor="kvsplice", rank=4, key_objective="query", score_window=0)
+        KVCalibrationModule(
+            model=tiny_llama_path, **grouped(compressor="kvsplice", rank=4, key_objective="query", score_window=0)
+        )

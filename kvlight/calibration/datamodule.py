@@ -94,7 +94,8 @@ class KVCalibrationDataModule(pl.LightningDataModule):
 
     Evaluation batches are LongTensors ``[batch_size, seq_len]``; training batches are
     ``{"keys": [kv_batch_size, L, H, D], "values": [kv_batch_size, L, H, D]}`` read from the shards the
-    LightningModule captured from :meth:`calibration_windows` (see :meth:`set_kv_shards`).
+    frozen model produced from :meth:`calibration_windows` (kvlight.calibration.callbacks.CaptureKV hands them over with
+    :meth:`stream_shards`).
 
     Args:
         model: Model id or local path the tokenizer is loaded from (None: kvlight's embedded default model).
@@ -122,7 +123,7 @@ class KVCalibrationDataModule(pl.LightningDataModule):
         split: str = "train",
         text_field: str = "text",
         seq_len: int = 512,
-        calibration_samples: int = 16,
+        calibration_samples: int = 32,
         eval_samples: int = 8,
         batch_size: int = 4,
         kv_batch_size: int = 1024,
@@ -242,7 +243,7 @@ class KVCalibrationDataModule(pl.LightningDataModule):
         root = Path(self.hparams.capture_dir).expanduser() if self.hparams.capture_dir else default_capture_dir()
         return root / self.capture_key(model_fingerprint)[:16]
 
-    def set_kv_shards(self, directory: Path, num_batches: int, exact_epochs: int = 0) -> None:
+    def stream_shards(self, directory: Path, num_batches: int, exact_epochs: int = 0) -> None:
         """Record the captured shards to train on, the training batches per epoch and the leading single-pass
         (statistics) epochs, see :class:`~kvlight.shards.KVShardStream`."""
         self._kv_shards = (Path(directory), num_batches, exact_epochs)
@@ -263,12 +264,12 @@ class KVCalibrationDataModule(pl.LightningDataModule):
         """Captured K/V mini-batches from :class:`~kvlight.shards.KVShardStream`, already batched.
 
         Raises:
-            CaptureError: :meth:`set_kv_shards` was not called.
+            CaptureError: :meth:`stream_shards` was not called.
         """
         if self._kv_shards is None:
             raise CaptureError(
-                "training needs captured K/V but none were set; the LightningModule must capture them and call "
-                "datamodule.set_kv_shards(...) before training starts"
+                "training needs captured K/V but none were set; fit with KVCalibrationModule (its CaptureKV callback "
+                "captures them) or call datamodule.stream_shards(...) before training starts"
             )
         directory, num_batches, exact_epochs = self._kv_shards
         hp = self.hparams

@@ -1,68 +1,59 @@
-"""What calibration minimises: the objectives, and the config a fit starts from."""
+"""What calibration minimises, and the config a fit starts from.
+
+:func:`resolve_config` turns :class:`~kvlight.calibration.options.CompressionOptions` into the compression config
+(a file, uniform ranks, or widths at a target); :func:`check_objectives` refuses objectives the backends cannot
+serve; :func:`key_weights` / :func:`value_weights` build the closed-form weights of the "query" and "output"
+objectives; :func:`reconstruction_loss` is the loss of the reconstruction epochs (width codecs through their codes).
+"""
 
 from __future__ import annotations
 
+import torch
+
 from kvlight.analysis.bit_allocation import check_bits_target, uniform_bits
+from kvlight.calibration.options import CompressionOptions, ObjectiveOptions
+from kvlight.compressors.registry import backend
+from kvlight.compressors.weighting import output_weights, score_weight
 from kvlight.config import RECOMMENDED, CompressionConfig
-from kvlight.errors import ConfigError
-
-#: "mse": keys fitted by plain reconstruction error; "query": by the error attention scores see (KVSplice heads start
-#: from kvlight.compressors.weighting's closed form and train on the weighted loss; query moments from the capture).
-KEY_OBJECTIVES = ("mse", "query")
-
-#: "mse": values fitted by plain reconstruction error; "output": by the error after the output projection (KVSplice
-#: heads start from the closed form with weighting.output_weight of the model's o_proj, and train on that loss).
-VALUE_OBJECTIVES = ("mse", "output")
-
-#: what the Adam epochs after the statistics epoch minimise: "reconstruction" (the captured K/V rows, weighted as
-#: key_objective / value_objective say) or "kl" (end to end: kvlight.distill, on the calibration windows).
-OBJECTIVES = ("reconstruction", "kl")
+from kvlight.errors import ConfigError, KVLightError
+from kvlight.geometry import KVGeometry
+from kvlight.models import output_projections, rotary_module
+from kvlight.serving.widths import direction_quantizers
 
 
-def resolve_config(
-    compression_config: str | dict | None,
-    geometry,
-    rank: int | None = None,
-    rank_k: int | None = None,
-    rank_v: int | None = None,
-    sink_tokens: int | None = None,
-    recent_window: int | None = None,
-    latent_bits: int | str | None = None,
-    quant_group_size: int | None = None,
-    target_memory_reduction: float | None = None,
-) -> CompressionConfig:
+def resolve_config(options: CompressionOptions, geometry: KVGeometry) -> CompressionConfig:
     """The config file/dict, a uniform one from the ranks, or a placeholder for widths allocated at a target.
 
-    With ``target_memory_reduction`` (or with nothing at all: :data:`~kvlight.config.RECOMMENDED`'s target, 4 sinks,
-    no recent window) the result is uniform widths at that target: the placeholder :class:`KVCalibrationModule`
-    replaces with the sensitivity-allocated widths at the start of ``fit``. ``sink_tokens``, ``recent_window``,
+    With no config and no rank the result is uniform widths at ``target_memory_reduction`` (default
+    :data:`~kvlight.config.RECOMMENDED`'s, 4 sinks, no recent window): the placeholder the allocation at the start of
+    ``fit`` replaces (kvlight.calibration.callbacks.AllocateWidths). ``sink_tokens``, ``recent_window``,
     ``latent_bits`` and ``quant_group_size`` override what the config says when given.
     """
     shape = (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
-    by_rank = rank is not None or rank_k is not None or rank_v is not None
-    if target_memory_reduction is not None and (compression_config is not None or by_rank):
+    if options.target_memory_reduction is not None and not options.allocates:
         raise ConfigError(
             "--target-memory-reduction allocates a width per principal direction; it does not combine with a "
             "compression config or ranks (give one or the other)"
         )
-    if compression_config is None and not by_rank:
-        target = RECOMMENDED["target_memory_reduction"] if target_memory_reduction is None else target_memory_reduction
-        target = check_bits_target(target, geometry)
+    if options.allocates:
+        target = options.target_memory_reduction
+        target = check_bits_target(RECOMMENDED["target_memory_reduction"] if target is None else target, geometry)
         sinks, recent = RECOMMENDED["sink_tokens"], RECOMMENDED["recent_window"]
         config = uniform_bits(geometry, target).to_config("pca", sink_tokens=sinks, recent_window=recent)
-    elif compression_config is None:
+    elif options.config is None:
+        rank, rank_k, rank_v = options.rank, options.rank_k, options.rank_v
         rank_k = rank_k if rank_k is not None else (rank if rank is not None else rank_v)
         rank_v = rank_v if rank_v is not None else (rank if rank is not None else rank_k)
         config = CompressionConfig.uniform(*shape, rank_k=rank_k, rank_v=rank_v)
-    elif isinstance(compression_config, dict):
-        config = CompressionConfig.from_dict(compression_config)
+    elif isinstance(options.config, dict):
+        config = CompressionConfig.from_dict(options.config)
     else:
-        config = CompressionConfig.from_json(compression_config)
+        config = CompressionConfig.from_json(options.config)
     overrides = {
-        "sink_tokens": sink_tokens,
-        "recent_window": recent_window,
-        "latent_bits": latent_bits,
-        "quant_group_size": quant_group_size,
+        "sink_tokens": options.sink_tokens,
+        "recent_window": options.recent_window,
+        "latent_bits": options.latent_bits,
+        "quant_group_size": options.quant_group_size,
     }
     overrides = {key: value for key, value in overrides.items() if value is not None}
     if config.uses_widths("k") and config.uses_widths("v") and {"latent_bits", "quant_group_size"} & set(overrides):
@@ -73,4 +64,44 @@ def resolve_config(
     if overrides:  # through from_dict, so overridden values are checked like the config's own
         data = config.to_dict()
         config = CompressionConfig.from_dict({**data, "global": {**data["global"], **overrides}})
-    return config.validate(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
+    return config.validate(*shape)
+
+
+def check_objectives(compressor, objective: ObjectiveOptions) -> None:
+    """Refuse objectives the compressor's backends cannot serve, with one line naming the option."""
+    weighted = {"k": objective.key_objective == "query", "v": objective.value_objective == "output"}
+    for kind, name in (("k", "key_objective query"), ("v", "value_objective output")):
+        algos = {head.algo for layer in compressor.layers for head in layer[kind].heads} - {"none"}
+        if weighted[kind] and any(not backend(algo).weighted_objectives for algo in algos):
+            raise ConfigError(
+                f"{name} needs KVSplice {'key' if kind == 'k' else 'value'} heads (separate encoder and "
+                "decoder): use --compressor kvsplice"
+            )
+    if objective.objective == "kl" and not compressor.trainable:
+        raise ConfigError("objective kl trains KVSplice heads and this config has none: use --compressor kvsplice")
+
+
+def key_weights(query_moments: dict, model: torch.nn.Module, window: int, reduce=None) -> torch.Tensor:
+    """``[L, H, D, D]`` score weights from a capture's query moments (``{"sums", "count"}``), RoPE averaged over
+    distances up to ``window``; ``reduce`` sums a tensor over processes (the strategy's)."""
+    reduce = reduce or (lambda t: t)
+    sums, count = reduce(query_moments["sums"]), reduce(torch.tensor(float(query_moments["count"])))
+    rotary = rotary_module(model)
+    inv_freq = None if rotary is None else rotary.inv_freq.detach().cpu()
+    return score_weight((sums / count).cpu().double(), inv_freq, window=window)
+
+
+def value_weights(model: torch.nn.Module, geometry: KVGeometry) -> torch.Tensor:
+    """``[L, H, D, D]`` value weights from each block's attention output projection (weighting.output_weight)."""
+    try:
+        projections = output_projections(model)
+    except KVLightError as exc:
+        raise ConfigError(f"value_objective output: {exc}; use value_objective mse") from None
+    return output_weights(projections, geometry.num_kv_heads, geometry.head_dim)
+
+
+def reconstruction_loss(compressor, keys: torch.Tensor, values: torch.Tensor, key_w=None, value_w=None) -> torch.Tensor:
+    """The reconstruction epochs' loss on captured rows ``[N, L, H, D]``: width codecs train through their static
+    codes (rounded in the forward, straight-through gradient), the others on plain reconstruction."""
+    quantizers = direction_quantizers(compressor, keys.dtype)
+    return compressor.reconstruction_loss(keys, values, key_w, value_w, quantizers)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvlight.analysis.bit_allocation import WEIGHTINGS, allocate_bits, check_bits_target
+from kvlight.analysis.bit_allocation import allocate_bits, check_bits_target
 from kvlight.analysis.metrics_io import (
     HeadMetrics,
     fetch_wandb_metrics,
@@ -37,14 +37,24 @@ from kvlight.analysis.rank_allocation import (
     check_target,
 )
 from kvlight.analysis.report import bits_heatmap_png, bits_summary_text, heatmap_png, summary_text
+from kvlight.analysis.sensitivity import measure_sensitivity
+from kvlight.calibration.datamodule import KVCalibrationDataModule
+from kvlight.calibration.module import KVCalibrationModule
+from kvlight.calibration.options import CompressionOptions, RuntimeOptions
+from kvlight.cli.flags import DATA_FLAGS, add_flags, build, flags, parse, to_arguments
 from kvlight.compressors.registry import backend_names
 from kvlight.config import RECOMMENDED
 from kvlight.errors import ConfigError
-from kvlight.files import atomic_write_bytes, atomic_write_text
+from kvlight.files import atomic_write_bytes, atomic_write_text, ensure_writable
 from kvlight.geometry import KVGeometry, kv_geometry
 from kvlight.models import EMBEDDED_DEFAULT, geometry_of, load_model
 
 METRICS_JSON, METRICS_CSV = "fim_metrics.json", "fim_metrics.csv"
+#: AnalyzeOptions fields that take a value on the command line (the two switches come after FLAGS' table).
+ANALYZE_FIELDS = (
+    "strategy", "compression_config_output", "rank_step", "algo", "attention_tokens", "seed", "metrics_file",
+    "entity", "project", "run_name", "trace_critical", "trace_moderate", "cond_excellent", "cond_good", "output_dir",
+)  # fmt: skip
 _DESCRIPTION = """\
 Measure, per layer and KV head, on calibrate's calibration windows:
   - the seed's attention-Fisher metrics trace, eigmax and cond of F = mean_i(diag(p_i) - p_i p_i^T)
@@ -60,132 +70,145 @@ budget (K/V ranks minimising the predicted loss at exactly --target-memory-reduc
 tiers (the seed's rules and thresholds, ranks scaled to head_dim), uniform (one rank everywhere)."""
 
 
-def add_analyze_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``analyze`` on the CLI's subparsers."""
-    p = sub.add_parser(
-        "analyze",
-        help="per-head sensitivity metrics -> per-head ranks -> compression config",
-        description=_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+@dataclass(frozen=True)
+class AnalyzeOptions:
+    """What only ``kvlight analyze`` has.
+
+    Args:
+        strategy: bits (a width per principal direction; always writes the config), budget, tiers or uniform.
+        generate_compression_config: write the config, its summary and a heatmap beside the metrics.
+        compression_config_output: the config's file name, relative to output_dir.
+        rank_step: rank strategies: ranks are multiples of this (None: head_dim / 16).
+        algo: the backend written into the config.
+        attention_tokens: prefix over which the attention Fisher is taken.
+        seed: seed of the labels sampled from the model (the Fisher's one-sample estimates).
+        metrics_file: import metrics from this CSV or JSON instead of measuring.
+        entity: import them from this W&B entity (needs the wandb package and network).
+        project: ... and this W&B project.
+        run_name: the run to use when the imported metrics hold several.
+        trace_critical: tiers threshold (the seed's).
+        trace_moderate: tiers threshold (the seed's).
+        cond_excellent: tiers threshold (the seed's).
+        cond_good: tiers threshold (the seed's).
+        output_dir: where the metrics (and config) are written.
+        progress: show progress bars.
+    """
+
+    strategy: str = "budget"
+    generate_compression_config: bool = False
+    compression_config_output: str = "compression_config.json"
+    rank_step: int | None = None
+    algo: str = "kvsplice"
+    attention_tokens: int = 256
+    seed: int = 0
+    metrics_file: str | None = None
+    entity: str | None = None
+    project: str | None = None
+    run_name: str | None = None
+    trace_critical: float = TierThresholds.trace_critical
+    trace_moderate: float = TierThresholds.trace_moderate
+    cond_excellent: float = TierThresholds.cond_excellent
+    cond_good: float = TierThresholds.cond_good
+    output_dir: str = "."
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("bits", *STRATEGIES):
+            raise ConfigError(f"--strategy {self.strategy!r} must be one of bits, {', '.join(STRATEGIES)}")
+        if self.algo not in backend_names():
+            raise ConfigError(f"--algo {self.algo!r} is not a known backend (known: {', '.join(backend_names())})")
+        if self.attention_tokens < 1:
+            raise ConfigError(f"--attention-tokens must be a positive integer, got {self.attention_tokens}")
+
+
+FLAGS = DATA_FLAGS + flags(
+    ("--sensitivity-samples", "model.compression.sensitivity_samples"),
+    ("--batch-size", "model.runtime.capture_batch_size"),
+    ("--sink-tokens", "model.compression.sink_tokens"),
+    ("--recent-window", "model.compression.recent_window"),
+    ("--target-memory-reduction", "model.compression.target_memory_reduction"),
+    ("--bits-weighting", "model.compression.bits_weighting"),
+    *((f"--{name.replace('_', '-')}", f"analyze.{name}") for name in ANALYZE_FIELDS),
+    ("--generate-compression-config", "analyze.generate_compression_config", "true"),
+    ("--no-progress", "analyze.progress", "false"),
+)
+
+
+def source_parser():
+    """The jsonargparse parser of the options ``analyze`` reads (the flags name its keys)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False, prog="kvlight analyze")
+    parser.add_class_arguments(KVCalibrationModule, "model", instantiate=False)
+    parser.add_class_arguments(KVCalibrationDataModule, "data", instantiate=False)
+    parser.add_dataclass_arguments(AnalyzeOptions, "analyze")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """Parse ``kvlight analyze``'s flags and run it (:func:`run_analyze`)."""
+    source = source_parser()
+    cli = argparse.ArgumentParser(
+        prog="kvlight analyze", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", default=None, help="hub id, local dir or .gguf file (default: embedded SmolLM2-135M)")
-    p.add_argument(
-        "--calibration-dataset", default="builtin", help="'builtin', a local text/jsonl/parquet file, or a hub dataset"
+    add_flags(cli, FLAGS, source)
+    config = parse(source, to_arguments(cli.parse_args(argv), FLAGS), FLAGS)
+    return run_analyze(_arguments(config))
+
+
+def _arguments(config) -> argparse.Namespace:
+    """The parsed options, checked by their dataclasses, as the flat namespace :func:`run_analyze` reads."""
+    analyze = build(AnalyzeOptions, config.analyze, FLAGS, "analyze")
+    compression = build(CompressionOptions, config.model.compression, FLAGS, "model.compression")
+    runtime = build(RuntimeOptions, config.model.runtime, FLAGS, "model.runtime")
+    data = config.data
+    bits = analyze.strategy == "bits"
+    target = compression.target_memory_reduction
+    if target is None:  # the recommended widths, or the seed's half of the cache for ranks
+        target = RECOMMENDED["target_memory_reduction"] if bits else 0.5
+    sinks = compression.sink_tokens
+    sinks = (RECOMMENDED["sink_tokens"] if bits else 0) if sinks is None else sinks
+    recent = compression.recent_window
+    recent = RECOMMENDED["recent_window"] if recent is None else recent
+    return argparse.Namespace(
+        **vars(analyze),
+        model=config.model.model,
+        calibration_dataset=data.dataset,
+        dataset_config=data.dataset_config,
+        split=data.split,
+        text_field=data.text_field,
+        calibration_samples=data.calibration_samples,
+        eval_samples=data.eval_samples,
+        seq_len=data.seq_len,
+        sensitivity_samples=compression.sensitivity_samples,
+        batch_size=runtime.capture_batch_size,
+        sink_tokens=sinks,
+        recent_window=recent,
+        target_memory_reduction=target,
+        bits_weighting=compression.bits_weighting,
+        no_progress=not analyze.progress,
     )
-    p.add_argument("--dataset-config", default=None)
-    p.add_argument("--split", default="train")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--calibration-samples", type=_positive, default=16, help="windows measured (calibrate's)")
-    p.add_argument(
-        "--eval-samples", type=_non_negative, default=8, help="leading windows skipped (calibrate's eval set)"
-    )
-    p.add_argument("--seq-len", type=_positive, default=512, help="tokens per window")
-    p.add_argument("--batch-size", type=_positive, default=2, help="windows per forward/backward pass")
-    p.add_argument(
-        "--attention-tokens", type=_positive, default=256, help="prefix over which the attention Fisher is taken"
-    )
-    p.add_argument(
-        "--sink-tokens",
-        type=_non_negative,
-        default=0,
-        help="first positions the cache keeps exact (left out of the loss)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampled labels")
-    src = p.add_argument_group("imported metrics (instead of measuring)")
-    src.add_argument("--metrics-file", default=None, help="CSV or JSON with layer, head, trace, cond (eigmax optional)")
-    src.add_argument("--entity", default=None, help="W&B entity (needs the wandb package and network)")
-    src.add_argument("--project", default=None, help="W&B project")
-    src.add_argument("--run-name", default=None, help="the run to use when the metrics hold several")
-    out = p.add_argument_group("compression config")
-    out.add_argument("--generate-compression-config", action="store_true", help="write config, summary and heatmap")
-    out.add_argument("--compression-config-output", default="compression_config.json", help="relative to --output-dir")
-    out.add_argument("--strategy", choices=("bits", *STRATEGIES), default="budget")
-    out.add_argument("--target-memory-reduction", type=float, default=0.5, help="share of KV memory to save, in (0, 1)")
-    out.add_argument(
-        "--bits-weighting",
-        choices=WEIGHTINGS,
-        default=RECOMMENDED["bits_weighting"],
-        help="with --strategy bits: what a direction's error costs: fisher-joint (each row's error times its squared "
-        "loss gradient), fisher (the diagonal Fisher times the mean error), mse, query (query / output-projection "
-        "energy), or uniform widths",
-    )
-    out.add_argument(
-        "--recent-window", type=_non_negative, default=0, help="newest positions the cache keeps exact (config)"
-    )
-    out.add_argument("--rank-step", type=int, default=None, help="ranks are multiples of this (default head_dim/16)")
-    out.add_argument("--algo", choices=backend_names(), default="kvsplice", help="backend written into the config")
-    defaults = TierThresholds()
-    for name in ("trace_critical", "trace_moderate", "cond_excellent", "cond_good"):
-        out.add_argument(
-            f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name), help="tiers threshold"
-        )
-    p.add_argument("--output-dir", default=".")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
+def calibration_windows(model: str | None, data: dict | None = None, samples: int | None = None):
+    """calibrate's calibration windows ``[N, seq_len]`` (a KVCalibrationDataModule with the options ``data``), the
+    first ``samples`` of them."""
+    module = KVCalibrationDataModule(model=model, **(data or {}))
+    module.setup()
+    windows = module.all_calibration_windows()
+    return windows if samples is None else windows[:samples]
 
 
-def _non_negative(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or a positive integer, got {value}")
-    return number
-
-
-def calibration_windows(
-    model: str | None,
-    dataset: str = "builtin",
-    calibration_samples: int = 16,
-    eval_samples: int = 8,
-    seq_len: int = 512,
-    dataset_config: str | None = None,
-    split: str = "train",
-    text_field: str = "text",
-):
-    """calibrate's calibration windows ``[N, seq_len]``: the ``N`` windows after the ``eval_samples`` first."""
-    from kvlight.calibration.texts import iter_texts
-    from kvlight.calibration.windows import eval_and_calibration_windows
-    from kvlight.models import load_tokenizer
-
-    _, windows = eval_and_calibration_windows(
-        lambda: iter_texts(dataset, dataset_config, split, text_field),
-        load_tokenizer(model),
-        seq_len,
-        eval_samples,
-        calibration_samples,
-        source_name=f"dataset '{dataset}'",
-    )
-    return windows
-
-
-def measure_model(
-    model: str | None = None,
-    dataset: str = "builtin",
-    calibration_samples: int = 16,
-    eval_samples: int = 8,
-    seq_len: int = 512,
-    batch_size: int = 2,
-    attention_tokens: int = 256,
-    sink_tokens: int = 0,
-    seed: int = 0,
-    progress: bool = True,
-) -> HeadMetrics:
-    """Load ``model`` and measure every metric on calibrate's calibration windows of ``dataset``."""
-    from kvlight.analysis.sensitivity import measure_sensitivity
-
-    _check_lengths(seq_len, sink_tokens)
-    windows = calibration_windows(model, dataset, calibration_samples, eval_samples, seq_len)
+def measure_model(model: str | None = None, data: dict | None = None, sensitivity: dict | None = None) -> HeadMetrics:
+    """Load ``model`` and measure every metric on calibrate's calibration windows (``data``: DataModule options;
+    ``sensitivity``: keyword arguments of :func:`kvlight.analysis.sensitivity.measure_sensitivity` and ``samples``)."""
+    sensitivity = dict(sensitivity or {})
+    samples = sensitivity.pop("samples", CompressionOptions().sensitivity_samples)
+    windows = calibration_windows(model, data, samples)
+    _check_lengths(windows.shape[1], sensitivity.get("sink_tokens", 0))
     network = load_model(model)
-    metrics = measure_sensitivity(
-        network, kv_geometry(network), windows, batch_size, attention_tokens, sink_tokens, seed, progress
-    )
-    metrics.info.update({"model": model or EMBEDDED_DEFAULT, "dataset": dataset, "skipped_windows": eval_samples})
+    metrics = measure_sensitivity(network, kv_geometry(network), windows, **sensitivity)
+    metrics.info.update({"model": model or EMBEDDED_DEFAULT, "dataset": (data or {}).get("dataset", "builtin")})
     return metrics
 
 
@@ -297,16 +320,16 @@ def _metrics_source(args: argparse.Namespace, plan: _Plan) -> tuple[HeadMetrics 
             allocate_bits(metrics, plan.target, args.bits_weighting)  # likewise
         return metrics, source, lambda: metrics
     _check_lengths(args.seq_len, args.sink_tokens)
-    windows = calibration_windows(
-        args.model,
-        args.calibration_dataset,
-        args.calibration_samples,
-        args.eval_samples,
-        args.seq_len,
-        args.dataset_config,
-        args.split,
-        args.text_field,
-    )
+    data = {
+        "dataset": args.calibration_dataset,
+        "dataset_config": args.dataset_config,
+        "split": args.split,
+        "text_field": args.text_field,
+        "calibration_samples": args.calibration_samples,
+        "eval_samples": args.eval_samples,
+        "seq_len": args.seq_len,
+    }
+    windows = calibration_windows(args.model, data, args.sensitivity_samples)
     network = load_model(args.model)
     source = (
         f"metrics: measured on {windows.shape[0]} windows x {args.seq_len} tokens of {args.calibration_dataset!r}"
@@ -315,8 +338,6 @@ def _metrics_source(args: argparse.Namespace, plan: _Plan) -> tuple[HeadMetrics 
     )
 
     def measure() -> HeadMetrics:
-        from kvlight.analysis.sensitivity import measure_sensitivity
-
         metrics = measure_sensitivity(
             network,
             plan.geometry,
@@ -346,8 +367,6 @@ def _describe(geometry: KVGeometry) -> str:
 
 def _check_writable(plan: _Plan) -> None:
     """Fail before the long pass if an output location cannot be written (creates the directories)."""
-    from kvlight.files import ensure_writable
-
     ensure_writable(plan.output)
     if plan.config_path is not None:
         ensure_writable(plan.config_path.parent)

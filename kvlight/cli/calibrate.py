@@ -1,4 +1,9 @@
-"""``kvlight calibrate``: fit then validate in one go, the results printed and written."""
+"""``kvlight calibrate``: fit then validate in one go, the five result lines printed and every artefact written.
+
+Its flags keep the seed's names (``--rank``, ``--calibration-samples``, ...) but declare nothing: each names options of
+the LightningModule, the DataModule, the Trainer or :class:`CalibrateRun` (see kvlight.cli.flags), so ``kvlight
+calibrate`` and ``kvlight fit`` share every type and default.
+"""
 
 from __future__ import annotations
 
@@ -6,131 +11,171 @@ import argparse
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from kvlight.analysis.metrics_io import metrics_to_json
+from kvlight.calibration.datamodule import KVCalibrationDataModule
+from kvlight.calibration.module import KVCalibrationModule
+from kvlight.calibration.windows import shard_for_rank
+from kvlight.cli.flags import DATA_FLAGS, add_flags, flags, named, parse, to_arguments
+from kvlight.errors import ConfigError
 from kvlight.files import atomic_torch_save, atomic_write_text, ensure_writable
 
 
-def _process_count(devices: str, accelerator: str) -> int:
-    """How many processes ``pl.Trainer(devices=..., accelerator=...)`` starts (for step counts set before it)."""
-    text = str(devices).strip()
-    if text.isdigit():
-        return max(1, int(text))
-    if text.lstrip("[").rstrip("]").replace(",", "").replace(" ", "").isdigit():  # "0,1" or "[0, 1]"
-        return len([part for part in text.strip("[]").split(",") if part.strip()])
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():  # "auto" / "-1": every GPU
-        return torch.cuda.device_count()
-    return 1
+@dataclass(frozen=True)
+class CalibrateRun:
+    """What only ``kvlight calibrate`` has.
+
+    Args:
+        epochs: training epochs after the statistics pass (trainable backends; with objective kl: passes over the
+            calibration windows).
+        output_dir: where results, compressor, config, checkpoint and TensorBoard logs go.
+        seed: seed of everything (row sampling, shuffling, random starts).
+    """
+
+    epochs: int = 10
+    output_dir: str = "compression_results"
+    seed: int = 0
 
 
-def calibrate(args: argparse.Namespace) -> int:
+FLAGS = DATA_FLAGS + flags(
+    ("--compressor", "model.compression.compressor"),
+    ("--config", "model.compression.config"),
+    ("--target-memory-reduction", "model.compression.target_memory_reduction"),
+    ("--bits-weighting", "model.compression.bits_weighting"),
+    ("--sensitivity-samples", "model.compression.sensitivity_samples"),
+    ("--rank", "model.compression.rank"),
+    ("--rank-k", "model.compression.rank_k"),
+    ("--rank-v", "model.compression.rank_v"),
+    ("--latent-bits", "model.compression.latent_bits"),
+    ("--quant-group-size", "model.compression.quant_group_size"),
+    ("--sink-tokens", "model.compression.sink_tokens"),
+    ("--recent-window", "model.compression.recent_window"),
+    ("--batch-size", ("model.runtime.capture_batch_size", "data.batch_size")),
+    ("--model-dtype", "model.runtime.model_dtype"),
+    ("--max-samples-per-head", "data.max_samples_per_head"),
+    ("--lr", "model.objective.lr"),
+    ("--objective", "model.objective.objective"),
+    ("--key-objective", "model.objective.key_objective"),
+    ("--score-window", "model.objective.score_window"),
+    ("--value-objective", "model.objective.value_objective"),
+    ("--distill-batch-size", "model.objective.distill_batch_size"),
+    ("--precision", "trainer.precision"),
+    ("--accelerator", "trainer.accelerator"),
+    ("--devices", "trainer.devices"),
+    ("--epochs", "calibrate.epochs"),
+    ("--seed", ("calibrate.seed", "data.seed")),
+    ("--output-dir", "calibrate.output_dir"),
+)
+
+
+OPTION_GROUPS = ("model.compression", "model.objective", "model.runtime")
+
+
+def source_parser():
+    """The jsonargparse parser of every class ``calibrate`` builds: the flags name its keys."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    parser = LightningArgumentParser(exit_on_error=False, prog="kvlight calibrate")
+    parser.add_lightning_class_args(KVCalibrationModule, "model", subclass_mode=False)
+    parser.add_lightning_class_args(KVCalibrationDataModule, "data", subclass_mode=False)
+    parser.add_class_arguments(Trainer, "trainer", instantiate=False, fail_untyped=False)
+    parser.add_dataclass_arguments(CalibrateRun, "calibrate")
+    parser.link_arguments("model.model", "data.model")  # the tokenizer must be the model's
+    return parser
+
+
+def main(argv: list[str]) -> int:
     """fit + validate; prints the seed's five lines and writes results, compressor and checkpoint."""
+    source = source_parser()
+    cli = argparse.ArgumentParser(prog="kvlight calibrate", description="fit + validate in one go (the seed's Step 2)")
+    add_flags(cli, FLAGS, source)
+    config = parse(source, to_arguments(cli.parse_args(argv), FLAGS), FLAGS)
+    run = CalibrateRun(**vars(config.calibrate))
+    output = ensure_writable(Path(run.output_dir))
     import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
 
-    from kvlight.calibration.datamodule import KVCalibrationDataModule
-    from kvlight.calibration.module import KVCalibrationModule
-
-    output = ensure_writable(Path(args.output_dir))
-    pl.seed_everything(args.seed, verbose=False)
-    module = KVCalibrationModule(
-        model=args.model,
-        compression_config=args.config,
-        compressor=args.compressor,
-        rank=args.rank,
-        rank_k=args.rank_k,
-        rank_v=args.rank_v,
-        sink_tokens=args.sink_tokens,
-        recent_window=args.recent_window,
-        latent_bits=args.latent_bits,
-        quant_group_size=args.quant_group_size,
-        lr=args.lr,
-        capture_batch_size=args.batch_size,
-        model_dtype=args.model_dtype,
-        key_objective=args.key_objective,
-        score_window=args.score_window,
-        value_objective=args.value_objective,
-        objective=args.objective,
-        distill_batch_size=args.distill_batch_size,
-        target_memory_reduction=args.target_memory_reduction,
-        bits_weighting=args.bits_weighting,
-    )
-    data = KVCalibrationDataModule(
-        model=args.model,
-        dataset=args.calibration_dataset,
-        dataset_config=args.dataset_config,
-        split=args.split,
-        text_field=args.text_field,
-        seq_len=args.seq_len,
-        calibration_samples=args.calibration_samples,
-        eval_samples=args.eval_samples,
-        batch_size=args.batch_size,
-        max_samples_per_head=args.max_samples_per_head,
-        seed=args.seed,
-    )
+    pl.seed_everything(run.seed, verbose=False)
+    try:
+        built = source.instantiate_classes(config)
+    except ConfigError as exc:
+        raise ConfigError(named(str(exc), FLAGS, OPTION_GROUPS)) from None
+    module, data = built.model, built.data
     # Read the data before the Trainer exists: a bad source then fails with one line and writes no logs.
     data.setup("fit")
-    epochs = 1 + (args.epochs if module.compressor.trainable else 0)
-    max_steps = -1
-    if args.objective == "kl":
+    trainer = _trainer(vars(config.trainer), output)
+    epochs = 1 + (run.epochs if module.compressor.trainable else 0)
+    trainer.fit_loop.max_epochs = epochs
+    objective = module.objective_options
+    if objective.objective == "kl":
         # An epoch of the K/V stream is as long as its row batches; distillation counts passes over the windows.
-        per_process = math.ceil(args.calibration_samples / _process_count(args.devices, args.accelerator))
-        max_steps, epochs = args.epochs * math.ceil(per_process / args.distill_batch_size), -1
-    checkpoint = ModelCheckpoint(dirpath=output / "checkpoints", save_last=True, save_top_k=0)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        max_steps=max_steps,
-        precision=args.precision,
-        accelerator=args.accelerator,
-        devices=int(args.devices) if str(args.devices).isdigit() else args.devices,
-        logger=TensorBoardLogger(output, name="logs"),
-        callbacks=[checkpoint],
-        num_sanity_val_steps=0,
-        check_val_every_n_epoch=None,
-        val_check_interval=10**9,
-        use_distributed_sampler=False,
-        enable_model_summary=False,
-    )
+        per_process = len(shard_for_rank(data.hparams.calibration_samples, trainer.global_rank, trainer.world_size))
+        trainer.fit_loop.max_epochs = -1
+        trainer.fit_loop.epoch_loop.max_steps = run.epochs * math.ceil(per_process / objective.distill_batch_size)
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     calibration_seconds = time.perf_counter() - start
     trainer.validate(module, datamodule=data, verbose=False)
     if trainer.global_rank != 0:
         return 0
+    _write(module, data, config, output, calibration_seconds)
+    return 0
+
+
+def _trainer(settings: dict, output: Path):
+    """The Trainer of the trainer flags (Lightning parses devices and precision itself), logging and checkpointing
+    into ``output``; validation only when asked (after fit)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    fixed = {
+        "logger": TensorBoardLogger(output, name="logs"),
+        "callbacks": [ModelCheckpoint(dirpath=output / "checkpoints", save_last=True, save_top_k=0)],
+        "num_sanity_val_steps": 0,
+        "check_val_every_n_epoch": None,
+        "val_check_interval": 10**9,
+        "use_distributed_sampler": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(**{**settings, **fixed})
+
+
+def _write(module, data, config, output: Path, calibration_seconds: float) -> None:
+    """The results JSON, the compressor (``.pt`` and safetensors directory), its config, the five lines."""
+    algo = module.compression_options.compressor or module.compressor.config.algo_default
+    objective = module.objective_options
     results = dict(module.results)
-    algo = args.compressor
     results.update(
         {
             "calibration_time_s": calibration_seconds,
             "capture_time_s": module.capture_seconds,
             "compressor": algo,
-            "model": args.model or "embedded:smollm2-135m-instruct",
-            "calibration_dataset": args.calibration_dataset,
-            "calibration_samples": args.calibration_samples,
-            "eval_samples": args.eval_samples,
-            "seq_len": args.seq_len,
-            "eval_chunk": module.hparams.eval_chunk,
-            "precision": args.precision,
+            "model": module.hparams.model or "embedded:smollm2-135m-instruct",
+            "calibration_dataset": data.hparams.dataset,
+            "calibration_samples": data.hparams.calibration_samples,
+            "eval_samples": data.hparams.eval_samples,
+            "seq_len": data.hparams.seq_len,
+            "eval_chunk": module.runtime_options.eval_chunk,
+            "precision": str(config.trainer.precision),
             "model_dtype": str(module.model_dtype).removeprefix("torch."),
-            "key_objective": args.key_objective,
-            "value_objective": args.value_objective,
-            "objective": args.objective,
+            "key_objective": objective.key_objective,
+            "value_objective": objective.value_objective,
+            "objective": objective.objective,
             "compression_config": module.compressor.config.to_dict(),
             "checkpoint": str(output / "checkpoints" / "last.ckpt"),
         }
     )
     if module.allocation_metrics is not None:
-        from kvlight.analysis.metrics_io import metrics_to_json
-
         results["allocation_seconds"] = module.allocation_seconds
         atomic_write_text(output / "fim_metrics.json", metrics_to_json(module.allocation_metrics))
-        config = module.compressor.config
-        reduction = config.memory_reduction(config.num_layers, config.num_kv_heads, config.d_head)
+        compression = module.compressor.config
+        reduction = compression.memory_reduction(compression.num_layers, compression.num_kv_heads, compression.d_head)
+        weighting = module.compression_options.bits_weighting
         print(
-            f"Allocated widths:       {16 * (1 - reduction):.2f} bits per element ({args.bits_weighting}, sensitivity "
+            f"Allocated widths:       {16 * (1 - reduction):.2f} bits per element ({weighting}, sensitivity "
             f"pass {module.allocation_seconds:.1f}s; metrics in {output}/fim_metrics.json)"
         )
     atomic_torch_save(module.compressor.state_dict(), output / f"compressor_{algo}.pt")
@@ -143,4 +188,3 @@ def calibrate(args: argparse.Namespace) -> int:
     print(f"Memory savings:         {results['memory_savings_pct']:.1f}% (vs a {results['model_dtype']} DynamicCache)")
     print(f"Calibration time:       {calibration_seconds:.1f}s")
     print(f"Results saved to {output}/calibration_results_{algo}.json and {output}/compressor_{algo}.pt")
-    return 0

@@ -1,38 +1,100 @@
-"""``kvlight config uniform``: write a compression config with one rank everywhere."""
+"""``kvlight config uniform``: write a compression config with one rank everywhere.
+
+Its rank and exact-token flags name :class:`~kvlight.calibration.options.CompressionOptions` fields (kvlight.cli.flags);
+what only this command has is :class:`UniformConfig`.
+"""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
+from kvlight.calibration.options import CompressionOptions
+from kvlight.cli.flags import add_flags, build, flags, parse, to_arguments
+from kvlight.compressors.registry import backend_names
 from kvlight.config import CompressionConfig
-from kvlight.errors import KVLightError
+from kvlight.errors import ConfigError, KVLightError
 from kvlight.files import ensure_writable
+from kvlight.models import geometry_of
 
 
-def write_uniform_config(args: argparse.Namespace) -> int:
-    from kvlight.models import geometry_of
+@dataclass(frozen=True)
+class UniformConfig:
+    """What only ``kvlight config uniform`` has.
 
-    geometry = geometry_of(args.model)
-    if args.rank is None and (args.rank_k is None or args.rank_v is None):
+    Args:
+        output: where to write the JSON.
+        model: the model whose geometry the config is for (None: the embedded default).
+        algo: the backend every head names.
+    """
+
+    output: str | None = None
+    model: str | None = None
+    algo: str = "kvsplice"
+
+
+FLAGS = flags(
+    ("--model", "uniform.model"),
+    ("--rank", "compression.rank"),
+    ("--rank-k", "compression.rank_k"),
+    ("--rank-v", "compression.rank_v"),
+    ("--algo", "uniform.algo"),
+    ("--sink-tokens", "compression.sink_tokens"),
+    ("--recent-window", "compression.recent_window"),
+    ("-o", "uniform.output"),
+    ("--output", "uniform.output"),
+)
+
+
+def source_parser():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False, prog="kvlight config uniform")
+    parser.add_dataclass_arguments(CompressionOptions, "compression")
+    parser.add_dataclass_arguments(UniformConfig, "uniform")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """``kvlight config uniform ...`` (the only config subcommand)."""
+    if not argv or argv[0] != "uniform":
+        raise KVLightError("kvlight config takes the subcommand uniform: kvlight config uniform --rank 32 -o cfg.json")
+    source = source_parser()
+    cli = argparse.ArgumentParser(prog="kvlight config uniform", description="one rank for every layer and KV head")
+    add_flags(cli, FLAGS, source)
+    config = parse(source, to_arguments(cli.parse_args(argv[1:]), FLAGS), FLAGS)
+    uniform = build(UniformConfig, config.uniform, FLAGS, "uniform")
+    compression = build(CompressionOptions, config.compression, FLAGS, "compression")
+    if uniform.output is None:
+        raise KVLightError("config uniform needs -o/--output: where to write the JSON")
+    if uniform.algo not in backend_names():
+        raise ConfigError(f"--algo {uniform.algo!r} is not a known backend (known: {', '.join(backend_names())})")
+    return write_uniform_config(uniform, compression)
+
+
+def write_uniform_config(uniform: UniformConfig, compression: CompressionOptions) -> int:
+    geometry = geometry_of(uniform.model)
+    if compression.rank is None and (compression.rank_k is None or compression.rank_v is None):
         raise KVLightError("config uniform needs --rank, or both --rank-k and --rank-v")
     config = CompressionConfig.uniform(
         geometry.num_layers,
         geometry.num_kv_heads,
         geometry.head_dim,
-        rank=args.rank,
-        rank_k=args.rank_k,
-        rank_v=args.rank_v,
-        algo=args.algo,
-        sink_tokens=args.sink_tokens,
-        recent_window=args.recent_window,
+        rank=compression.rank,
+        rank_k=compression.rank_k,
+        rank_v=compression.rank_v,
+        algo=uniform.algo,
+        sink_tokens=compression.sink_tokens or 0,
+        recent_window=compression.recent_window or 0,
     )
     config.validate(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
-    output = Path(args.output)
+    output = Path(uniform.output)
     ensure_writable(output.parent if str(output.parent) else Path("."))
     config.to_json(output)
     reduction = config.memory_reduction(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
     print(
-        f"wrote {output}: {geometry.num_layers} layers x {geometry.num_kv_heads} KV heads, latent memory reduction {100 * reduction:.1f}%"
+        f"wrote {output}: {geometry.num_layers} layers x {geometry.num_kv_heads} KV heads, "
+        f"latent memory reduction {100 * reduction:.1f}%"
     )
     return 0

@@ -1,0 +1,147 @@
+"""The two steps that join the DataModule and the LightningModule, as Lightning callbacks the module brings along.
+
+Neither the module nor the DataModule calls the other: these callbacks read what each holds and hand it over.
+
+- :class:`AllocateWidths` (``setup`` of fit): when the module's options ask for widths (no config, no rank), measure
+  the frozen model's sensitivity on the DataModule's calibration windows and install the allocated config.
+- :class:`CaptureKV` (``on_fit_start``): capture-then-stream. Run the frozen model once over this process's
+  calibration windows into checksummed shards (reused when intact), then give the DataModule its K/V stream and the
+  module a :class:`Capture` (the rows its step search reads, the windows distillation reads, the query moments).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from kvlight.analysis.bit_allocation import allocate_bits
+from kvlight.analysis.sensitivity import measure_sensitivity
+from kvlight.calibration.capture import capture_to_shards, load_query_moments
+from kvlight.calibration.frozen import same_forward_count
+from kvlight.calibration.shards import load_manifest, num_rows
+from kvlight.config import RECOMMENDED
+from kvlight.errors import ConfigError, KVLightError
+
+
+@dataclass
+class Capture:
+    """What the capture hands the module.
+
+    Attributes:
+        directory: this process's shards.
+        windows: this process's calibration windows ``[C, T]`` (distillation reads them).
+        seq_len: tokens per window (the default score window of query-weighted keys).
+        kv_batch_size: rows per batch of the K/V stream.
+        query_moments: ``{"sums", "count"}`` of the capture's queries, or None when not measured.
+        seconds: how long the capture took (0 when reused).
+    """
+
+    directory: Path
+    windows: torch.Tensor
+    seq_len: int
+    kv_batch_size: int
+    query_moments: dict | None
+    seconds: float
+
+
+def _datamodule(trainer):
+    datamodule = trainer.datamodule
+    if datamodule is None or not hasattr(datamodule, "stream_shards"):
+        raise KVLightError("kvlight fit needs the KVCalibrationDataModule (data: in the YAML)")
+    return datamodule
+
+
+class AllocateWidths(pl.Callback):
+    """Widths from the model's sensitivity, at the start of fit (before the optimizer sees the compressor).
+
+    Rank 0 measures and allocates; every process installs the same config (broadcast), so DDP replicas agree.
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not pl_module.allocation_pending:
+            return
+        if stage != "fit":
+            raise ConfigError(
+                "the widths are allocated during fit: run fit first (then validate its checkpoint) or pass the "
+                "compression config kvlight analyze --strategy bits wrote"
+            )
+        if pl_module.sharded:
+            raise ConfigError(
+                "allocating widths needs the whole model on each process for its sensitivity pass; with FSDP run "
+                "kvlight analyze --strategy bits first and pass its compression config"
+            )
+        options, start, config, metrics = pl_module.compression_options, time.perf_counter(), None, None
+        if trainer.global_rank == 0:
+            windows = _datamodule(trainer).all_calibration_windows()[: options.sensitivity_samples]
+            if len(windows) == 0:
+                raise ConfigError("allocating widths needs calibration windows: raise --calibration-samples")
+            model = pl_module.frozen.to(trainer.strategy.root_device)
+            placeholder = pl_module.compressor.config
+            sinks = placeholder.sink_tokens
+            metrics = measure_sensitivity(model, pl_module.geometry, windows, 2, sink_tokens=sinks, progress=False)
+            target = options.target_memory_reduction
+            target = RECOMMENDED["target_memory_reduction"] if target is None else target
+            allocation = allocate_bits(metrics, target, options.bits_weighting)
+            sinks, recent = placeholder.sink_tokens, placeholder.recent_window
+            config = allocation.to_config(placeholder.algo_default, sinks, recent).to_dict()
+        config = trainer.strategy.broadcast(config, src=0)
+        pl_module.install_allocation(config, metrics, time.perf_counter() - start)
+
+
+class CaptureKV(pl.Callback):
+    """Capture-then-stream (see the module docstring); under FSDP it also checks that every process runs the same
+    number of forward passes, in the capture and in validation."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        datamodule = _datamodule(trainer)
+        objective = pl_module.objective_options
+        model = pl_module.frozen if pl_module.sharded else pl_module.frozen.to(pl_module.device)
+        directory = datamodule.capture_path(pl_module.fingerprint)
+        windows = datamodule.calibration_windows()
+        batch_size = pl_module.runtime_options.capture_batch_size
+        queries = objective.key_objective == "query"
+        reuse = True
+        if pl_module.sharded:
+            same_forward_count(pl_module, math.ceil(len(windows) / batch_size), "calibration")
+            # A process that reuses its capture runs no forward: all reuse, or all capture again.
+            intact = load_manifest(directory) is not None and (not queries or load_query_moments(directory) is not None)
+            reuse = bool(pl_module.all_gather(torch.tensor(int(intact), device=pl_module.device)).min())
+        start = time.perf_counter()
+        manifest = capture_to_shards(
+            model,
+            pl_module.geometry,
+            windows,
+            directory,
+            # Each rank samples its share of the windows, so the ranks together keep max_samples_per_head rows,
+            # as one process would: the result does not depend on the number of GPUs.
+            capacity=math.ceil(datamodule.hparams.max_samples_per_head / trainer.world_size),
+            batch_size=batch_size,
+            seed=datamodule.hparams.seed,
+            meta={
+                "rank": trainer.global_rank,
+                "world_size": trainer.world_size,
+                "calibration_windows": datamodule.calibration_indices(),
+            },
+            reuse=reuse,
+            queries=queries,
+        )
+        seconds = time.perf_counter() - start
+        moments = load_query_moments(directory) if queries else None
+        kv_batch_size = datamodule.hparams.kv_batch_size
+        capture = Capture(directory, windows, datamodule.hparams.seq_len, kv_batch_size, moments, seconds)
+        pl_module.use_capture(capture)
+        # Every rank takes the same number of steps (DDP collectives must line up): enough for the rank with the
+        # most rows to see each once in the statistics epoch; ranks with fewer get empty or cycled batches.
+        most = int(pl_module.all_gather(torch.tensor(num_rows(manifest), device=pl_module.device)).max())
+        datamodule.stream_shards(directory, max(1, math.ceil(most / kv_batch_size)), pl_module.stats_epochs)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        datamodule = trainer.datamodule
+        if pl_module.sharded and datamodule is not None and hasattr(datamodule, "eval_windows"):
+            batches = math.ceil(len(datamodule.eval_windows()) / datamodule.hparams.batch_size)
+            same_forward_count(pl_module, batches, "evaluation")
