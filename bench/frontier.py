@@ -58,7 +58,7 @@ from kvlight.compressors.weighting import output_weights, score_weight  # noqa: 
 from kvlight.config import CompressionConfig  # noqa: E402
 from kvlight.hf import dynamic_cache  # noqa: E402
 from kvlight.models import output_projections, preferred_dtype, resolve_dtype, rotary_module  # noqa: E402
-from kvlight.serving.cache import CompressedCache, dynamic_cache_bytes  # noqa: E402
+from kvlight.serving.cache import CacheSettings, CompressedCache, dynamic_cache_bytes  # noqa: E402
 from kvlight.serving.positions import PositionTracker  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -288,7 +288,7 @@ def run(
                 method,
                 setting,
                 # A float32 model's cache keeps its exact tokens in bf16, as a 16-bit deployment would.
-                lambda c=compressor: CompressedCache(c, tracker, storage_dtype=storage),
+                lambda c=compressor: CompressedCache(c, tracker, settings=CacheSettings(storage_dtype=storage)),
                 lambda c, b: c.stored_bytes(),
                 weights,
             )
@@ -313,7 +313,7 @@ def write(results: dict) -> None:
         "Protocol: embedded default SmolLM2-135M-Instruct (dtype above), built-in offline corpus, windows from its "
         "start, each fed in chunks of 64 tokens through the cache. Bytes: what the cache holds at the end of the window "
         "vs an fp16 DynamicCache of the same length (kvlight: every held tensor, measured, exact tokens kept in bf16 "
-        "when the model is float32 (CompressedCache(storage_dtype=...)), as a 16-bit deployment stores them; HF "
+        "when the model is float32 (CacheSettings(storage_dtype=...)), as a 16-bit deployment stores them; HF "
         "QuantizedCache: codes + fp16 scale and zero per group of 64 + exact residual at 2 bytes, by formula). kvlight: PCA fitted on 16 x 512 tokens "
         "after the evaluation text (query-weighted rows: KVSplice keys at the query-weighted closed form, distances up to "
         "the window length; output-weighted values: the closed form weighted by each layer's o_proj; KL-distilled: that "

@@ -38,7 +38,7 @@ from bench import bitrows  # noqa: E402
 from bench.common import captured_rows, embedded_default, machine, offline_windows  # noqa: E402
 from kvlight.hf import cache_kwargs, dynamic_cache  # noqa: E402
 from kvlight.serving.attention import LatentAttention  # noqa: E402
-from kvlight.serving.cache import CompressedCache  # noqa: E402
+from kvlight.serving.cache import CacheSettings, CompressedCache  # noqa: E402
 from kvlight.serving.positions import PositionTracker  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -196,7 +196,10 @@ def run(args) -> dict:
             )
     for row, compressor in compressors.items():
         storage = torch.bfloat16 if dtype == torch.float32 else None  # exact tokens in 16 bits, as deployed
-        record(*row.label(), lambda c=compressor: CompressedCache(c, tracker, fast=fast, storage_dtype=storage))
+        record(
+            *row.label(),
+            lambda c=compressor: CompressedCache(c, tracker, fast=fast, settings=CacheSettings(storage_dtype=storage)),
+        )
     fast.close()
     tracker.close()
     return results

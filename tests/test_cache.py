@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 from kvlight.calibration.capture import capture_kv
 from kvlight.geometry import kv_geometry
-from kvlight.serving.cache import CompressedCache, dynamic_cache_bytes
+from kvlight.serving.cache import CacheSettings, CompressedCache, dynamic_cache_bytes
 from kvlight.serving.latents import LatentStore
 from kvlight.serving.positions import PositionTracker
 from kvlight.serving.wrapper import CompressedKVModelWrapper
@@ -155,7 +155,7 @@ def test_all_exact_config_equals_dynamic_cache(arch, algo, sink, recent, tiny_mo
     compressor = fitted_compressor(arch, algo, rank=2)
     tracker = PositionTracker(model) if kv_geometry(model).rope else None
     try:
-        cache = CompressedCache(compressor, tracker, sink_tokens=sink, recent_window=recent)
+        cache = CompressedCache(compressor, tracker, settings=CacheSettings(sink_tokens=sink, recent_window=recent))
         input_ids = tiny_windows["eval"][:2]
         got = chunked_logits(model, input_ids, cache, 8)
     finally:
@@ -215,7 +215,7 @@ def test_sink_and_recent_tokens_are_bit_exact(arch, algo, sink, recent, tiny_mod
     tracker = PositionTracker(model) if kv_geometry(model).rope else None
     input_ids = tiny_windows["eval"][:2]
     try:
-        cache = CompressedCache(compressor, tracker, sink_tokens=sink, recent_window=recent)
+        cache = CompressedCache(compressor, tracker, settings=CacheSettings(sink_tokens=sink, recent_window=recent))
         fed, returned = record_updates(cache)
         chunked_logits(model, input_ids, cache, 8)
     finally:
@@ -265,7 +265,9 @@ def test_stored_bytes_counts_what_is_held(
     # (a) every tensor the cache holds, found by walking its layers (not through stored_tensors()).
     held = []
     for layer in cache.layers:
-        held += held_tensors({k: v for k, v in vars(layer).items() if k != "owner"})
+        # The collaborators a layer is built with belong to the cache (positions are counted once, below).
+        shared = {"positions", "scratch", "codecs", "settings", "handoff"}
+        held += held_tensors({k: v for k, v in vars(layer).items() if k not in shared})
     positions = cache.position_log.positions
     held_total = nbytes(held) + (0 if positions is None else nbytes([positions]))
     assert cache.allocated_bytes() == held_total

@@ -20,7 +20,7 @@ from kvlight.compressors.widths import WIDTHS
 from kvlight.config import CompressionConfig
 from kvlight.errors import ConfigError
 from kvlight.geometry import kv_geometry
-from kvlight.serving.cache import CompressedCache
+from kvlight.serving.cache import CacheSettings, CompressedCache
 from kvlight.serving.positions import PositionTracker
 from kvlight.serving.widths import FIELDS, DirectionQuantizer, direction_quantizer, padded_bytes_per_token
 
@@ -271,8 +271,8 @@ def test_a_float32_model_can_store_its_cache_in_bfloat16(arch, tiny_models, tiny
     ids = tiny_windows["eval"][:3]
     outputs = {}
     for storage in (None, torch.bfloat16):
-        cache, tracker = cache_for(model, compressor)
-        cache.storage_dtype = storage
+        tracker = PositionTracker(model) if kv_geometry(model).rope else None
+        cache = CompressedCache(compressor, tracker, settings=CacheSettings(storage_dtype=storage))
         with torch.no_grad():
             outputs[storage] = (chunked_logits(model, ids, cache, chunk=5), cache)
         if tracker is not None:

@@ -1,10 +1,10 @@
 """Decode attention that reads the compressed cache where it lies, instead of rebuilding K/V.
 
-When one token arrives, :class:`~kvlight.cache.CompressedLayer` does not reconstruct its history:
-``update()`` hands the layer over to :func:`_latent_attention_forward` (registered in transformers'
-``AttentionInterface`` under ``kvlight_<original>`` while a :class:`LatentAttention` is open), which
-calls the layer's ``attend``. The numeric core is below, for one layer and one decode step, with
-``H`` KV heads, ``G`` query heads per KV head and latents ``z`` of rank ``r`` per head::
+When one token arrives, a :class:`~kvlight.serving.layer.CompressedLayer` does not reconstruct its history: it
+offers itself to the model's :class:`DecodeHandoff` and kvlight's attention function (registered in transformers'
+``AttentionInterface`` under ``kvlight_<original>`` while a :class:`LatentAttention` is open) calls the layer's
+``attend``. The numeric core is below, for one layer and one decode step, with ``H`` KV heads, ``G`` query heads
+per KV head and latents ``z`` of rank ``r`` per head::
 
     decode(z) = z @ A + c                      (A [H, r, D], c [H, D]: every backend decodes affinely)
     scores    = (q @ A^T) @ z^T + q . c        keys stored post-RoPE or with no RoPE: O(r) per token
@@ -18,44 +18,61 @@ attention function unchanged, with the original mask function, so outputs there 
 
 from __future__ import annotations
 
-import sys
 import threading
+import weakref
 
 import torch
 from torch import nn
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from kvlight.hf import attention_implementation, original_attention, register_attention, set_attention
 
 #: original attention implementations the decode path can stand in for (their masks are bool or additive).
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
 _PREFIX = "kvlight_"
-_STATE = threading.local()
 
 
-def hand_over(key_states: torch.Tensor, layer) -> None:
-    """Mark ``layer`` as the one the next attention call reads, if it receives ``key_states`` (same object)."""
-    _STATE.pending = (key_states, layer)
+class DecodeHandoff:
+    """The hand-off of one decode step from a compressed cache layer to kvlight's attention function.
+
+    Cache side: on a one-token step under an :attr:`active` hand-off, ``CompressedLayer.update`` calls
+    :meth:`offer` ``(key_states, layer)`` and returns the new token's K/V alone instead of the whole history.
+    Attention side: the registered attention function calls :meth:`take` with the key tensor transformers hands it,
+    right after that ``update``; the same tensor object means this call is that layer's decode step, and the
+    function returns ``layer.attend(query, mask, scale)``; anything else (prefill, another cache, a stale offer)
+    gets None and the model's original attention runs. Offers are per thread, so two threads decoding never take
+    each other's layer. A :class:`LatentAttention` owns one and closes it with itself.
+    """
+
+    def __init__(self) -> None:
+        self.active = True
+        self._local = threading.local()
+
+    def offer(self, key_states: torch.Tensor, layer) -> None:
+        self._local.pending = (key_states, layer)
+
+    def take(self, key: torch.Tensor):
+        pending = getattr(self._local, "pending", None)
+        self._local.pending = None
+        return pending[1] if pending is not None and pending[0] is key else None
 
 
-def _take(key: torch.Tensor):
-    pending = getattr(_STATE, "pending", None)
-    _STATE.pending = None
-    if pending is None or pending[0] is not key:
-        return None
-    return pending[1]
+#: the hand-offs of every open LatentAttention (one attention function serves them all, per implementation).
+_OPEN: weakref.WeakSet[DecodeHandoff] = weakref.WeakSet()
 
 
-def _original_forward(name: str, module: nn.Module):
-    if name == "eager":  # each modeling file defines its own eager function
-        return sys.modules[type(module).__module__].eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS[name]
+def _taken(key: torch.Tensor):
+    for handoff in list(_OPEN):
+        layer = handoff.take(key)
+        if layer is not None:
+            return layer
+    return None
 
 
 def _make_forward(original: str):
     def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        layer = _take(key)
+        layer = _taken(key)
         if layer is None or kwargs.get("output_attentions"):
-            return _original_forward(original, module)(
+            return original_attention(original, module)(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -69,27 +86,34 @@ class LatentAttention:
     """Switches ``model`` to kvlight's decode attention until :meth:`close` restores the original.
 
     Only models on the ``sdpa`` or ``eager`` implementation are switched (:attr:`active` stays False
-    otherwise, and the compressed cache then returns reconstructed K/V as before).
+    otherwise, and the compressed cache then returns reconstructed K/V as before). :attr:`handoff` is what its
+    compressed caches offer their decode steps to.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.original = getattr(model.config, "_attn_implementation", None) or "eager"
-        self.active = False
+        self.original = attention_implementation(model)
+        self.handoff = DecodeHandoff()
+        self.handoff.active = False
         if self.original.startswith(_PREFIX):
             raise ValueError("this model is already served by another kvlight wrapper; close that one first")
         if self.original not in SUPPORTED_IMPLEMENTATIONS:
             return
         name = _PREFIX + self.original
-        AttentionInterface.register(name, _make_forward(self.original))
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[self.original])
-        model.set_attn_implementation(name)
-        self.active = True
+        register_attention(name, _make_forward(self.original), mask_of=self.original)
+        set_attention(model, name)
+        self.handoff.active = True
+        _OPEN.add(self.handoff)
+
+    @property
+    def active(self) -> bool:
+        return self.handoff.active
 
     def close(self) -> None:
         if self.active:
-            self.model.set_attn_implementation(self.original)
-            self.active = False
+            set_attention(self.model, self.original)
+            self.handoff.active = False
+            _OPEN.discard(self.handoff)
 
 
 def stacked_decoder(codec, channel_scale: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
 
+from kvlight.hf import Cache, DynamicLayer
 from kvlight.serving.positions import PositionTracker
 
 
@@ -19,10 +19,11 @@ class CaptureLayer(DynamicLayer):
     the loss's sensitivity to each head's K and V.
     """
 
-    def __init__(self, layer_idx: int, owner: CaptureCache) -> None:
+    def __init__(self, layer_idx: int, sink: Callable, tracker: PositionTracker | None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.owner = owner
+        self.sink = sink
+        self.tracker = tracker
         self.length = 0
 
     def get_seq_length(self) -> int:
@@ -34,10 +35,10 @@ class CaptureLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.length = key_states.shape[2]
-        tracker = self.owner.tracker
+        tracker = self.tracker
         positions = None if tracker is None else tracker.current.expand(key_states.shape[0], -1)
         keys = key_states if tracker is None else tracker.unrotate(key_states, positions)
-        replaced = self.owner.sink(self.layer_idx, keys, value_states)
+        replaced = self.sink(self.layer_idx, keys, value_states)
         if replaced is None:
             return key_states, value_states
         keys, values = replaced
@@ -55,4 +56,4 @@ class CaptureCache(Cache):
     ) -> None:
         self.sink = sink
         self.tracker = tracker
-        super().__init__(layers=[CaptureLayer(i, self) for i in range(num_layers)])
+        super().__init__(layers=[CaptureLayer(i, sink, tracker) for i in range(num_layers)])

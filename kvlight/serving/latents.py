@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kvlight.serving.quant import LatentQuantizer, QuantizedLatents
-from kvlight.serving.widths import DirectionQuantizer, PackedCodes
+from kvlight.serving.quant import LatentQuantizer, QuantizedLatents, codec_quantizer
+from kvlight.serving.widths import DirectionQuantizer, PackedCodes, direction_quantizer
 
 
 class LatentStore:
@@ -93,3 +93,11 @@ class LatentStore:
     def select(self, fn) -> None:
         """Apply a batch selection ``fn`` to the stored tensors (the result is exactly sized)."""
         self._buffers = [None if b is None else fn(b[:, : self.length]).contiguous() for b in self._buffers]
+
+
+def store_quantizer(codec, settings, dtype: torch.dtype) -> LatentQuantizer | DirectionQuantizer | None:
+    """How one layer codec's latents (of ``dtype``) are stored: static mixed-width codes when its heads have
+    widths, else per-token group quantization (``settings.latent_bits``), else None (latents in ``dtype``)."""
+    if codec.has_widths:
+        return direction_quantizer(codec, dtype)
+    return codec_quantizer(settings.latent_bits, settings.quant_group_size, codec)

@@ -1,26 +1,67 @@
-"""One layer of the compressed cache: exact sinks, latents, an exact recent window."""
+"""One layer of the compressed cache: exact sinks, latents, an exact recent window.
+
+A layer is built with everything it uses, and reads nothing else: its :class:`LayerSettings`, the key and value
+codecs of its layer, the cache's :class:`~kvlight.serving.positions.PositionLog` (positions of every cached token
+and their rotation table, shared by the layers), the cache's :class:`~kvlight.serving.scratch.DecodeScratch`
+(workspace and decoders shared by the layers) and, on the fast path, the model's
+:class:`~kvlight.serving.attention.DecodeHandoff`.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
+from kvlight.hf import DynamicLayer
 from kvlight.serving import attention
-from kvlight.serving.latents import LatentStore
+from kvlight.serving.latents import LatentStore, store_quantizer
+from kvlight.serving.positions import PositionLog
+from kvlight.serving.scratch import DecodeScratch
 
-if TYPE_CHECKING:
-    from kvlight.serving.cache import CompressedCache
+
+@dataclass(frozen=True)
+class LayerSettings:
+    """How a layer stores its tokens (every field resolved: see kvlight.serving.cache.CacheSettings).
+
+    Attributes:
+        sink_tokens: first positions kept exact.
+        recent_window: newest positions kept exact.
+        compress_block: one-token steps between flushes of the recent window (see CompressedLayer.update).
+        latent_bits: rank codecs: 8, 4, 2, "fp8" or None (latents in ``latent_dtype``).
+        quant_group_size: rank codecs: latent channels per scale and zero point.
+        latent_dtype: dtype of unquantized latents (None: ``storage_dtype``).
+        storage_dtype: dtype of the exact tokens (None: the K/V dtype).
+    """
+
+    sink_tokens: int
+    recent_window: int
+    compress_block: int
+    latent_bits: int | str | None
+    quant_group_size: int
+    latent_dtype: torch.dtype | None
+    storage_dtype: torch.dtype | None
 
 
 class CompressedLayer(DynamicLayer):
     """One layer's cache: exact sinks, latents, exact recent window; ``update`` returns reconstructed K/V."""
 
-    def __init__(self, layer_idx: int, owner: CompressedCache) -> None:
+    def __init__(
+        self,
+        layer_idx: int,
+        settings: LayerSettings,
+        codecs: dict,
+        positions: PositionLog,
+        scratch: DecodeScratch,
+        handoff: attention.DecodeHandoff | None = None,
+    ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.owner = owner
+        self.settings = settings
+        self.codecs = codecs  # {"k": LayerCodec, "v": LayerCodec} of this layer
+        self.positions = positions
+        self.scratch = scratch
+        self.handoff = handoff
         self.length = 0
         self.decode_steps = 0  # one-token updates since the last longer input (see update)
         self.latent_k: LatentStore | None = None
@@ -34,16 +75,16 @@ class CompressedLayer(DynamicLayer):
         super().lazy_initialization(key_states, value_states)
         batch, heads, _, dim = key_states.shape
         #: dtype the exact tokens are kept in (the K/V dtype unless the cache's storage_dtype says otherwise).
-        self.store_dtype = self.owner.storage_dtype or key_states.dtype
+        self.store_dtype = self.settings.storage_dtype or key_states.dtype
         empty = key_states.new_zeros(batch, heads, 0, dim, dtype=self.store_dtype)
         self.keys, self.values = empty, empty.clone()  # the exact recent window
         self.sink_k, self.sink_v = empty.clone(), empty.clone()
-        latent_dtype = self.owner.latent_dtype or self.store_dtype
+        latent_dtype = self.settings.latent_dtype or self.store_dtype
         template = key_states.new_zeros(batch, 0, 0, dtype=latent_dtype)
         stores = []
         for kind in ("k", "v"):
-            codec = self.owner.compressor.codec(self.layer_idx, kind)
-            stores.append(LatentStore(self.owner.quantizer(codec, latent_dtype), template, codec.latent_dim))
+            codec = self.codecs[kind]
+            stores.append(LatentStore(store_quantizer(codec, self.settings, latent_dtype), template, codec.latent_dim))
         self.latent_k, self.latent_v = stores
 
     def get_seq_length(self) -> int:
@@ -58,32 +99,33 @@ class CompressedLayer(DynamicLayer):
         """Store new ``[B, H, T, D]`` K/V; return K/V ``[B, H, N, D]`` for all N cached positions."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        owner = self.owner
-        owner.position_log.observe(key_states.shape[0], key_states.shape[2], key_states.device)
+        settings = self.settings
+        self.positions.observe(key_states.shape[0], key_states.shape[2], key_states.device)
         start = self.length
         self.length += key_states.shape[2]
         stored_k, stored_v = key_states.to(self.store_dtype), value_states.to(self.store_dtype)
         # 1. The first sink_tokens positions of the sequence stay exact.
-        n_sink = max(0, min(owner.sink_tokens - start, key_states.shape[2]))
+        n_sink = max(0, min(settings.sink_tokens - start, key_states.shape[2]))
         if n_sink:
             self.sink_k = torch.cat([self.sink_k, stored_k[:, :, :n_sink]], dim=2)
             self.sink_v = torch.cat([self.sink_v, stored_v[:, :, :n_sink]], dim=2)
         # 2. The rest joins the recent window; what overflows it is compressed once.
         self.keys = torch.cat([self.keys, stored_k[:, :, n_sink:]], dim=2)
         self.values = torch.cat([self.values, stored_v[:, :, n_sink:]], dim=2)
-        overflow = self.keys.shape[2] - owner.recent_window
+        overflow = self.keys.shape[2] - settings.recent_window
         # Decode steps compress in blocks: every compress_block one-token steps (counted from the last longer input)
         # the window is flushed to recent_window, so the encoder runs once per block instead of once per token. The
         # flush depends on the step count, not on how full the window is, so a left-padded row is flushed at the same
         # steps as the same row alone.
         self.decode_steps = self.decode_steps + 1 if key_states.shape[2] == 1 else 0
-        if overflow > 0 and self.decode_steps % owner.compress_block == 0:
+        if overflow > 0 and self.decode_steps % settings.compress_block == 0:
             first = self.sink_k.shape[2] + self.num_compressed  # sequence index of the oldest recent token
             self._compress(self.keys[:, :, :overflow], self.values[:, :, :overflow], first)
             self.keys, self.values = self.keys[:, :, overflow:], self.values[:, :, overflow:]
-        if owner.fast is not None and owner.fast.active and key_states.shape[2] == 1 and self.row_sink_slot is None:
+        handoff = self.handoff
+        if handoff is not None and handoff.active and key_states.shape[2] == 1 and self.row_sink_slot is None:
             # Decode step: attention reads the stored latents in place (kvlight.attention), not the returned tensors.
-            attention.hand_over(key_states, self)
+            handoff.offer(key_states, self)
             return key_states, value_states
         keys, values = self._reconstruct()
         exact = lambda t: t.to(self.dtype)  # noqa: E731 - what attention reads is in the K/V dtype
@@ -99,7 +141,6 @@ class CompressedLayer(DynamicLayer):
         Values (and keys of models without RoPE) are read in latent space; pre-RoPE keys are reconstructed into
         the cache's shared workspace and rotated in place.
         """
-        owner = self.owner
         batch, q_heads, _, dim = query.shape
         heads = self.keys.shape[1]
         dtype = query.dtype
@@ -109,14 +150,16 @@ class CompressedLayer(DynamicLayer):
         recent_k, recent_v = self.keys.to(dtype), self.values.to(dtype)
         scores = [q @ sink_k.transpose(-1, -2)]
         if n:
-            k_weight, k_bias = owner.decoder(self.layer_idx, "k", dtype)
+            k_weight, k_bias = self.scratch.decoder(
+                self.layer_idx, "k", self.codecs["k"], self.latent_k.quantizer, dtype
+            )
             z_k, k_scale, k_zero = self._latent_operand(self.latent_k, "k", dtype)
-            if owner.tracker is None:
+            if self.positions.tracker is None:
                 scores.append(attention.latent_scores(q, z_k, k_weight, k_bias, k_scale, k_zero))
             else:
-                workspace = owner.workspace(z_k.numel() // z_k.shape[-1] * dim, dtype)
+                workspace = self.scratch.workspace(z_k.numel() // z_k.shape[-1] * dim, dtype, query.device)
                 keys = attention.decode_into(workspace, z_k, k_weight, k_bias, k_scale, k_zero)
-                cos, sin = owner.compressed_rope(self.sink_k.shape[2], n, dtype)
+                cos, sin = self.positions.compressed_rope(self.sink_k.shape[2], n, dtype)
                 scores.append(q @ attention.rotate_in_place(keys, cos, sin).transpose(-1, -2))
         scores.append(q @ recent_k.transpose(-1, -2))
         scores = attention.apply_mask(torch.cat(scores, dim=-1).float() * scaling, mask)
@@ -124,7 +167,9 @@ class CompressedLayer(DynamicLayer):
         n_sink = sink_k.shape[2]
         out = probs[..., :n_sink] @ sink_v + probs[..., n_sink + n :] @ recent_v
         if n:
-            v_weight, v_bias = owner.decoder(self.layer_idx, "v", dtype)
+            v_weight, v_bias = self.scratch.decoder(
+                self.layer_idx, "v", self.codecs["v"], self.latent_v.quantizer, dtype
+            )
             z_v, v_scale, v_zero = self._latent_operand(self.latent_v, "v", dtype)
             out = out + attention.latent_values(probs[..., n_sink : n_sink + n], z_v, v_weight, v_bias, v_scale, v_zero)
         return out.reshape(batch, q_heads, 1, dim).transpose(1, 2)
@@ -141,7 +186,7 @@ class CompressedLayer(DynamicLayer):
         if quantizer is None:
             return attention.latents_per_head(store.data.to(dtype), splits), None, None
         if store.widths:  # static codes: the decoder carries steps and offsets, attention reads the integer codes
-            gather = self.owner.width_gather(self.layer_idx, kind, quantizer)
+            gather = self.scratch.gather(self.layer_idx, kind, self.codecs[kind], quantizer)
             codes = quantizer.virtual_codes(store.data, dtype, pad=1)  # [B, n, V + 1], the last column zero
             batch, tokens = codes.shape[:2]
             return codes.index_select(-1, gather).view(batch, tokens, len(splits), -1).transpose(1, 2), None, None
@@ -153,18 +198,18 @@ class CompressedLayer(DynamicLayer):
         return attention.latents_per_head(quantizer.dequantize_fast(data, dtype), splits), None, None
 
     def _splits(self, kind: str) -> list[int]:
-        return self.owner.compressor.codec(self.layer_idx, kind).splits
+        return self.codecs[kind].splits
 
     def _compress(self, keys: torch.Tensor, values: torch.Tensor, first: int) -> None:
-        owner = self.owner
         keys, values = keys.to(self.dtype), values.to(self.dtype)  # encoded in the K/V dtype, whatever they wait in
-        if owner.tracker is not None:
-            positions = owner.position_log.slice(first, first + keys.shape[2])
+        tracker = self.positions.tracker
+        if tracker is not None:
+            positions = self.positions.slice(first, first + keys.shape[2])
             self._keep_row_sinks(keys, values, positions, first)
-            keys = owner.tracker.unrotate(keys, positions)
-        dtype = owner.latent_dtype or self.store_dtype
-        self.latent_k.append(owner.compressor.encode(self.layer_idx, "k", keys).to(dtype))
-        self.latent_v.append(owner.compressor.encode(self.layer_idx, "v", values).to(dtype))
+            keys = tracker.unrotate(keys, positions)
+        dtype = self.settings.latent_dtype or self.store_dtype
+        self.latent_k.append(self.codecs["k"].encode(keys).to(dtype))
+        self.latent_v.append(self.codecs["v"].encode(values).to(dtype))
 
     def _keep_row_sinks(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, first: int) -> None:
         """Keep exact the tokens about to be compressed whose position id is below ``sink_tokens``.
@@ -174,7 +219,7 @@ class CompressedLayer(DynamicLayer):
         the same row generated alone keeps them exact. Pads precede the real token of the same position, so the
         latest token per position wins.
         """
-        sinks = self.owner.sink_tokens
+        sinks = self.settings.sink_tokens
         early = positions < sinks  # [B, n]
         if not early.any():
             return
@@ -193,12 +238,11 @@ class CompressedLayer(DynamicLayer):
             self.row_sink_slot[rows, position] = first + latest
 
     def _reconstruct(self) -> tuple[torch.Tensor, torch.Tensor]:
-        owner = self.owner
-        keys = owner.compressor.decode(self.layer_idx, "k", self.latent_k.read(self.dtype))
-        values = owner.compressor.decode(self.layer_idx, "v", self.latent_v.read(self.dtype))
-        if owner.tracker is not None and self.num_compressed:
+        keys = self.codecs["k"].decode(self.latent_k.read(self.dtype))
+        values = self.codecs["v"].decode(self.latent_v.read(self.dtype))
+        if self.positions.tracker is not None and self.num_compressed:
             first = self.sink_k.shape[2]
-            keys = owner.tracker.rotate(keys, owner.position_log.slice(first, first + self.num_compressed))
+            keys = self.positions.tracker.rotate(keys, self.positions.slice(first, first + self.num_compressed))
         if self.row_sink_slot is not None:  # the exact copies of each row's sink positions replace their latents
             rows, position = (self.row_sink_slot >= 0).nonzero(as_tuple=True)
             column = self.row_sink_slot[rows, position] - self.sink_k.shape[2]
@@ -232,7 +276,7 @@ class CompressedLayer(DynamicLayer):
     def _select(self, fn) -> None:
         if not self.is_initialized:
             return
-        self.owner.forget_rope()
+        self.positions.forget_rope()
         for name in self._EXACT + self._ROW_SINKS:
             if getattr(self, name) is not None:
                 setattr(self, name, fn(getattr(self, name)))
@@ -255,7 +299,7 @@ class CompressedLayer(DynamicLayer):
         if not self.is_initialized or tokens_to_remove == 0:
             return
         keep = max(0, self.length + tokens_to_remove)
-        self.owner.forget_rope()
+        self.positions.forget_rope()
         n_sink = min(self.sink_k.shape[2], keep)
         n_compressed = min(self.num_compressed, keep - n_sink)
         n_recent = keep - n_sink - n_compressed
@@ -269,7 +313,7 @@ class CompressedLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.owner.forget_rope()
+        self.positions.forget_rope()
         self.length = 0
         self.decode_steps = 0
         self.latent_k = self.latent_v = self.sink_k = self.sink_v = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kvlight.hf import rotary_cos_sin
 from kvlight.models import rotary_module
 
 
@@ -46,7 +47,7 @@ class PositionTracker:
         probe = torch.empty(0, dtype=torch.float32, device=position_ids.device)
         self._internal = True
         try:
-            cos, sin = self.rotary(probe, position_ids=position_ids)
+            cos, sin = rotary_cos_sin(self.rotary, probe, position_ids)
         finally:
             self._internal = False
         return cos.float(), sin.float()
@@ -67,12 +68,14 @@ class PositionTracker:
 
 
 class PositionLog:
-    """Positions of every token a cache holds, ``[B, N]`` int32, appended once per forward."""
+    """Positions of every token a cache holds, ``[B, N]`` int32, appended once per forward, and the rotation table of
+    its compressed tokens. One per cache, shared by its layers (they all hold the same tokens)."""
 
     def __init__(self, tracker: PositionTracker | None) -> None:
         self.tracker = tracker
         self.positions: torch.Tensor | None = None
         self._step = -1
+        self._rope: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def observe(self, batch: int, new_tokens: int, device: torch.device) -> None:
         if self.tracker is None or self.tracker.step == self._step:
@@ -95,3 +98,34 @@ class PositionLog:
         position_ids = position_ids.to(torch.int32)
         self.positions = position_ids if self.positions is None else torch.cat([self.positions, position_ids], dim=1)
         self._step = None if self.tracker is None else self.tracker.step
+
+    def compressed_rope(self, first: int, count: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin) [B|1, 1, count, D]`` for the compressed tokens at sequence slots ``first:first+count``.
+
+        Shared by every layer and extended only by the newly compressed tokens (the rotary module is not asked again
+        for the whole history each step). One row serves the batch when all rows have the same positions.
+        """
+        have = 0 if self._rope is None else self._rope[1].shape[2]
+        if self._rope is None or self._rope[0] != first or have > count or self._rope[1].dtype != dtype:
+            self._rope, have = None, 0
+        if have < count:
+            positions = self.slice(first + have, first + count)
+            if bool((positions == positions[:1]).all()):
+                positions = positions[:1]
+            cos, sin = (t.unsqueeze(1).to(dtype) for t in self.tracker.cos_sin(positions))
+            if self._rope is not None:
+                old_cos, old_sin = self._rope[1], self._rope[2]
+                if old_cos.shape[0] != cos.shape[0]:
+                    old_cos, old_sin = (t.expand(cos.shape[0], -1, -1, -1) for t in (old_cos, old_sin))
+                    cos, sin = cos.expand(old_cos.shape[0], -1, -1, -1), sin.expand(old_cos.shape[0], -1, -1, -1)
+                cos, sin = torch.cat([old_cos, cos], dim=2), torch.cat([old_sin, sin], dim=2)
+            self._rope = (first, cos, sin)
+        return self._rope[1], self._rope[2]
+
+    def forget_rope(self) -> None:
+        """Drop the rotation table (after a crop, a batch selection, or a reset); appends only extend it."""
+        self._rope = None
+
+    def table_tensors(self) -> list[torch.Tensor]:
+        """The rotation table's tensors (decode scratch, not stored tokens)."""
+        return [] if self._rope is None else list(self._rope[1:])

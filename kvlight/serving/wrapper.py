@@ -15,7 +15,7 @@ from kvlight.compressors import KVCompressor
 from kvlight.geometry import kv_geometry
 from kvlight.hf import CACHE_KWARG
 from kvlight.serving.attention import LatentAttention
-from kvlight.serving.cache import CompressedCache
+from kvlight.serving.cache import CacheSettings, CompressedCache
 from kvlight.serving.positions import PositionTracker
 
 
@@ -73,13 +73,8 @@ class CompressedKVModelWrapper(nn.Module):
 
     def new_cache(self) -> CompressedCache:
         """An empty compressed cache bound to this model's positions."""
-        return CompressedCache(
-            self.compressor,
-            self.tracker,
-            latent_dtype=self.latent_dtype,
-            fast=self.fast,
-            storage_dtype=self.storage_dtype,
-        )
+        settings = CacheSettings(latent_dtype=self.latent_dtype, storage_dtype=self.storage_dtype)
+        return CompressedCache(self.compressor, self.tracker, fast=self.fast, settings=settings)
 
     def _with_cache(self, kwargs: dict) -> dict:
         if kwargs.get(CACHE_KWARG) is None and kwargs.get("use_cache", True):

@@ -1,0 +1,49 @@
+"""What the layers of one compressed cache share on the fast decode path: a key workspace and the decoders."""
+
+from __future__ import annotations
+
+import torch
+
+from kvlight.serving import attention
+
+
+class DecodeScratch:
+    """Per cache: one flat workspace the layers decode pre-RoPE keys into (one layer at a time), and every codec's
+    affine decoder in the attention dtype (built once, static scales folded in)."""
+
+    def __init__(self) -> None:
+        self._workspace: torch.Tensor | None = None
+        self._decoders: dict[tuple[int, str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._gathers: dict[tuple[int, str], torch.Tensor] = {}
+
+    def workspace(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A flat buffer of at least ``numel`` elements (grown with 5 % slack)."""
+        buffer = self._workspace
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device:
+            self._workspace = torch.empty(int(numel * 1.05) + 4096, dtype=dtype, device=device)
+        return self._workspace
+
+    def decoder(self, layer: int, kind: str, codec, quantizer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codec's affine decoder ``(A [H, r_max, D], c [H, D])`` in ``dtype`` for latents stored by
+        ``quantizer``: static widths (kvlight.serving.widths), per-token groups (channel scale folded in) or none."""
+        key = (layer, kind, dtype)
+        if key not in self._decoders:
+            if codec.has_widths:
+                weight, bias, _ = attention.width_decoder(codec, quantizer)
+                self._decoders[key] = (weight.to(dtype), bias.to(dtype))
+            else:
+                scale = None if quantizer is None else codec.latent_std.detach().float()
+                self._decoders[key] = attention.stacked_decoder(codec, scale, dtype)
+        return self._decoders[key]
+
+    def gather(self, layer: int, kind: str, codec, quantizer) -> torch.Tensor:
+        """``[H * r_max]`` indices that lay a width codec's virtual codes out per head (attention.width_decoder)."""
+        key = (layer, kind)
+        if key not in self._gathers:
+            self._gathers[key] = attention.width_decoder(codec, quantizer)[2]
+        return self._gathers[key]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Everything held (for the byte count of scratch)."""
+        held = [] if self._workspace is None else [self._workspace]
+        return held + [t for pair in self._decoders.values() for t in pair] + list(self._gathers.values())
