@@ -26,7 +26,7 @@ from kvlight.analysis.bit_allocation import allocate_bits, fp16_bytes_per_token
 from kvlight.analysis.metrics_io import metrics_to_json, read_metrics_file
 from kvlight.analysis.sensitivity import measure_sensitivity
 from kvlight.calibration.distill import distill
-from kvlight.compressors import KVCompressor, load_compressor
+from kvlight.compressors.compressor import KVCompressor, load_compressor
 
 #: byte budgets, as fractions of an fp16 DynamicCache at the protocol length (issue 11's rows).
 BUDGETS = (0.25, 0.1875, 0.125, 0.09375, 0.0625)

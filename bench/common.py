@@ -14,7 +14,7 @@ import torch
 from kvlight.calibration.capture import capture_kv
 from kvlight.calibration.texts import builtin_documents
 from kvlight.calibration.windows import pack_windows
-from kvlight.compressors import KVCompressor
+from kvlight.compressors.compressor import KVCompressor
 from kvlight.config import CompressionConfig
 from kvlight.geometry import kv_geometry
 from kvlight.hf import cache_kwargs

@@ -41,7 +41,8 @@ from bench.common import (  # noqa: E402
     offline_windows,
     quantized_cache_bytes,
 )
-from kvlight.compressors import KVCompressor, load_compressor  # noqa: E402
+from kvlight.compressors.compressor import load_compressor  # noqa: E402
+from kvlight.compressors.compressor import KVCompressor
 from kvlight.config import CompressionConfig  # noqa: E402
 from kvlight.hf import cache_kwargs, dynamic_cache  # noqa: E402
 from kvlight.serving.cache import dynamic_cache_bytes  # noqa: E402

@@ -53,7 +53,7 @@ from kvlight.analysis.queries import QueryMoments  # noqa: E402
 from kvlight.analysis.rank_allocation import budget  # noqa: E402
 from kvlight.analysis.sensitivity import measure_sensitivity  # noqa: E402
 from kvlight.calibration.distill import distill  # noqa: E402
-from kvlight.compressors import KVCompressor  # noqa: E402
+from kvlight.compressors.compressor import KVCompressor  # noqa: E402
 from kvlight.compressors.weighting import output_weights, score_weight  # noqa: E402
 from kvlight.config import CompressionConfig  # noqa: E402
 from kvlight.hf import dynamic_cache  # noqa: E402

@@ -1,10 +1,12 @@
 """kvlight: post-hoc KV-cache compression for frozen Hugging Face causal LMs.
 
-Importing kvlight changes nothing in transformers or torch: the only hook it ever installs is the
-position-observing pre-hook of a :class:`CompressedKVModelWrapper` (removed by ``close()``).
+Importing kvlight changes nothing in transformers or torch, and loads neither Lightning nor ``datasets``. What a
+:class:`CompressedKVModelWrapper` changes on its model, until ``close()`` restores it: one forward pre-hook on the
+rotary module (to see the position ids the model really uses) and, with ``fast_decode=True``, the attention
+implementation (``kvlight_sdpa`` / ``kvlight_eager``, registered in transformers' ``AttentionInterface``).
 """
 
-from kvlight.compressors import KVCompressor, KVSpliceCompressor, PCACompressor, load_compressor
+from kvlight.compressors.compressor import KVCompressor, KVSpliceCompressor, PCACompressor, load_compressor
 from kvlight.config import CompressionConfig
 from kvlight.errors import KVLightError
 from kvlight.serving.wrapper import CompressedKVModelWrapper

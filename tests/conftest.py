@@ -223,7 +223,7 @@ def tiny_rows(tiny_models, tiny_windows):
 @pytest.fixture(scope="session")
 def fitted_compressor(tiny_models, tiny_rows):
     """``fitted_compressor(arch, algo, rank=None, **config)``: a compressor fitted (statistics pass) on captured rows."""
-    from kvlight.compressors import KVSpliceCompressor, PCACompressor
+    from kvlight.compressors.compressor import KVCompressor
     from kvlight.config import CompressionConfig
     from kvlight.geometry import kv_geometry
 
@@ -249,7 +249,8 @@ def fitted_compressor(tiny_models, tiny_rows):
                 entry["bits_k"], entry["bits_v"] = (list(b) for b in bits(layer, head))
         for key, override in (heads or {}).items():  # per-(layer, head) changes, e.g. {(0, 1): {"rank_k": 3}}
             cfg.per_layer_head[key].update(override)
-        compressor = PCACompressor(cfg, geometry) if algo == "pca" else KVSpliceCompressor(cfg, geometry, init=init)
+        options = {"kvsplice": {"init": init}} if algo == "kvsplice" else None
+        compressor = KVCompressor(cfg, geometry, algo=algo, options=options)
         keys, values = tiny_rows[arch]["calib"]
         compressor.fit_statistics([{"keys": keys, "values": values}])
         return compressor

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from kvlight.compressors.registry import backend_names
+
 #: Architectures of the tiny models (conftest.tiny_model_paths) and the compression backends.
 ARCHS = ("llama", "gpt2")
-BACKENDS = ("pca", "kvsplice")
+BACKENDS = backend_names()  # the registry: every registered backend is in the matrix
 #: The shared table: architecture x backend.
 ARCH_BACKEND = [(arch, algo) for arch in ARCHS for algo in BACKENDS]
 #: head_dim of both tiny models.

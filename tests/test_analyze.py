@@ -19,7 +19,7 @@ from kvlight.analysis.metrics_io import CURVES, HeadMetrics, metrics_to_csv, met
 from kvlight.analysis.rank_allocation import TierThresholds, _min_cost_exact, budget, tiers, uniform
 from kvlight.analysis.sensitivity import AttentionFisher, attention_fisher_metrics
 from kvlight.cli import main
-from kvlight.compressors import KVCompressor
+from kvlight.compressors.compressor import KVCompressor
 from kvlight.config import CompressionConfig
 from kvlight.errors import ConfigError, MetricsError
 from kvlight.geometry import KVGeometry, kv_geometry

@@ -19,7 +19,7 @@ from helpers import HEAD_DIM, chunked_logits, one_error_line
 from kvlight.analysis.bit_allocation import allocate_bits, fp16_bytes_per_token, uniform_bits
 from kvlight.analysis.metrics_io import HeadMetrics, read_metrics_file
 from kvlight.cli import main
-from kvlight.compressors import KVCompressor
+from kvlight.compressors.compressor import KVCompressor
 from kvlight.compressors.widths import WIDTHS
 from kvlight.config import CompressionConfig
 from kvlight.errors import ConfigError

@@ -169,7 +169,7 @@ def test_all_exact_config_equals_dynamic_cache(arch, algo, sink, recent, tiny_mo
 @pytest.mark.parametrize("arch", ARCHS)
 def test_disabled_heads_are_stored_exactly(arch, tiny_models, tiny_windows, fitted_compressor, wrap):
     """``enabled: false`` on every head: identity projections, logits equal DynamicCache's."""
-    from kvlight.compressors import KVCompressor
+    from kvlight.compressors.compressor import KVCompressor
     from kvlight.config import CompressionConfig
 
     geometry = kv_geometry(tiny_models[arch])

@@ -15,7 +15,7 @@ from helpers import one_error_line
 
 from kvlight.cli import main
 from kvlight.cli.lightning import lightning_cli
-from kvlight.compressors import PCACompressor, load_compressor
+from kvlight.compressors.compressor import PCACompressor, load_compressor
 from kvlight.config import CompressionConfig
 from kvlight.geometry import kv_geometry
 

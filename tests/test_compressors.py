@@ -7,8 +7,8 @@ import pytest
 import torch
 from helpers import ARCH_BACKEND, ARCHS, HEAD_DIM
 
-from kvlight.compressors import KVCompressor, KVSpliceCompressor, PCACompressor, load_compressor
 from kvlight.compressors.artefacts import CONFIG_NAME, WEIGHTS_NAME
+from kvlight.compressors.compressor import KVCompressor, KVSpliceCompressor, PCACompressor, load_compressor
 from kvlight.config import CompressionConfig
 from kvlight.errors import ConfigError, GeometryMismatchError, KVLightError
 from kvlight.geometry import KVGeometry, kv_geometry

@@ -7,7 +7,7 @@ import pytest
 from helpers import HEAD_DIM, one_error_line
 
 from kvlight.cli import main
-from kvlight.compressors import KVCompressor
+from kvlight.compressors.compressor import KVCompressor
 from kvlight.config import CompressionConfig
 from kvlight.errors import ConfigError
 from kvlight.models import geometry_of

@@ -15,8 +15,8 @@ from helpers import HEAD_DIM
 
 from kvlight.calibration.distill import distill, distillation_loss, latent_quantizers, simulate, warmup_cosine
 from kvlight.calibration.options import grouped
-from kvlight.compressors import KVCompressor
 from kvlight.compressors.base import principal_basis
+from kvlight.compressors.compressor import KVCompressor
 from kvlight.compressors.weighting import output_weight, weighted_projection
 from kvlight.config import CompressionConfig
 from kvlight.errors import ConfigError

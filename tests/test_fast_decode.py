@@ -7,7 +7,7 @@ decoded into one shared workspace. Every case runs on the tiny Llama (GQA + RoPE
 
 import pytest
 import torch
-from helpers import ARCHS, mixed_widths
+from helpers import ARCHS, BACKENDS, mixed_widths
 
 from kvlight.serving.layer import CompressedLayer
 from kvlight.serving.wrapper import CompressedKVModelWrapper
@@ -75,7 +75,7 @@ def count_calls(monkeypatch):
     return install
 
 
-@pytest.mark.parametrize("algo", ["pca", "kvsplice"])
+@pytest.mark.parametrize("algo", BACKENDS)
 @pytest.mark.parametrize("case", [c[1] for c in CASES], ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fast_decode_gives_the_plain_paths_tokens(

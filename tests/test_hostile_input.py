@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
 from kvlight.analysis.metrics_io import CURVES, HeadMetrics, metrics_to_csv, metrics_to_json, read_metrics_file
-from kvlight.compressors import KVCompressor, PCACompressor, load_compressor
+from kvlight.compressors.compressor import KVCompressor, PCACompressor, load_compressor
 from kvlight.config import CompressionConfig
 from kvlight.errors import ConfigError, KVLightError, MetricsError
 from kvlight.geometry import KVGeometry

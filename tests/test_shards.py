@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kvlight.calibration.shards import KVReservoir, KVShardStream, load_manifest, num_rows, write_shards
+from kvlight.calibration.reservoir import KVReservoir
+from kvlight.calibration.shards import KVShardStream, load_manifest, num_rows, write_shards
 from kvlight.errors import CaptureError, OutputError
 
 LAYERS, HEADS, DIM = 3, 2, 4

@@ -14,7 +14,7 @@ from kvlight.calibration.perplexity import TokenPerplexity
 from kvlight.calibration.texts import iter_texts
 from kvlight.calibration.windows import eval_and_calibration_windows
 from kvlight.cli import main
-from kvlight.compressors import PCACompressor
+from kvlight.compressors.compressor import PCACompressor
 from kvlight.config import CompressionConfig
 from kvlight.geometry import kv_geometry
 from kvlight.models import load_model, load_tokenizer, preferred_dtype
@@ -92,7 +92,7 @@ def test_kl_distillation_lowers_heldout_kl_on_the_embedded_default(embedded_cach
     int4, 24 distillation steps lower the KL on held-out windows."""
     from kvlight.analysis.queries import QueryMoments
     from kvlight.calibration.distill import distill, distillation_loss, latent_quantizers
-    from kvlight.compressors import KVCompressor
+    from kvlight.compressors.compressor import KVCompressor
     from kvlight.compressors.weighting import output_weights, score_weight
     from kvlight.models import output_projections, rotary_module
     from kvlight.serving.positions import PositionTracker

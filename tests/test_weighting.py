@@ -14,8 +14,8 @@ from helpers import HEAD_DIM
 from kvlight.analysis.queries import QueryMoments
 from kvlight.calibration.capture import capture_kv
 from kvlight.calibration.options import grouped
-from kvlight.compressors import KVCompressor
 from kvlight.compressors.base import principal_basis
+from kvlight.compressors.compressor import KVCompressor
 from kvlight.compressors.weighting import rope_rotation, score_weight, weighted_projection
 from kvlight.config import CompressionConfig
 from kvlight.errors import ConfigError

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import ARCHS, HEAD_DIM, chunked_logits, held_tensors, mixed_widths, nbytes
 
-from kvlight.compressors import KVCompressor, load_compressor
+from kvlight.compressors.compressor import KVCompressor, load_compressor
 from kvlight.compressors.statistics import STEP_MULTIPLIERS, grid_errors, step_offset
 from kvlight.compressors.widths import WIDTHS
 from kvlight.config import CompressionConfig

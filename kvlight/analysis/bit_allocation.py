@@ -2,12 +2,12 @@
 
 Each direction ``i`` (of one head's K, pre-RoPE, or V, in its principal basis) costs ``b_i`` bits per token and
 adds ``w_i * D_i(b_i)`` to the predicted loss, with ``D_i(b)`` its measured quantisation error at width ``b``
-(:mod:`kvlight.distortion`) and ``w_i`` its weight:
+(:mod:`kvlight.analysis.distortion`) and ``w_i`` its weight:
 
 - ``fisher`` (default): ``w_i = fisher_i / 2``, the diagonal Fisher of the LM loss in that direction
-  (:mod:`kvlight.sensitivity`), so the sum is the second-order estimate of the mean NLL increase per token;
+  (:mod:`kvlight.analysis.sensitivity`), so the sum is the second-order estimate of the mean NLL increase per token;
 - ``fisher-joint``: the cost is ``J_i(b) / 2`` itself, each row's error weighted by its own squared gradient
-  (:mod:`kvlight.distortion`), the same estimate without assuming errors and gradients independent;
+  (:mod:`kvlight.analysis.distortion`), the same estimate without assuming errors and gradients independent;
 - ``mse``: ``w_i = 1``, plain reconstruction error (a baseline: it ignores that layers differ in scale and use);
 - ``query``: keys by the energy the queries put on the direction, values by the output projection's.
 
@@ -17,7 +17,7 @@ the allocation is the longest prefix of that order whose packed bytes fit. Each 
 convex relaxation at its own budget; the one chosen meets the budget to within one step (the next step does not
 fit), and a larger budget can only take a longer prefix of the same order, so it never predicts a larger loss. The
 budget counts what the cache stores per token at long context, packing padding included
-(:func:`kvlight.widths.padded_bytes_per_token`): ``target`` is ``1 - stored bytes / fp16 bytes``.
+(:func:`kvlight.serving.widths.padded_bytes_per_token`): ``target`` is ``1 - stored bytes / fp16 bytes``.
 
 :func:`uniform_bits` is the other baseline: the same widths for every head (the leading directions one width
 higher when the average falls between two widths).
@@ -253,7 +253,7 @@ def _walk(
     """Widths ``[items]`` of the longest prefix of ``order`` whose packed bytes per token stay within ``allowed``.
 
     The bytes of every prefix are tracked incrementally: per codec, the number of fields of each size (a width's
-    fields: kvlight.widths.FIELDS) and of exact channels.
+    fields: kvlight.serving.widths.FIELDS) and of exact channels.
     """
     sizes = {size: i for i, size in enumerate(FIELD_SIZES)}
     counts = np.zeros((codecs, len(FIELD_SIZES) + 1), dtype=np.int64)  # fields per size, then exact channels

@@ -1,13 +1,13 @@
 """What each principal direction loses at each width: measured distortion and the weights that price it.
 
-For the bits allocator (:mod:`kvlight.bit_allocation`) every direction ``u_i`` of every head's K (pre-RoPE) or V
+For the bits allocator (:mod:`kvlight.analysis.bit_allocation`) every direction ``u_i`` of every head's K (pre-RoPE) or V
 needs ``D_i(b)``, the mean squared quantisation error of its coordinate ``c = u_i . (x - mean)`` at each width ``b``
-of :data:`kvlight.widths.WIDTHS`, measured on calibration rows with the quantizer the cache will use (the step of
-least error among :data:`kvlight.widths.STEP_MULTIPLIERS`, as :meth:`KVCompressor.calibrate_steps` picks it):
+of :data:`kvlight.compressors.widths.WIDTHS`, measured on calibration rows with the quantizer the cache will use (the step of
+least error among :data:`kvlight.compressors.statistics.STEP_MULTIPLIERS`, as :meth:`kvlight.compressors.compressor.KVCompressor.calibrate_steps` picks it):
 ``D_i(0) = E[c^2]`` (the direction dropped), ``D_i(16) = 0`` (kept exactly).
 
 Beside ``D_i(b)`` it keeps ``J_i(b) = E[g_i^2 e_i(b)^2]``, the same errors weighted row by row by the squared loss
-gradient ``g_i = dLoss/dc`` (the Fisher's one-sample estimate, :mod:`kvlight.sensitivity`): ``J_i(b) / 2`` predicts the
+gradient ``g_i = dLoss/dc`` (the Fisher's one-sample estimate, :mod:`kvlight.analysis.sensitivity`): ``J_i(b) / 2`` predicts the
 loss increase without assuming that a row's error and its gradient are independent (the allocator's "fisher-joint").
 
 It also gives the "query" weights, the closed-form alternative to the Fisher: the energy the model's queries

@@ -1,12 +1,12 @@
 """The per-head metrics table behind ``kvlight analyze``: container, checks, JSON/CSV out and in, W&B import.
 
-One row per layer and KV head. The scalar columns keep the seed's names (``trace``, ``eigmax``,
+One row per layer and KV head. The scalar columns keep the upstream design's names (``trace``, ``eigmax``,
 ``cond`` of the attention Fisher); kvlight adds per-direction arrays for K and V (variance, diagonal
-Fisher, predicted loss per rank; see :mod:`kvlight.sensitivity`). Imports accept:
+Fisher, predicted loss per rank; see :mod:`kvlight.analysis.sensitivity`). Imports accept:
 
 - CSV, wide: ``layer, head, trace, cond`` (``eigmax`` and other columns optional), one row per head;
-- CSV, tall (the seed's export): ``layer, head, metric, value`` (+ ``run_name``), ``layer0``/``head3`` labels;
-- JSON: what :func:`metrics_to_json` writes, a list of wide rows, or the seed's W&B export
+- CSV, tall (the upstream design's export): ``layer, head, metric, value`` (+ ``run_name``), ``layer0``/``head3`` labels;
+- JSON: what :func:`metrics_to_json` writes, a list of wide rows, or the upstream design's W&B export
   (runs with ``summary_metrics`` keyed ``fisher/layerL/headH/metric``).
 
 Every problem is a one-line :class:`MetricsError`, raised before anything is written.
@@ -29,18 +29,18 @@ from kvlight.compressors.widths import WIDTHS
 from kvlight.errors import MetricsError
 from kvlight.geometry import KVGeometry
 
-#: Scalar metrics of the seed, in its column order; the tiers rule reads ``trace`` and ``cond``.
-SEED_METRICS = ("trace", "eigmax", "cond")
+#: Scalar metrics of the upstream design, in its column order; the tiers rule reads ``trace`` and ``cond``.
+UPSTREAM_METRICS = ("trace", "eigmax", "cond")
 REQUIRED_COLUMNS = ("layer", "head", "trace", "cond")
 #: Per-direction arrays: ``eig_*`` and ``fisher_*`` are ``[D]``, ``loss_*`` is ``[D + 1]`` (rank 0..D).
 CURVES = ("eig_k", "eig_v", "fisher_k", "fisher_v", "loss_k", "loss_v")
 #: Optional per-direction arrays, in pairs (K and V): ``dist_*`` ``[D, len(WIDTHS)]`` the measured quantisation error
-#: of each direction at each width (kvlight.distortion; the bits allocator needs them), ``jdist_*`` (the same,
+#: of each direction at each width (kvlight.analysis.distortion; the bits allocator needs them), ``jdist_*`` (the same,
 #: weighted row by row by the squared loss gradient: the "fisher-joint" weighting) and ``qweight_*`` ``[D]`` the
 #: query / output-projection energy of each direction (the allocator's "query" weighting).
 OPTIONAL_CURVES = (("dist_k", "dist_v"), ("jdist_k", "jdist_v"), ("qweight_k", "qweight_v"))
 FORMAT = "kvlight-metrics/1"
-_SEED_KEY = re.compile(r"^fisher/layer(\d+)/head(\d+)/(\w+)$")
+_UPSTREAM_KEY = re.compile(r"^fisher/layer(\d+)/head(\d+)/(\w+)$")
 
 
 @dataclass
@@ -93,7 +93,7 @@ def metrics_to_json(metrics: HeadMetrics) -> str:
     heads = []
     for layer, head in _heads(metrics.geometry):
         row: dict[str, Any] = {"layer": layer, "head": head}
-        for name in SEED_METRICS:
+        for name in UPSTREAM_METRICS:
             row[name] = _json_float(getattr(metrics, name)[layer, head])
         for name, array in metrics.curves.items():
             values = array[layer, head]
@@ -115,9 +115,9 @@ def summary_ranks(head_dim: int) -> list[int]:
 
 
 def metrics_to_csv(metrics: HeadMetrics) -> str:
-    """One wide row per head: the seed's metrics, K/V Fisher traces, energy and predicted loss at a few ranks."""
+    """One wide row per head: the upstream design's metrics, K/V Fisher traces, energy and predicted loss at a few ranks."""
     ranks = summary_ranks(metrics.geometry.head_dim)
-    columns = ["layer", "head", *SEED_METRICS]
+    columns = ["layer", "head", *UPSTREAM_METRICS]
     if metrics.has_sensitivity:
         columns += ["k_fisher", "v_fisher"]
         columns += [f"{kind}_{what}_r{r}" for r in ranks for what in ("energy", "loss") for kind in "kv"]
@@ -125,7 +125,7 @@ def metrics_to_csv(metrics: HeadMetrics) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
     for layer, head in _heads(metrics.geometry):
-        row: list[Any] = [layer, head, *(f"{getattr(metrics, n)[layer, head]:.6g}" for n in SEED_METRICS)]
+        row: list[Any] = [layer, head, *(f"{getattr(metrics, n)[layer, head]:.6g}" for n in UPSTREAM_METRICS)]
         if metrics.has_sensitivity:
             row += [f"{metrics.curves[f'fisher_{k}'][layer, head].sum():.6g}" for k in "kv"]
             energy = {k: metrics.energy(k)[layer, head] for k in "kv"}
@@ -164,7 +164,7 @@ def read_metrics_file(path: str | Path, geometry: KVGeometry, run_name: str | No
 
 
 def metrics_from_json_data(data: Any, geometry: KVGeometry, where: str, run_name: str | None = None) -> HeadMetrics:
-    """Metrics from parsed JSON: kvlight's own format, a list of wide rows, or the seed's W&B export."""
+    """Metrics from parsed JSON: kvlight's own format, a list of wide rows, or the upstream design's W&B export."""
     if isinstance(data, dict) and data.get("format") == FORMAT:
         rows = data.get("heads")
         if not isinstance(rows, list):
@@ -172,7 +172,7 @@ def metrics_from_json_data(data: Any, geometry: KVGeometry, where: str, run_name
         return metrics_from_rows(rows, geometry, where, info=dict(data.get("info") or {}))
     if isinstance(data, list) and data and all(isinstance(r, dict) and "summary_metrics" in r for r in data):
         runs = {_run_label(r): r["summary_metrics"] for r in data}
-        return metrics_from_rows(_seed_summary_rows(runs, where, run_name), geometry, where)
+        return metrics_from_rows(_upstream_summary_rows(runs, where, run_name), geometry, where)
     if isinstance(data, list) and all(isinstance(r, dict) for r in data):
         return metrics_from_rows(data, geometry, where)
     raise MetricsError(f"{where}: expected a list of per-head objects with layer, head, trace, cond")
@@ -191,7 +191,7 @@ def metrics_from_rows(
             f"{where} lacks column(s) {', '.join(missing)}; it needs {', '.join(REQUIRED_COLUMNS)} (eigmax optional)"
         )
     num_layers, num_heads, head_dim = geometry.num_layers, geometry.num_kv_heads, geometry.head_dim
-    scalars = {name: np.full((num_layers, num_heads), np.nan) for name in SEED_METRICS}
+    scalars = {name: np.full((num_layers, num_heads), np.nan) for name in UPSTREAM_METRICS}
     curve_names = [name for name in CURVES if name in columns]
     if curve_names and len(curve_names) != len(CURVES):
         absent = ", ".join(name for name in CURVES if name not in columns)
@@ -219,7 +219,7 @@ def metrics_from_rows(
         if (layer, head) in seen:
             raise MetricsError(f"{where} lists {label} twice; keep one row per layer and KV head")
         seen.add((layer, head))
-        for name in SEED_METRICS:
+        for name in UPSTREAM_METRICS:
             if name in REQUIRED_COLUMNS or row.get(name) not in (None, ""):
                 scalars[name][layer, head] = _finite(row.get(name), name, label, where)
         for name in curve_names:
@@ -244,22 +244,22 @@ def _from_csv(text: str, geometry: KVGeometry, where: str, run_name: str | None)
     header = [name.strip() for name in reader.fieldnames or []]
     reader.fieldnames = header
     rows = [{k: v for k, v in row.items() if k is not None} for row in reader]
-    if {"metric", "value"} <= set(header):  # the seed's tall table
+    if {"metric", "value"} <= set(header):  # the upstream design's tall table
         runs: dict[str, dict[str, Any]] = {}
         for row in rows:
             key = f"fisher/{row.get('layer', '')}/{row.get('head', '')}/{row.get('metric', '')}"
             runs.setdefault(row.get("run_name") or "", {})[key] = row.get("value")
-        rows = _seed_summary_rows(runs, where, run_name)
+        rows = _upstream_summary_rows(runs, where, run_name)
     return metrics_from_rows(rows, geometry, where)
 
 
-def _seed_summary_rows(runs: dict[str, dict[str, Any]], where: str, run_name: str | None) -> list[dict[str, Any]]:
-    """Wide rows from the seed's ``fisher/layerL/headH/metric`` keys of one run (``run_name`` picks it)."""
+def _upstream_summary_rows(runs: dict[str, dict[str, Any]], where: str, run_name: str | None) -> list[dict[str, Any]]:
+    """Wide rows from the upstream design's ``fisher/layerL/headH/metric`` keys of one run (``run_name`` picks it)."""
     if run_name is not None:
         if run_name not in runs:
             raise MetricsError(f"{where} has no run {run_name!r} (runs: {', '.join(sorted(runs))}); check --run-name")
         runs = {run_name: runs[run_name]}
-    per_head = {name: rows for name, summary in runs.items() if (rows := _rows_from_seed_keys(summary))}
+    per_head = {name: rows for name, summary in runs.items() if (rows := _rows_from_upstream_keys(summary))}
     if not per_head:
         raise MetricsError(f"{where} holds no per-head metrics named fisher/layerL/headH/<trace|eigmax|cond>")
     if len(per_head) > 1:
@@ -267,11 +267,11 @@ def _seed_summary_rows(runs: dict[str, dict[str, Any]], where: str, run_name: st
     return next(iter(per_head.values()))
 
 
-def _rows_from_seed_keys(summary: dict[str, Any]) -> list[dict[str, Any]]:
+def _rows_from_upstream_keys(summary: dict[str, Any]) -> list[dict[str, Any]]:
     rows: dict[tuple[int, int], dict[str, Any]] = {}
     for key, value in summary.items():
-        match = _SEED_KEY.match(str(key))
-        if match and match.group(3) in SEED_METRICS:
+        match = _UPSTREAM_KEY.match(str(key))
+        if match and match.group(3) in UPSTREAM_METRICS:
             layer, head = int(match.group(1)), int(match.group(2))
             rows.setdefault((layer, head), {"layer": layer, "head": head})[match.group(3)] = value
     return [rows[key] for key in sorted(rows)]
@@ -283,7 +283,7 @@ def _run_label(run: dict[str, Any]) -> str:
 
 
 def fetch_wandb_metrics(entity: str, project: str, geometry: KVGeometry, run_name: str | None = None) -> HeadMetrics:
-    """The seed's path: per-head ``fisher/layerL/headH/*`` summary metrics of a W&B project's run."""
+    """The upstream design's path: per-head ``fisher/layerL/headH/*`` summary metrics of a W&B project's run."""
     hint = "export the metrics to a CSV/JSON file and pass --metrics-file instead"
     try:
         import wandb
@@ -298,7 +298,7 @@ def fetch_wandb_metrics(entity: str, project: str, geometry: KVGeometry, run_nam
     except Exception as exc:  # wandb raises many types for auth and network failures
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise MetricsError(f"cannot read {where}: {reason}; {hint}") from None
-    return metrics_from_rows(_seed_summary_rows(runs, where, run_name), geometry, where)
+    return metrics_from_rows(_upstream_summary_rows(runs, where, run_name), geometry, where)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -1,14 +1,14 @@
-"""Per-head ranks from metrics: the seed's ``tiers``, a ``budget`` that meets a memory target, and ``uniform``.
+"""Per-head ranks from metrics: the upstream design's ``tiers``, a ``budget`` that meets a memory target, and ``uniform``.
 
 Memory is counted as in :meth:`CompressionConfig.memory_reduction`: a head stores ``rank_k + rank_v``
 numbers per token instead of ``2 * head_dim`` (exact sink/recent tokens and storage dtype aside).
 
-- ``tiers``: the seed's rules, in order: ``trace > trace_critical`` -> uncompressed ("critical");
+- ``tiers``: the upstream design's rules, in order: ``trace > trace_critical`` -> uncompressed ("critical");
   ``cond > cond_excellent and trace < trace_moderate`` -> rank 8 ("excellent"); ``cond > cond_good`` ->
-  rank 16 ("good"); else rank 32 ("moderate"). Ranks are the seed's for head_dim 64, scaled to the
+  rank 16 ("good"); else rank 32 ("moderate"). Ranks are the upstream design's for head_dim 64, scaled to the
   model's head_dim. K and V share the rank. The memory reduction is whatever the rules give.
 - ``budget``: separate K and V ranks (multiples of ``rank_step``) for every head minimising the summed
-  predicted loss increase (:mod:`kvlight.sensitivity`) with exactly ``floor((1 - target) * total / step)``
+  predicted loss increase (:mod:`kvlight.analysis.sensitivity`) with exactly ``floor((1 - target) * total / step)``
   rank steps kept in total: the target is met and overshot by less than one rank step. Solved exactly by
   dynamic programming over (head, K|V) items; a head whose K and V both keep ``head_dim`` is left
   uncompressed.
@@ -28,14 +28,14 @@ from kvlight.errors import ConfigError
 from kvlight.geometry import KVGeometry
 
 STRATEGIES = ("budget", "tiers", "uniform")
-#: The seed's tier ranks, for head_dim 64.
-SEED_TIER_RANKS = {"excellent": 8, "good": 16, "moderate": 32}
-SEED_HEAD_DIM = 64
+#: The upstream design's tier ranks, for head_dim 64.
+UPSTREAM_TIER_RANKS = {"excellent": 8, "good": 16, "moderate": 32}
+UPSTREAM_HEAD_DIM = 64
 
 
 @dataclass(frozen=True)
 class TierThresholds:
-    """The seed's thresholds (its ``generate_compression_config`` argument names)."""
+    """The upstream design's thresholds (its ``generate_compression_config`` argument names)."""
 
     trace_critical: float = 0.95
     trace_moderate: float = 0.90
@@ -51,7 +51,7 @@ class Allocation:
         strategy: ``budget``, ``tiers`` or ``uniform``.
         geometry: the model's KV geometry.
         rank_k, rank_v: ``[L, H]`` int ranks; ``head_dim`` means kept exactly.
-        tier: ``[L, H]`` labels (the seed's tiers, or ``compressed``/``uncompressed``).
+        tier: ``[L, H]`` labels (the upstream design's tiers, or ``compressed``/``uncompressed``).
         target: the requested memory reduction (None for ``tiers``, which has none).
     """
 
@@ -72,7 +72,7 @@ class Allocation:
         return (self.rank_k == self.geometry.head_dim) & (self.rank_v == self.geometry.head_dim)
 
     def to_config(self, algo: str = "kvsplice", sink_tokens: int = 0) -> CompressionConfig:
-        """The seed's JSON schema, every head listed (valid input for ``kvlight calibrate --config``)."""
+        """The upstream design's JSON schema, every head listed (valid input for ``kvlight calibrate --config``)."""
         geometry = self.geometry
         config = CompressionConfig(
             target_memory_reduction=round(self.memory_reduction(), 6),
@@ -132,9 +132,11 @@ def uniform(geometry: KVGeometry, target: float, step: int = 1) -> Allocation:
 
 
 def tiers(metrics: HeadMetrics, thresholds: TierThresholds = TierThresholds()) -> Allocation:
-    """The seed's rules on ``trace`` and ``cond``, its ranks scaled to the model's head_dim."""
+    """The upstream design's rules on ``trace`` and ``cond``, its ranks scaled to the model's head_dim."""
     head_dim = metrics.geometry.head_dim
-    scaled = {name: max(1, min(head_dim, round(r * head_dim / SEED_HEAD_DIM))) for name, r in SEED_TIER_RANKS.items()}
+    scaled = {
+        name: max(1, min(head_dim, round(r * head_dim / UPSTREAM_HEAD_DIM))) for name, r in UPSTREAM_TIER_RANKS.items()
+    }
     trace, cond = metrics.trace, metrics.cond
     critical = trace > thresholds.trace_critical
     excellent = ~critical & (cond > thresholds.cond_excellent) & (trace < thresholds.trace_moderate)

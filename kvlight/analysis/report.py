@@ -12,9 +12,9 @@ from kvlight.analysis.rank_allocation import Allocation
 
 NOTES = (
     "Notes:",
-    "- trace, eigmax, cond: the seed's attention Fisher F = mean_i(diag(p_i) - p_i p_i^T); query heads sharing",
+    "- trace, eigmax, cond: the upstream design's attention Fisher F = mean_i(diag(p_i) - p_i p_i^T); query heads sharing",
     "  a KV head (GQA) are averaged into it. F 1 = 0 always, so cond is eigmax over the smallest eigenvalue",
-    "  orthogonal to the all-ones vector (the seed divided by that zero eigenvalue; its thresholds were set on it).",
+    "  orthogonal to the all-ones vector (the upstream design divided by that zero eigenvalue; its thresholds were set on it).",
     "- E_k/E_v: share of the head's centred K/V energy kept at its rank (K pre-RoPE).",
     "- dNLL_k/dNLL_v: predicted increase of the mean NLL (nats per token) from truncating K/V to the rank:",
     "  second-order, diagonal Fisher in the head's principal directions, tokens and heads treated as independent.",
@@ -27,7 +27,7 @@ def summary_text(allocation: Allocation, metrics: HeadMetrics | None, header: li
     kept = int(allocation.rank_k.sum() + allocation.rank_v.sum())
     total = 2 * geometry.head_dim * geometry.num_layers * geometry.num_kv_heads
     lines = ["kvlight analyze: compression config summary", *header]
-    target = "none (the seed's rules)" if allocation.target is None else f"{100 * allocation.target:.1f}%"
+    target = "none (the upstream design's rules)" if allocation.target is None else f"{100 * allocation.target:.1f}%"
     lines.append(f"strategy: {allocation.strategy}; target memory reduction: {target}")
     lines.append(
         f"total KV memory reduction: {100 * allocation.memory_reduction():.2f}% "
@@ -130,7 +130,7 @@ def heatmap_png(allocation: Allocation, title: str | None = None) -> bytes:
 BITS_NOTES = (
     "Notes:",
     "- bits_k/bits_v: mean width of the head's principal directions (K pre-RoPE); drop: directions of width 0,",
-    "  exact: of width 16 (kept in the K/V dtype). Widths 1-8 store static integer codes (kvlight.widths).",
+    "  exact: of width 16 (kept in the K/V dtype). Widths 1-8 store static integer codes (kvlight.serving.widths).",
     "- dNLL: predicted increase of the mean NLL (nats per token) of the head's K and V at these widths:",
     "  1/2 sum_i fisher_i D_i(b_i), the diagonal Fisher in each principal direction times its measured",
     "  quantisation error at its width (second order, tokens, heads and directions treated as independent).",
@@ -138,7 +138,7 @@ BITS_NOTES = (
 
 
 def bits_summary_text(allocation, metrics: HeadMetrics | None, header: list[str]) -> str:
-    """The per-layer/head table of a :class:`~kvlight.bit_allocation.BitAllocation` and its totals."""
+    """The per-layer/head table of a :class:`~kvlight.analysis.bit_allocation.BitAllocation` and its totals."""
     geometry = allocation.geometry
     widths_k, widths_v = allocation.widths["k"], allocation.widths["v"]
     lines = ["kvlight analyze: compression config summary (bits per principal direction)", *header]

@@ -24,12 +24,12 @@ Two passes over the same windows ``[N, T]``:
    tokens have both large, atypical keys and large gradients). Positions below ``sink_tokens`` (kept
    exact by the cache) are left out of both sums.
 
-The same pass also returns the attention probabilities and accumulates the seed's attention Fisher
+The same pass also returns the attention probabilities and accumulates the upstream design's attention Fisher
 ``F = mean_{b,i}(diag(p_i) - p_i p_i^T)`` over the first ``attention_tokens`` positions (causal
 attention makes that prefix exact). Query heads sharing a KV head (GQA) are averaged into it. Metrics:
 ``trace = tr F = mean(1 - sum_j p_ij^2)``, ``eigmax``, and ``cond = eigmax / lambda_min``, where
 ``lambda_min`` is the smallest eigenvalue on the subspace orthogonal to the all-ones vector: every row
-of ``F`` sums to zero, so ``F 1 = 0`` always and the seed's ``eigmax / |eigmin|`` only measured that
+of ``F`` sums to zero, so ``F 1 = 0`` always and the upstream design's ``eigmax / |eigmin|`` only measured that
 null direction. ``lambda_min`` is floored at ``1e-12 * eigmax`` (float64 round-off), so ``cond <= 1e12``.
 """
 

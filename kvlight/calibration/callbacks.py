@@ -21,7 +21,7 @@ import torch
 
 from kvlight.analysis.bit_allocation import allocate_bits
 from kvlight.analysis.sensitivity import measure_sensitivity
-from kvlight.calibration.capture import capture_to_shards, load_query_moments
+from kvlight.calibration.capture import CapturePlan, capture_to_shards, load_query_moments
 from kvlight.calibration.frozen import same_forward_count
 from kvlight.calibration.shards import load_manifest, num_rows
 from kvlight.config import RECOMMENDED
@@ -112,11 +112,7 @@ class CaptureKV(pl.Callback):
             intact = load_manifest(directory) is not None and (not queries or load_query_moments(directory) is not None)
             reuse = bool(pl_module.all_gather(torch.tensor(int(intact), device=pl_module.device)).min())
         start = time.perf_counter()
-        manifest = capture_to_shards(
-            model,
-            pl_module.geometry,
-            windows,
-            directory,
+        plan = CapturePlan(
             # Each rank samples its share of the windows, so the ranks together keep max_samples_per_head rows,
             # as one process would: the result does not depend on the number of GPUs.
             capacity=math.ceil(datamodule.hparams.max_samples_per_head / trainer.world_size),
@@ -130,6 +126,7 @@ class CaptureKV(pl.Callback):
             reuse=reuse,
             queries=queries,
         )
+        manifest = capture_to_shards(model, pl_module.geometry, windows, directory, plan)
         seconds = time.perf_counter() - start
         moments = load_query_moments(directory) if queries else None
         kv_batch_size = datamodule.hparams.kv_batch_size

@@ -1,4 +1,5 @@
-"""Seed phase 0: run the frozen model once over calibration windows and keep K/V rows on disk.
+"""The capture pass (the first phase of the upstream design's calibration): run the frozen model once over calibration
+windows and keep K/V rows on disk.
 
 Rows are pre-RoPE keys and values, ``[N, L, H, D]``, a uniform reservoir sample of tokens (at
 most ``max_samples_per_head`` per head), written as checksummed shards that later fits reuse.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,7 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kvlight.analysis.queries import QueryMoments
-from kvlight.calibration.shards import KVReservoir, load_manifest, write_shards
+from kvlight.calibration.reservoir import KVReservoir
+from kvlight.calibration.shards import load_manifest, write_shards
 from kvlight.errors import CaptureError
 from kvlight.files import atomic_write_bytes
 from kvlight.geometry import KVGeometry
@@ -98,23 +101,38 @@ def load_query_moments(directory: Path) -> dict | None:
     return saved
 
 
-def capture_to_shards(
-    model: nn.Module,
-    geometry: KVGeometry,
-    windows: torch.Tensor,
-    directory: Path,
-    capacity: int,
-    batch_size: int = 4,
-    seed: int = 0,
-    meta: dict | None = None,
-    reuse: bool = True,
-    queries: bool = False,
-) -> dict:
-    """Reuse the intact capture in ``directory`` (unless ``reuse`` is False) or make it; returns the shard manifest.
+@dataclass(frozen=True)
+class CapturePlan:
+    """How :func:`capture_to_shards` captures.
 
-    With ``queries`` the same pass also sums query second moments, saved to :data:`QUERY_FILE` before the manifest
-    (the manifest marks a complete capture); a capture without them is not reused.
+    Attributes:
+        capacity: most rows kept (a uniform reservoir over the windows' tokens).
+        batch_size: windows per forward pass.
+        seed: seed of the reservoir and of the rows' order on disk.
+        meta: recorded in the manifest (which process, which windows).
+        reuse: reuse an intact capture in the directory.
+        queries: also sum the query moments (query-weighted keys need them).
     """
+
+    capacity: int
+    batch_size: int = 4
+    seed: int = 0
+    meta: dict | None = None
+    reuse: bool = True
+    queries: bool = False
+
+
+def capture_to_shards(
+    model: nn.Module, geometry: KVGeometry, windows: torch.Tensor, directory: Path, plan: CapturePlan
+) -> dict:
+    """Reuse the intact capture in ``directory`` (unless ``plan.reuse`` is False) or make it; returns the manifest.
+
+    With ``plan.queries`` the same pass also sums query second moments, saved to :data:`QUERY_FILE` before the
+    manifest (the manifest marks a complete capture); a capture without them is not reused.
+    """
+    capacity, batch_size, seed, meta, reuse, queries = (
+        plan.capacity, plan.batch_size, plan.seed, plan.meta, plan.reuse, plan.queries
+    )  # fmt: skip
     manifest = load_manifest(directory) if reuse else None
     if manifest is not None and (not queries or load_query_moments(directory) is not None):
         return manifest

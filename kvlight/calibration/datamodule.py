@@ -115,7 +115,7 @@ class KVCalibrationDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes reading captured K/V shards.
     """
 
-    def __init__(
+    def __init__(  # flat on purpose: each is one LightningCLI key (data.seq_len) and one calibrate/analyze flag
         self,
         model: str | None = None,
         dataset: str = BUILTIN_CORPUS,
@@ -245,7 +245,7 @@ class KVCalibrationDataModule(pl.LightningDataModule):
 
     def stream_shards(self, directory: Path, num_batches: int, exact_epochs: int = 0) -> None:
         """Record the captured shards to train on, the training batches per epoch and the leading single-pass
-        (statistics) epochs, see :class:`~kvlight.shards.KVShardStream`."""
+        (statistics) epochs, see :class:`~kvlight.calibration.shards.KVShardStream`."""
         self._kv_shards = (Path(directory), num_batches, exact_epochs)
 
     def all_calibration_windows(self) -> torch.Tensor:
@@ -261,7 +261,7 @@ class KVCalibrationDataModule(pl.LightningDataModule):
         return shard_for_rank(self._calibration_windows.shape[0], *self.rank_and_world_size())
 
     def train_dataloader(self) -> DataLoader:
-        """Captured K/V mini-batches from :class:`~kvlight.shards.KVShardStream`, already batched.
+        """Captured K/V mini-batches from :class:`~kvlight.calibration.shards.KVShardStream`, already batched.
 
         Raises:
             CaptureError: :meth:`stream_shards` was not called.

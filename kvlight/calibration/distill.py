@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvlight.compressors import KVCompressor
+from kvlight.compressors.compressor import KVCompressor
 from kvlight.hf import cache_kwargs
 from kvlight.serving.capture_cache import CaptureCache
 from kvlight.serving.positions import PositionTracker

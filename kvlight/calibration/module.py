@@ -39,8 +39,7 @@ from kvlight.calibration.options import (
 )
 from kvlight.calibration.perplexity import TokenPerplexity
 from kvlight.calibration.shards import KVShardStream, load_manifest, num_rows
-from kvlight.compressors import KVCompressor
-from kvlight.compressors.compressor import STEP_ROWS
+from kvlight.compressors.compressor import STEP_ROWS, KVCompressor
 from kvlight.config import CompressionConfig
 from kvlight.errors import ConfigError, KVLightError
 from kvlight.hf import cache_kwargs

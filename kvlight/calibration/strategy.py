@@ -2,7 +2,7 @@
 
 ``FrozenModelFSDP`` is Lightning's ``ModelParallelStrategy`` with all processes in one data-parallel
 (FSDP) group and no tensor parallelism, so a YAML needs no per-machine sizes. The sharding itself
-happens in :meth:`kvlight.module.KVCalibrationModule.configure_model` (``fully_shard`` on each
+happens in :meth:`kvlight.calibration.module.KVCalibrationModule.configure_model` (``fully_shard`` on each
 decoder block of the frozen model). Everything a checkpoint holds (the compressor, its optimizer
 state) is replicated and identical on every process, so checkpoints are saved and loaded like a
 single-process run's: one file from rank 0 that a plain ``load_from_checkpoint`` reads, rather than

@@ -2,7 +2,7 @@
 
     kvlight fit --config configs/smollm2_pca.yaml
     kvlight validate --config configs/smollm2_pca.yaml --ckpt_path OUT/checkpoints/last.ckpt
-    kvlight calibrate --compressor pca --output-dir OUT        # fit + validate, the seed's five lines
+    kvlight calibrate --compressor pca --output-dir OUT        # fit + validate, the five result lines of the upstream design's step 2
     kvlight analyze --strategy bits --target-memory-reduction 0.875 --output-dir analysis
     kvlight config uniform --model M --rank 32 -o cfg.json
 
@@ -20,7 +20,7 @@ LIGHTNING_COMMANDS = {"fit", "validate", "test", "predict"}
 COMMANDS = {
     "fit": "calibrate a compressor (LightningCLI; see 'kvlight fit --help')",
     "validate": "baseline vs compressed perplexity of a checkpoint (LightningCLI; 'kvlight validate --help')",
-    "calibrate": "fit + validate in one go; prints the seed's five result lines",
+    "calibrate": "fit + validate in one go; prints the five result lines of the upstream design's step 2",
     "analyze": "per-head sensitivity metrics -> ranks or widths per direction -> compression config",
     "config": "write a compression config (kvlight config uniform)",
 }

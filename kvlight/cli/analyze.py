@@ -1,14 +1,14 @@
-"""``kvlight analyze``: sensitivity metrics -> per-head ranks -> compression config (the seed's Step 1).
+"""``kvlight analyze``: sensitivity metrics -> per-head ranks -> compression config (the upstream design's step 1).
 
     kvlight analyze --calibration-samples 16 --generate-compression-config \\
         --strategy budget --target-memory-reduction 0.5 --output-dir analysis
 
-Metrics come from the frozen model itself (:mod:`kvlight.sensitivity`), or from a file
-(``--metrics-file``) or a W&B project (``--entity/--project``, the seed's path) via
-:mod:`kvlight.metrics_io`; ranks come from :mod:`kvlight.allocate`. Written into ``--output-dir``:
+Metrics come from the frozen model itself (:mod:`kvlight.analysis.sensitivity`), or from a file
+(``--metrics-file``) or a W&B project (``--entity/--project``, the upstream design's path) via
+:mod:`kvlight.analysis.metrics_io`; ranks come from :mod:`kvlight.analysis.rank_allocation`. Written into ``--output-dir``:
 ``fim_metrics.json`` and ``fim_metrics.csv`` (the raw metrics) and, with
 ``--generate-compression-config``, the config (``--compression-config-output``, relative to the
-output directory as in the seed), ``<config>_summary.txt`` and ``<config>_ranks.png``. Every input is
+output directory as in the upstream design), ``<config>_summary.txt`` and ``<config>_ranks.png``. Every input is
 checked before anything is written.
 """
 
@@ -57,9 +57,9 @@ ANALYZE_FIELDS = (
 )  # fmt: skip
 _DESCRIPTION = """\
 Measure, per layer and KV head, on calibrate's calibration windows:
-  - the seed's attention-Fisher metrics trace, eigmax and cond of F = mean_i(diag(p_i) - p_i p_i^T)
+  - the upstream design's attention-Fisher metrics trace, eigmax and cond of F = mean_i(diag(p_i) - p_i p_i^T)
     (query heads averaged into their KV head); F 1 = 0 always, so cond = eigmax / the smallest eigenvalue
-    orthogonal to the all-ones vector (the seed's eigmax / |eigmin| divided by that zero);
+    orthogonal to the all-ones vector (the upstream design's eigmax / |eigmin| divided by that zero);
   - the diagonal Fisher of the loss w.r.t. each head's K (pre-RoPE) and V in its principal directions,
     giving the predicted loss increase (second-order KL, nats/token) of every rank;
   - the share of K and V energy kept at every rank.
@@ -67,7 +67,7 @@ Measure, per layer and KV head, on calibrate's calibration windows:
 Strategies: bits (a width per principal direction minimising the predicted loss within
 --target-memory-reduction of an fp16 cache: 0.875 stores 2 bits per element; always writes the config),
 budget (K/V ranks minimising the predicted loss at exactly --target-memory-reduction),
-tiers (the seed's rules and thresholds, ranks scaled to head_dim), uniform (one rank everywhere)."""
+tiers (the upstream design's rules and thresholds, ranks scaled to head_dim), uniform (one rank everywhere)."""
 
 
 @dataclass(frozen=True)
@@ -86,10 +86,10 @@ class AnalyzeOptions:
         entity: import them from this W&B entity (needs the wandb package and network).
         project: ... and this W&B project.
         run_name: the run to use when the imported metrics hold several.
-        trace_critical: tiers threshold (the seed's).
-        trace_moderate: tiers threshold (the seed's).
-        cond_excellent: tiers threshold (the seed's).
-        cond_good: tiers threshold (the seed's).
+        trace_critical: tiers threshold (the upstream design's).
+        trace_moderate: tiers threshold (the upstream design's).
+        cond_excellent: tiers threshold (the upstream design's).
+        cond_good: tiers threshold (the upstream design's).
         output_dir: where the metrics (and config) are written.
         progress: show progress bars.
     """
@@ -164,7 +164,7 @@ def _arguments(config) -> argparse.Namespace:
     data = config.data
     bits = analyze.strategy == "bits"
     target = compression.target_memory_reduction
-    if target is None:  # the recommended widths, or the seed's half of the cache for ranks
+    if target is None:  # the recommended widths, or the upstream design's half of the cache for ranks
         target = RECOMMENDED["target_memory_reduction"] if bits else 0.5
     sinks = compression.sink_tokens
     sinks = (RECOMMENDED["sink_tokens"] if bits else 0) if sinks is None else sinks
@@ -356,7 +356,7 @@ def _metrics_source(args: argparse.Namespace, plan: _Plan) -> tuple[HeadMetrics 
 
 
 def _beside(path: Path, suffix: str) -> Path:
-    """``dir/compression_config.json`` -> ``dir/compression_config<suffix>`` (the seed's summary naming)."""
+    """``dir/compression_config.json`` -> ``dir/compression_config<suffix>`` (the upstream design's summary naming)."""
     return path.with_name(path.stem + suffix)
 
 

@@ -1,6 +1,6 @@
 """``kvlight calibrate``: fit then validate in one go, the five result lines printed and every artefact written.
 
-Its flags keep the seed's names (``--rank``, ``--calibration-samples``, ...) but declare nothing: each names options of
+Its flags keep the upstream design's names (``--rank``, ``--calibration-samples``, ...) but declare nothing: each names options of
 the LightningModule, the DataModule, the Trainer or :class:`CalibrateRun` (see kvlight.cli.flags), so ``kvlight
 calibrate`` and ``kvlight fit`` share every type and default.
 """
@@ -88,9 +88,11 @@ def source_parser():
 
 
 def main(argv: list[str]) -> int:
-    """fit + validate; prints the seed's five lines and writes results, compressor and checkpoint."""
+    """fit + validate; prints the five result lines of the upstream design's step 2 and writes results, compressor and checkpoint."""
     source = source_parser()
-    cli = argparse.ArgumentParser(prog="kvlight calibrate", description="fit + validate in one go (the seed's Step 2)")
+    cli = argparse.ArgumentParser(
+        prog="kvlight calibrate", description="fit + validate in one go (the upstream design's step 2)"
+    )
     add_flags(cli, FLAGS, source)
     config = parse(source, to_arguments(cli.parse_args(argv), FLAGS), FLAGS)
     run = CalibrateRun(**vars(config.calibrate))

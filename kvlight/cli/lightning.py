@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def lightning_cli(args: list[str] | None = None, run: bool = True):
-    """The LightningCLI around :class:`KVCalibrationModule` and :class:`KVCalibrationDataModule`."""
+    """The LightningCLI around :class:`~kvlight.calibration.module.KVCalibrationModule` and
+    :class:`~kvlight.calibration.datamodule.KVCalibrationDataModule`."""
     from lightning.pytorch.cli import LightningCLI
 
     from kvlight.calibration.datamodule import KVCalibrationDataModule

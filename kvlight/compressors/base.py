@@ -3,7 +3,7 @@
 A projection maps a head's rows ``x [N, D]`` to latents ``z [N, r]`` and back. Each backend is a
 :class:`HeadProjection` subclass in its own file, registered by its name with
 :func:`kvlight.compressors.registry.register_backend`. :class:`LayerCodec` runs the projections of every head of one layer on the
-cache's ``[B, H, T, D]`` tensors; :class:`KVCompressor` holds one codec per layer and kind.
+cache's ``[B, H, T, D]`` tensors; :class:`~kvlight.compressors.compressor.KVCompressor` holds one codec per layer and kind.
 Plain PyTorch: nothing here imports Lightning or transformers.
 """
 
@@ -38,11 +38,11 @@ class HeadProjection(nn.Module):
         # Calibration std of each latent channel: the static per-channel scale of quantized latents.
         self.register_buffer("latent_std", torch.ones(rank))
 
-    #: per-direction widths (kvlight.widths) when the head stores static mixed-width codes, else None.
+    #: per-direction widths (kvlight.serving.widths) when the head stores static mixed-width codes, else None.
     widths: tuple[int, ...] | None = None
 
     def set_widths(self, widths: tuple[int, ...]) -> None:
-        """Store this head's ``rank`` latent channels with these widths (static codes, see kvlight.widths).
+        """Store this head's ``rank`` latent channels with these widths (static codes, see kvlight.serving.widths).
 
         Registers the static quantizer parameters ``code_step`` and ``code_offset`` (``[r]``, saved with the
         weights); until calibrated they are the Gaussian-optimal steps for ``latent_std`` around zero.
@@ -159,7 +159,7 @@ class LayerCodec(nn.Module):
     # ------------------------------------------------------------------ per-direction widths
     @property
     def has_widths(self) -> bool:
-        """True when every head stores static mixed-width codes (kvlight.widths)."""
+        """True when every head stores static mixed-width codes (kvlight.serving.widths)."""
         return all(p.widths is not None for p in self.heads)
 
     @property
@@ -189,7 +189,7 @@ class LayerCodec(nn.Module):
 
 
 def random_init_(weight: torch.Tensor, std: float = 0.02) -> None:
-    """The seed's initialisation of learned projections: N(0, 0.02)."""
+    """The upstream design's initialisation of learned projections: N(0, 0.02)."""
     with torch.no_grad():
         weight.normal_(0.0, std)
 

@@ -1,6 +1,6 @@
 """The whole-model compressor: one :class:`LayerCodec` per layer for K and one for V.
 
-Built from a :class:`CompressionConfig` alone (it carries the geometry), so the seed's
+Built from a :class:`CompressionConfig` alone (it carries the geometry), so the upstream design's
 ``KVSpliceCompressor(config)`` + ``load_state_dict(torch.load(...))`` works; ``save_pretrained``
 writes safetensors plus a JSON naming the model geometry it was fitted to (kvlight.compressors.artefacts).
 """
@@ -268,7 +268,7 @@ class KVCompressor(nn.Module):
         value_weights: torch.Tensor | None = None,
         quantizers: Mapping[tuple[int, str], Any] | None = None,
     ) -> torch.Tensor:
-        """The seed's loss ``mse(K_hat, K) + mse(V_hat, V)`` over every layer and head.
+        """The upstream design's loss ``mse(K_hat, K) + mse(V_hat, V)`` over every layer and head.
 
         Args:
             keys, values: ``[N, L, H, D]`` captured rows (keys pre-RoPE for RoPE models).
@@ -325,14 +325,14 @@ class KVCompressor(nn.Module):
 
 
 class PCACompressor(KVCompressor):
-    """Every enabled head uses PCA (the seed's class name)."""
+    """Every enabled head uses PCA (the upstream design's class name)."""
 
     def __init__(self, config: CompressionConfig, geometry: KVGeometry | None = None) -> None:
         super().__init__(config, geometry, algo="pca")
 
 
 class KVSpliceCompressor(KVCompressor):
-    """Every enabled head uses learned KVSplice projections (the seed's class name and arguments)."""
+    """Every enabled head uses learned KVSplice projections (the upstream design's class name and arguments)."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""KVSplice backend: learned linear compress/expand per head, with the seed's optional latent scale/shift.
+"""KVSplice backend: learned linear compress/expand per head, with the upstream design's optional latent scale/shift.
 
 ``z = softplus(s) * ((x - mean) @ W_c^T) + b`` and ``x_hat = z @ W_e^T + mean``. Trained with Adam
 on ``||K - K_hat||^2 + ||V - V_hat||^2``. Initialised from the PCA solution by default: with that
@@ -26,9 +26,9 @@ class KVSpliceOptions:
     """KVSplice's settings.
 
     Attributes:
-        latent_affine: the seed's learned latent scale and shift (between encoder and decoder: they matter once
+        latent_affine: the upstream design's learned latent scale and shift (between encoder and decoder: they matter once
             latents are stored at low precision, where they act as learned quantization steps).
-        init: ``"pca"`` (start from the PCA solution) or ``"random"`` (the seed's N(0, 0.02)).
+        init: ``"pca"`` (start from the PCA solution) or ``"random"`` (the upstream design's N(0, 0.02)).
     """
 
     latent_affine: bool = True

@@ -86,7 +86,7 @@ class LatentAttention:
     """Switches ``model`` to kvlight's decode attention until :meth:`close` restores the original.
 
     Only models on the ``sdpa`` or ``eager`` implementation are switched (:attr:`active` stays False
-    otherwise, and the compressed cache then returns reconstructed K/V as before). :attr:`handoff` is what its
+    otherwise, and the compressed cache then returns reconstructed K/V as before). ``handoff`` is what its
     compressed caches offer their decode steps to.
     """
 
@@ -139,7 +139,7 @@ def stacked_decoder(codec, channel_scale: torch.Tensor | None, dtype: torch.dtyp
 
 
 def width_decoder(codec, quantizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A width codec's affine decoders over its virtual codes (kvlight.widths), per head, float32.
+    """A width codec's affine decoders over its virtual codes (kvlight.serving.widths), per head, float32.
 
     Each virtual channel ``v`` is one packed field of logical channel ``c(v)`` with scale ``s_v`` (its static step
     times ``2^shift``), so ``decode(z) = sum_v code_v * s_v * A[c(v)] + (c + sum_c constant_c * A[c])`` with

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlight.compressors import KVCompressor
+from kvlight.compressors.compressor import KVCompressor
 from kvlight.geometry import KVGeometry
 from kvlight.hf import Cache
 from kvlight.serving import attention

@@ -10,7 +10,7 @@ from kvlight.serving.widths import DirectionQuantizer, PackedCodes, direction_qu
 
 class LatentStore:
     """The latents of one layer and kind, ``[B, T, R]``, in the K/V dtype, quantized with per-token group scales
-    (:class:`~kvlight.quant.LatentQuantizer`) or as static mixed-width codes (:class:`~kvlight.widths.DirectionQuantizer`).
+    (:class:`~kvlight.serving.quant.LatentQuantizer`) or as static mixed-width codes (:class:`~kvlight.serving.widths.DirectionQuantizer`).
 
     Stored in buffers preallocated in chunks of :attr:`GROW` tokens and filled in place, so a decode
     step writes one token instead of copying the whole history (at most ``GROW - 1`` tokens of slack).

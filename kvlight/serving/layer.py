@@ -124,7 +124,7 @@ class CompressedLayer(DynamicLayer):
             self.keys, self.values = self.keys[:, :, overflow:], self.values[:, :, overflow:]
         handoff = self.handoff
         if handoff is not None and handoff.active and key_states.shape[2] == 1 and self.row_sink_slot is None:
-            # Decode step: attention reads the stored latents in place (kvlight.attention), not the returned tensors.
+            # Decode step: attention reads the stored latents in place (kvlight.serving.attention), not the returned tensors.
             handoff.offer(key_states, self)
             return key_states, value_states
         keys, values = self._reconstruct()

@@ -26,16 +26,6 @@ class QuantizedLatents:
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.codes, self.scale, self.zero) if t is not None]
 
-    def cat(self, other: QuantizedLatents) -> QuantizedLatents:
-        join = lambda a, b: None if a is None else torch.cat([a, b], dim=1)  # noqa: E731
-        return QuantizedLatents(
-            join(self.codes, other.codes), join(self.scale, other.scale), join(self.zero, other.zero)
-        )
-
-    def index(self, fn) -> QuantizedLatents:
-        """Apply ``fn`` (a batch selection) to every stored tensor."""
-        return QuantizedLatents(fn(self.codes), *(None if t is None else fn(t) for t in (self.scale, self.zero)))
-
 
 class LatentQuantizer:
     """Asymmetric min-max quantization in groups of ``group_size`` channels per token (or fp8 e4m3).

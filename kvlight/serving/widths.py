@@ -1,7 +1,7 @@
 """Bits per principal direction: static per-direction integer codes of mixed widths, packed by width.
 
 Every latent channel ``i`` of a layer codec (one direction of one head's PCA or KVSplice basis) has a
-width ``b_i`` in :data:`WIDTHS`:
+width ``b_i`` in :data:`~kvlight.compressors.widths.WIDTHS`:
 
 - ``0``: not stored; it decodes as its calibration centre (rank truncation is the special case);
 - ``1..8``: the code of a uniform quantizer with ``2^b`` levels around the channel's centre,
@@ -90,8 +90,8 @@ class DirectionQuantizer:
     """Static mixed-width codes for the ``R`` latent channels of one layer codec (see the module docstring).
 
     Args:
-        widths: ``[R]`` int widths from :data:`WIDTHS`.
-        step, offset: ``[R]`` static quantizer parameters (see :func:`step_offset`).
+        widths: ``[R]`` int widths from :data:`~kvlight.compressors.widths.WIDTHS`.
+        step, offset: ``[R]`` static quantizer parameters (see :func:`~kvlight.compressors.statistics.step_offset`).
         exact_dtype: dtype of the width-16 channels (the K/V dtype).
     """
 

@@ -1,4 +1,4 @@
-"""Serve a frozen model with a compressed KV cache: the seed's Step 3.
+"""Serve a frozen model with a compressed KV cache: the upstream design's step 3.
 
 ``CompressedKVModelWrapper(model, compressor)`` behaves like the model for ``forward`` and
 ``generate``, passing a fresh :class:`CompressedCache` whenever the caller gives none. The only
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvlight.compressors import KVCompressor
+from kvlight.compressors.compressor import KVCompressor
 from kvlight.geometry import kv_geometry
 from kvlight.hf import CACHE_KWARG
 from kvlight.serving.attention import LatentAttention
@@ -48,7 +48,7 @@ class CompressedKVModelWrapper(nn.Module):
         latent_dtype: dtype to store latents in (default: ``storage_dtype``).
         storage_dtype: dtype the cache keeps exact tokens and unquantized latents in (default: the K/V dtype), e.g.
             bfloat16 for a float32 model.
-        fast_decode: decode steps attend to the stored latents in place (kvlight.attention) instead of
+        fast_decode: decode steps attend to the stored latents in place (kvlight.serving.attention) instead of
             reconstructing the whole history; False keeps the plain reconstruction path. Switching the model to
             kvlight's attention function (sdpa or eager models only) lasts until :meth:`close`.
     """

@@ -1,6 +1,6 @@
-"""The compression config: the seed's JSON schema in and out, validation, per-head specs.
+"""The compression config: the upstream design's JSON schema in and out, validation, per-head specs.
 
-Schema (the seed's, with optional additions marked +)::
+Schema (the upstream design's, with optional additions marked +)::
 
     {
       "global": {
@@ -22,8 +22,8 @@ Schema (the seed's, with optional additions marked +)::
     }
 
 Heads not listed take the global default. ``bits_k`` / ``bits_v`` give every latent direction of the head's
-basis its own width (:data:`kvlight.widths.WIDTHS`: 0 drops it, 16 keeps it in the K/V dtype, 1-8 store a static
-integer code; see :mod:`kvlight.widths`); they replace the rank (a direction of width 0 is truncated) and
+basis its own width (:data:`kvlight.compressors.widths.WIDTHS`: 0 drops it, 16 keeps it in the K/V dtype, 1-8 store a static
+integer code; see :mod:`kvlight.serving.widths`); they replace the rank (a direction of width 0 is truncated) and
 ``latent_bits`` for that kind. A config either gives ``bits_k`` to every enabled head or to none (``bits_v`` alike).
 Every problem is a :class:`ConfigError` whose one-line message names the offending key.
 """
@@ -31,15 +31,14 @@ Every problem is a :class:`ConfigError` whose one-line message names the offendi
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvlight.compressors.registry import backend_names
-from kvlight.compressors.widths import EXACT, check_widths, stored_rank
+from kvlight.compressors.widths import EXACT, stored_rank
+from kvlight.config.fields import known_algo, number, optional_int, parse_head_entry, parse_head_key
 from kvlight.errors import ConfigError
 from kvlight.files import atomic_write_text
 
@@ -58,13 +57,12 @@ _GLOBAL_KEYS = {
 
 #: The default when no config, rank or target is given: the best training-free quality per byte that
 #: bench/frontier.py found at <= 25 % of an fp16 cache (issue 11). A width per principal direction allocated by the
-#: gradient-weighted distortion (kvlight.bit_allocation, "fisher-joint") within 24 % of an fp16 cache's bytes at long
+#: gradient-weighted distortion (kvlight.analysis.bit_allocation, "fisher-joint") within 24 % of an fp16 cache's bytes at long
 #: context (3.84 bits per element), the first 4 tokens exact and no exact recent window: 25.0 % at 512 tokens, sinks
-#: included. The allocation needs the model: it runs at the start of fit (kvlight.module).
+#: included. The allocation needs the model: it runs at the start of fit (kvlight.calibration.module).
 RECOMMENDED = {"target_memory_reduction": 0.76, "sink_tokens": 4, "recent_window": 0, "bits_weighting": "fisher-joint"}
 #: Values ``global.latent_bits`` may take (None: latents in the K/V dtype).
 LATENT_BITS = (None, 2, 4, 8, "fp8")
-_HEAD_KEYS = {"enabled", "rank", "rank_k", "rank_v", "algo", "d_k", "d_v", "bits_k", "bits_v"}
 
 
 @dataclass(frozen=True)
@@ -118,15 +116,15 @@ class CompressionConfig:
         if bad:
             raise ConfigError(f"unknown key global.{sorted(bad)[0]} (known: {', '.join(sorted(_GLOBAL_KEYS))})")
         cfg = cls(
-            target_memory_reduction=_number(glob, "target_memory_reduction", 0.5),
-            d_head=_optional_int(glob, "d_head", minimum=1),
-            algo_default=_algo(glob.get("algo_default", "kvsplice"), "global.algo_default"),
-            num_layers=_optional_int(glob, "num_layers", minimum=1),
-            num_kv_heads=_optional_int(glob, "num_kv_heads", minimum=1),
-            sink_tokens=_optional_int(glob, "sink_tokens", minimum=0) or 0,
-            recent_window=_optional_int(glob, "recent_window", minimum=0) or 0,
+            target_memory_reduction=number(glob, "target_memory_reduction", 0.5),
+            d_head=optional_int(glob, "d_head", minimum=1),
+            algo_default=known_algo(glob.get("algo_default", "kvsplice"), "global.algo_default"),
+            num_layers=optional_int(glob, "num_layers", minimum=1),
+            num_kv_heads=optional_int(glob, "num_kv_heads", minimum=1),
+            sink_tokens=optional_int(glob, "sink_tokens", minimum=0) or 0,
+            recent_window=optional_int(glob, "recent_window", minimum=0) or 0,
             latent_bits=glob.get("latent_bits"),
-            quant_group_size=_optional_int(glob, "quant_group_size", minimum=1) or 32,
+            quant_group_size=optional_int(glob, "quant_group_size", minimum=1) or 32,
         )
         if cfg.latent_bits not in LATENT_BITS or isinstance(cfg.latent_bits, bool):
             raise ConfigError(f'global.latent_bits = {cfg.latent_bits!r} must be one of 8, 4, 2, "fp8" or null')
@@ -139,7 +137,7 @@ class CompressionConfig:
         if not isinstance(heads, dict):
             raise ConfigError("'per_layer_head' must be a JSON object keyed \"layer/head\"")
         for key, entry in heads.items():
-            cfg.per_layer_head[_parse_head_key(key)] = _parse_head_entry(key, entry)
+            cfg.per_layer_head[parse_head_key(key)] = parse_head_entry(key, entry)
         return cfg
 
     @classmethod
@@ -160,11 +158,12 @@ class CompressionConfig:
         return cls.from_dict(data)
 
     @classmethod
-    def uniform(
+    def uniform(  # the three geometry numbers, then the fields of the one head spec every head gets (keywords)
         cls,
         num_layers: int,
         num_kv_heads: int,
         head_dim: int,
+        *,
         rank: int | None = None,
         rank_k: int | None = None,
         rank_v: int | None = None,
@@ -183,7 +182,7 @@ class CompressionConfig:
         cfg = cls(
             target_memory_reduction=round(max(reduction, 0.0), 6),
             d_head=head_dim,
-            algo_default=_algo(algo, "algo"),
+            algo_default=known_algo(algo, "algo"),
             num_layers=num_layers,
             num_kv_heads=num_kv_heads,
             sink_tokens=sink_tokens,
@@ -262,7 +261,7 @@ class CompressionConfig:
 
     def with_algo(self, algo: str) -> CompressionConfig:
         """A copy in which every head uses ``algo`` (what ``--compressor`` means)."""
-        algo = _algo(algo, "--compressor")
+        algo = known_algo(algo, "--compressor")
         copy = CompressionConfig.from_dict(self.to_dict())
         copy.algo_default = algo
         for entry in copy.per_layer_head.values():
@@ -346,7 +345,7 @@ class CompressionConfig:
                 out.setdefault("d_k", self.d_head)
                 out.setdefault("d_v", self.d_head)
             if "rank" not in out and out.get("rank_k") is not None and out.get("rank_k") == out.get("rank_v"):
-                out["rank"] = out.pop("rank_k")  # the seed's single `rank` when K and V agree
+                out["rank"] = out.pop("rank_k")  # the upstream design's single `rank` when K and V agree
                 del out["rank_v"]
             heads[f"{layer}/{head}"] = out
         return {"global": glob, "per_layer_head": heads}
@@ -365,71 +364,3 @@ class CompressionConfig:
     def to_json(self, path: str | os.PathLike) -> None:
         """Write the config atomically (a temp file renamed into place)."""
         atomic_write_text(Path(path), self.to_json_text())
-
-
-# ---------------------------------------------------------------------- parsing helpers
-def _number(section: dict, key: str, default: float) -> float:
-    value = section.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"global.{key} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _optional_int(section: dict, key: str, minimum: int) -> int | None:
-    value = section.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"global.{key} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _algo(value: Any, where: str) -> str:
-    known = backend_names()
-    if value not in known:
-        raise ConfigError(f"{where} = {value!r} is not a known algo (known: {', '.join(known)})")
-    return value
-
-
-def _parse_head_key(key: Any) -> tuple[int, int]:
-    parts = str(key).split("/")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ConfigError(f'per_layer_head key {key!r} must look like "layer/head", e.g. "0/1"')
-    return int(parts[0]), int(parts[1])
-
-
-def _parse_head_entry(key: str, entry: Any) -> dict[str, Any]:
-    where = f'per_layer_head["{key}"]'
-    if not isinstance(entry, dict):
-        raise ConfigError(f'{where} must be a JSON object like {{"rank": 32}}')
-    bad = set(entry) - _HEAD_KEYS
-    if bad:
-        raise ConfigError(f"unknown key {where}.{sorted(bad)[0]} (known: {', '.join(sorted(_HEAD_KEYS))})")
-    out: dict[str, Any] = {}
-    if "enabled" in entry:
-        if not isinstance(entry["enabled"], bool):
-            raise ConfigError(f"{where}.enabled must be true or false, got {entry['enabled']!r}")
-        out["enabled"] = entry["enabled"]
-    if "algo" in entry:
-        out["algo"] = _algo(entry["algo"], f"{where}.algo")
-    for kind in "kv":
-        name = f"bits_{kind}"
-        if name not in entry:
-            continue
-        try:
-            out[name] = list(check_widths(entry[name], f"{where}.{name}"))
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        clash = [key for key in ("rank", f"rank_{kind}") if key in entry]
-        if clash:
-            raise ConfigError(
-                f"{where} has both {name} and {clash[0]}: widths replace the rank (a width of 0 drops a direction); "
-                f"use rank_{'v' if kind == 'k' else 'k'} for the other kind"
-            )
-    for name in ("rank", "rank_k", "rank_v", "d_k", "d_v"):
-        if name in entry:
-            value = entry[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{where}.{name} must be a positive integer, got {value!r}")
-            out[name] = value
-    return out
