@@ -77,3 +77,22 @@ def mixed_widths(layer: int, head: int) -> tuple[list[int], list[int]]:
     keys[2], keys[3] = 0, keys[2]  # a dropped direction before stored ones
     values = [min(16, w + 1) if w and w not in (6, 8) else w for w in MIXED_WIDTHS]
     return keys, values
+
+
+def tiny_calibrate_args(model: str, output, *extra: str) -> list[str]:
+    return [
+        "calibrate",
+        "--model",
+        model,
+        "--calibration-samples",
+        "4",
+        "--eval-samples",
+        "2",
+        "--seq-len",
+        "32",
+        "--accelerator",
+        "cpu",
+        "--output-dir",
+        str(output),
+        *extra,
+    ]

@@ -21,7 +21,7 @@ from kvlight.calibration.shards import KVShardStream, write_shards
 
 pytestmark = pytest.mark.slow  # one 2-process launch for the module: about 25 s on two busy cores
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CALIBRATION_WINDOWS, SEQ_LEN = 5, 32  # run_helpers.DDP_DATA
 
 

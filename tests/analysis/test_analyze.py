@@ -25,7 +25,7 @@ from kvlight.errors import ConfigError, MetricsError
 from kvlight.geometry import KVGeometry, kv_geometry
 from kvlight.models import geometry_of
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OUTPUTS = ("fim_metrics.json", "fim_metrics.csv", "cfg.json", "cfg_summary.txt", "cfg_ranks.png")
 
 

@@ -373,7 +373,7 @@ def test_checkpoint_refuses_another_model(tiny_llama_path, tiny_gpt2_path, tmp_p
     from kvlight.cli import main
 
     monkeypatch.setattr("sys.argv", ["kvlight"])
-    pca = str(Path(__file__).resolve().parents[1] / "configs" / "smollm2_pca.yaml")
+    pca = str(Path(__file__).resolve().parents[2] / "configs" / "smollm2_pca.yaml")
     data = ["--data.seq_len", "32", "--data.calibration_samples", "2", "--data.eval_samples", "2"]
     assert main(["fit", *cli_args(pca, tiny_llama_path, tmp_path, *data)]) == 0
     checkpoint = tmp_path / "checkpoints" / "last.ckpt"
@@ -414,7 +414,7 @@ def test_non_finite_kv_stops_the_fit_naming_layer_and_head(
     model = _poisoned_model(tiny_llama_path, tmp_path / "poisoned", layer, kind, head, value)
     monkeypatch.setattr("sys.argv", ["kvlight"])
     capfd.readouterr()
-    pca = str(Path(__file__).resolve().parents[1] / "configs" / "smollm2_pca.yaml")
+    pca = str(Path(__file__).resolve().parents[2] / "configs" / "smollm2_pca.yaml")
     data = ["--data.seq_len", "32", "--data.calibration_samples", "2", "--data.eval_samples", "2"]
     assert main(["fit", *cli_args(pca, model, tmp_path / "run", *data)]) == 2
     # Progress bars (loading weights, capture) share stderr; the error is one line of its own after them.

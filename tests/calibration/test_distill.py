@@ -171,7 +171,7 @@ def test_output_weighted_values_trade_plain_error_for_output_error(arch, tiny_mo
 def test_calibrate_with_kl_objective(tmp_path, tiny_llama_path, tiny_models, tiny_windows, kvlight_cache, capsys):
     """``kvlight calibrate --objective kl``: one epoch is one pass over the calibration windows, and the KL of the
     distilled compressor on the evaluation windows is below that of the reconstruction-trained one."""
-    from test_cli import tiny_calibrate_args
+    from helpers import tiny_calibrate_args
 
     from kvlight.calibration.module import KVCalibrationModule
     from kvlight.cli import main

@@ -138,7 +138,7 @@ def test_compressor_starts_keys_from_the_weighted_form(algo, tiny_models, llama_
 def test_calibrate_with_query_weighted_keys(tmp_path, tiny_llama_path, tiny_rows, kvlight_cache, capsys):
     """``kvlight calibrate --key-objective query``: queries measured in the capture pass, keys fitted by the score
     error: lower query-weighted held-out error than the plain fit of the same run settings, plain MSE higher."""
-    from test_cli import tiny_calibrate_args
+    from helpers import tiny_calibrate_args
 
     from kvlight.calibration.module import KVCalibrationModule
     from kvlight.cli import main

@@ -18,7 +18,7 @@ from kvlight.calibration.shards import KVShardStream, load_manifest, write_shard
 from kvlight.cli import main
 from kvlight.errors import CaptureError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 YAML = {"kvsplice": str(REPO / "configs" / "smollm2_kvsplice.yaml"), "pca": str(REPO / "configs" / "smollm2_pca.yaml")}
 # 4 windows x 32 tokens = 128 rows, 32 per batch: 4 batches per epoch. KVSplice: 1 statistics + 3 Adam epochs,
 # from a random start so that every step changes the weights.

@@ -13,7 +13,7 @@ from run_helpers import cli_args, load_records, record_config
 
 from kvlight.cli.lightning import lightning_cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA = ["--data.seq_len", "32", "--data.calibration_samples", "8", "--data.eval_samples", "4"]
 DATA += ["--data.kv_batch_size", "64"]
 ALGO = {

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import one_error_line
+from helpers import one_error_line, tiny_calibrate_args
 
 from kvlight.cli import main
 from kvlight.cli.lightning import lightning_cli
@@ -19,7 +19,7 @@ from kvlight.compressors.compressor import PCACompressor, load_compressor
 from kvlight.config import CompressionConfig
 from kvlight.geometry import kv_geometry
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 YAMLS = sorted((REPO / "configs").glob("*.yaml"))
 TINY_DATA = ["--data.seq_len", "32", "--data.calibration_samples", "4", "--data.eval_samples", "2"]
 
@@ -188,25 +188,6 @@ def parse_printed(stdout: str) -> dict[str, float]:
         assert match, f"missing line {label!r} in:\n{stdout}"
         values[key] = float(match.group(1))
     return values
-
-
-def tiny_calibrate_args(model: str, output: Path, *extra: str) -> list[str]:
-    return [
-        "calibrate",
-        "--model",
-        model,
-        "--calibration-samples",
-        "4",
-        "--eval-samples",
-        "2",
-        "--seq-len",
-        "32",
-        "--accelerator",
-        "cpu",
-        "--output-dir",
-        str(output),
-        *extra,
-    ]
 
 
 def test_config_uniform_then_calibrate_pca(tmp_path, tiny_llama_path, tiny_models, kvlight_cache, capsys):

@@ -16,7 +16,7 @@ from kvlight.calibration.windows import eval_and_calibration_windows
 from kvlight.cli import main
 from kvlight.geometry import kv_geometry
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class TrackedBatches:
