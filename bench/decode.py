@@ -1,7 +1,8 @@
 """Decode speed with the compressed cache: tokens/s and cache bytes vs DynamicCache and HF QuantizedCache.
 
-Protocol (issue 5): the embedded default (SmolLM2-135M-Instruct) in bf16; prompts of 512, 2048 and
-8192 tokens cut from the built-in offline corpus; batch 1 and 8; 128 new tokens, greedy, one token
+Protocol (issue 5): the embedded default (SmolLM2-135M-Instruct), float32 by default (``--dtype``: on CPUs
+without native bfloat16 a bf16 model is several times slower; kvlight then stores its exact tokens in bf16);
+prompts of 512, 2048 and 8192 tokens cut from the built-in offline corpus; batch 1 and 8; 128 new tokens, greedy, one token
 per forward, timed with ``time.perf_counter`` around the decode loop only. Each (length, batch)
 prompt is prefilled once into a ``DynamicCache`` (in chunks of 1024 tokens); every method's cache is
 then filled from that prefill (``DynamicCache``: a copy; ``QuantizedCache``: its own ``update``;
@@ -9,9 +10,9 @@ kvlight: ``CompressedCache.ingest``), so all rows decode from the same history a
 timed. Methods run one after another in one process, so their ratios share the machine's state.
 
 Rows: ``DynamicCache``; HF ``QuantizedCache`` (quanto int4, group 64, residual 16); kvlight at the recommended
-configuration (issue 11: Fisher-allocated widths per principal direction, 25 % of fp16 bytes at 512 tokens, 4 sinks,
-16 recent; bench/bitrows.py) and at the previous one (PCA K64/V64 int4 latents in groups of 64, 4 sinks, 16 recent),
-both on the fast path (latents read in place) and, with ``--plain``, on the plain path (history rebuilt each step).
+configuration (issue 11: joint-Fisher-allocated widths per principal direction, 25 % of fp16 bytes at 512 tokens,
+4 sinks, no recent window; bench/bitrows.py) and at the previous one (PCA K64/V64 int4 latents in groups of 64,
+4 sinks, 16 recent), both on the fast path (latents read in place) and, with ``--plain``, on the plain path (history rebuilt each step).
 Cache bytes are counted from the tensors each cache holds at the end of decoding (as in
 ``bench/frontier.py``); peak memory is ``torch.cuda.max_memory_allocated`` on a GPU, the growth of
 the process's peak RSS during the decode loop on CPU.
@@ -41,8 +42,7 @@ from bench.common import (  # noqa: E402
     offline_windows,
     quantized_cache_bytes,
 )
-from kvlight.compressors.compressor import load_compressor  # noqa: E402
-from kvlight.compressors.compressor import KVCompressor
+from kvlight.compressors.compressor import KVCompressor, load_compressor  # noqa: E402
 from kvlight.config import CompressionConfig  # noqa: E402
 from kvlight.hf import cache_kwargs, dynamic_cache  # noqa: E402
 from kvlight.serving.cache import dynamic_cache_bytes  # noqa: E402
@@ -93,7 +93,7 @@ def compressors(model, geometry, tokenizer, args) -> dict[str, KVCompressor]:
         rows = rows if rows is not None else captured_rows(model, geometry, calibration)
         metrics = bitrows.sensitivity(model, geometry, calibration)
         tracker = PositionTracker(model)
-        row = bitrows.BitRow(0.25, "fisher")
+        row = bitrows.BitRow(0.25, "fisher-joint")
         out["widths"] = bitrows.compressor_for(row, model, geometry, calibration, rows, metrics, tracker)
         tracker.close()
     return {name: c.to(next(model.parameters()).dtype) for name, c in out.items()}

@@ -184,7 +184,9 @@ def run(
     dtype = dtype or preferred_dtype()
     model, tokenizer, geometry = embedded_default(dtype)
     longest = max(length * eval_windows[length] for length in lengths)
-    calibration = offline_windows(tokenizer, 512, skip=-(-longest // 512), count=16)
+    # After every evaluation text, and never before the default run's (4 x 2048 tokens), so that a run over fewer
+    # lengths calibrates on the same windows (and reuses the compressors cached on disk).
+    calibration = offline_windows(tokenizer, 512, skip=max(16, -(-longest // 512)), count=16)
     queries = QueryMoments(geometry)
     rows = captured_rows(model, geometry, calibration, queries=queries)
     tracker = PositionTracker(model)

@@ -16,6 +16,7 @@ bench/bitrows.py (fitted on the frontier's calibration windows, distilled rows l
 
     python bench/retrieval.py                               # writes bench/results/retrieval.{md,json}
     python bench/retrieval.py --rows fisher-0.25 fisher-0.125 --merge
+    python bench/retrieval.py --lengths 1000 2000 --quant quanto-4   # a shorter run (stated in the table)
 """
 
 from __future__ import annotations
@@ -77,16 +78,21 @@ def prose_tokens(tokenizer) -> torch.Tensor:
     return torch.tensor(tokenizer("\n\n".join(prose_documents()), add_special_tokens=False).input_ids)
 
 
-def passkey_prompts(tokenizer, prose: torch.Tensor, length: int, depth: float, cell: int):
-    """``(prompts [PROMPTS, length], keys)``: each prompt exactly ``length`` tokens."""
+def passkey_prompts(tokenizer, prose: torch.Tensor, length: int, depth: float, count: int = PROMPTS):
+    """``(prompts [count, length], keys)``: each prompt exactly ``length`` tokens.
+
+    The key and the stretch of prose depend only on ``(length, depth, index)``, so a run over fewer lengths or
+    prompts asks a subset of the full run's questions.
+    """
     encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    cell = length * 100 + round(depth * 100)
     generator = torch.Generator().manual_seed(1000 + cell)
     prompts, keys = [], []
-    for index in range(PROMPTS):
+    for index in range(count):
         key = int(torch.randint(10_000, 100_000, (1,), generator=generator))
         intro, needle, question = encode(INTRO), encode(NEEDLE.format(key=key)), encode(QUESTION)
         filler = length - len(intro) - len(needle) - len(question)
-        start = ((cell * PROMPTS + index) * 3779) % (prose.numel() // 2 - filler)  # the first half of the prose
+        start = ((cell * 16 + index) * 3779) % (prose.numel() // 2 - filler)  # the first half of the prose
         text = prose[start : start + filler].tolist()
         cut = int(depth * filler)
         prompts.append(intro + text[:cut] + needle + text[cut:] + question)
@@ -123,18 +129,17 @@ def answer(model, prompts: torch.Tensor, cache, tokenizer) -> list[str]:
     return tokenizer.batch_decode(torch.cat(out, 1))
 
 
-def evaluate(model, tokenizer, prose, make_cache) -> dict:
+def evaluate(model, tokenizer, prose, make_cache, lengths=LENGTHS, prompts_per_cell: int = PROMPTS) -> dict:
     """Passkey accuracy per (length, depth) and overall; copy perplexity and accuracy."""
     cells, hits, total = {}, 0, 0
-    cell = 0
-    for length in LENGTHS:
+    for length in lengths:
         for depth in DEPTHS:
-            prompts, keys = passkey_prompts(tokenizer, prose, length, depth, cell)
+            prompts, keys = passkey_prompts(tokenizer, prose, length, depth, prompts_per_cell)
             texts = answer(model, prompts, make_cache(), tokenizer)
             found = [re.search(r"\d{5}", text) for text in texts]
             right = sum(match is not None and int(match.group()) == key for match, key in zip(found, keys))
             cells[f"{length}@{depth:g}"] = right / len(keys)
-            hits, total, cell = hits + right, total + len(keys), cell + 1
+            hits, total = hits + right, total + len(keys)
     nll, correct, count = 0.0, 0, 0
     passages = copy_passages(prose)
     for start in range(0, passages.shape[0], COPY_BATCH):
@@ -162,7 +167,14 @@ def run(args) -> dict:
     model, tokenizer, geometry = embedded_default(dtype)
     prose = prose_tokens(tokenizer)
     print(f"prose: {prose.numel()} tokens of standard-library docstrings", flush=True)
-    results = {"machine": machine(), "command": "python " + " ".join(sys.argv), "dtype": args.dtype, "rows": []}
+    results = {
+        "machine": machine(),
+        "command": "python " + " ".join(sys.argv),
+        "dtype": args.dtype,
+        "lengths": args.lengths,
+        "prompts": args.prompts,
+        "rows": [],
+    }
     fast = LatentAttention(model)  # decode steps read the stored latents in place, as CompressedKVModelWrapper does
     tracker = PositionTracker(model)
     selected = [row for row in bitrows.all_rows() if args.rows is None or row_id(row) in args.rows]
@@ -177,7 +189,8 @@ def run(args) -> dict:
 
     def record(method: str, setting: str, make_cache) -> None:
         start = time.perf_counter()
-        row = {"method": method, "setting": setting, **evaluate(model, tokenizer, prose, make_cache)}
+        measured = evaluate(model, tokenizer, prose, make_cache, args.lengths, args.prompts)
+        row = {"method": method, "setting": setting, **measured}
         row.update(
             {"seconds": time.perf_counter() - start, "command": results["command"], "machine": results["machine"]}
         )
@@ -186,7 +199,7 @@ def run(args) -> dict:
 
     if args.baselines:
         record("none (DynamicCache)", args.dtype, dynamic_cache)
-        for backend, bits in QUANT_ROWS:
+        for backend, bits in [row for row in QUANT_ROWS if f"{row[0]}-{row[1]}" in args.quant]:
             record(
                 f"HF QuantizedCache {backend}",
                 f"int{bits}, group 64, residual 16",
@@ -212,7 +225,8 @@ def row_id(row: bitrows.BitRow) -> str:
 def write(results: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "retrieval.json").write_text(json.dumps(results, indent=2) + "\n")
-    cells = [f"{length}@{depth:g}" for length in LENGTHS for depth in DEPTHS]
+    lengths, prompts = results.get("lengths", list(LENGTHS)), results.get("prompts", PROMPTS)
+    cells = [f"{length}@{depth:g}" for length in lengths for depth in DEPTHS]
     lines = [
         "# Retrieval: passkey and long-range copy through the compressed cache",
         "",
@@ -220,7 +234,9 @@ def write(results: dict) -> None:
         "Commands: " + "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in results["rows"])),
         "",
         "Protocol: embedded default SmolLM2-135M-Instruct, prose from the standard library's docstrings (not the "
-        "calibration text). Passkey: a 5-digit key at 10/50/90 % depth of 1000/2000/4000 tokens, 10 prompts per cell, "
+        "calibration text). Passkey: a 5-digit key at 10/50/90 % depth of "
+        + "/".join(map(str, lengths))
+        + f" tokens, {prompts} prompts per cell, "
         "fed in chunks of 64 through the cache, 7 tokens decoded greedily, exact match of the first 5-digit number. "
         "Copy: 8 passages of 1000 tokens fed twice; perplexity and top-1 accuracy of the second copy. Bytes of each "
         "method: bench/results/frontier.md (the same caches).",
@@ -241,6 +257,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--rows", nargs="+", default=None, help="kvlight rows by id, e.g. fisher-0.25 fisher-kl-0.125")
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS), help="passkey prompt lengths")
+    parser.add_argument("--prompts", type=int, default=PROMPTS, help="passkey prompts per (length, depth) cell")
+    parser.add_argument(
+        "--quant",
+        nargs="+",
+        default=[f"{b}-{n}" for b, n in QUANT_ROWS],
+        choices=[f"{b}-{n}" for b, n in QUANT_ROWS],
+        help="HF QuantizedCache rows",
+    )
     parser.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip DynamicCache and HF rows")
     parser.add_argument("--merge", action="store_true", help="keep the rows of retrieval.json not measured again")
     parser.add_argument("--rewrite", action="store_true", help="only rewrite retrieval.md from retrieval.json")

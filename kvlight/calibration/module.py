@@ -341,6 +341,7 @@ class KVCalibrationModule(pl.LightningModule):
         compressed = self._chunked_logits(input_ids, attention_mask, cache)
         self.ppl_compressed.update(compressed, input_ids, attention_mask)
         kv_dtype = cache.layers[0].dtype
+        self._kv_itemsize = torch.empty((), dtype=kv_dtype).element_size()
         self.bytes_compressed.update(float(cache.stored_bytes()))
         self.bytes_dynamic.update(float(dynamic_cache_bytes(self.geometry, *input_ids.shape, kv_dtype)))
 
@@ -356,6 +357,10 @@ class KVCalibrationModule(pl.LightningModule):
             "compressed_cache_bytes": stored,
             "dynamic_cache_bytes": full,
         }
+        # What target_memory_reduction is measured against: an fp16 cache, whatever dtype the model runs in here.
+        fp16 = full * 2 / getattr(self, "_kv_itemsize", 2)
+        self.results["fp16_cache_bytes"] = fp16
+        self.results["memory_savings_vs_fp16_pct"] = 100.0 * (1.0 - stored / fp16) if fp16 else 0.0
         for name, value in self.results.items():
             self.log(f"val/{name}", value, prog_bar=name.endswith("perplexity"), sync_dist=False)
         for metric in (self.ppl_baseline, self.ppl_compressed, self.bytes_compressed, self.bytes_dynamic):

@@ -187,6 +187,9 @@ def _write(module, data, config, output: Path, calibration_seconds: float) -> No
     print(f"Baseline perplexity:    {results['baseline_perplexity']:.2f}")
     print(f"Compressed perplexity:  {results['compressed_perplexity']:.2f}")
     print(f"Perplexity degradation: {results['perplexity_degradation_pct']:+.2f}%")
-    print(f"Memory savings:         {results['memory_savings_pct']:.1f}% (vs a {results['model_dtype']} DynamicCache)")
+    versus = f"vs a {results['model_dtype']} DynamicCache"
+    if results["fp16_cache_bytes"] != results["dynamic_cache_bytes"]:
+        versus += f"; {results['memory_savings_vs_fp16_pct']:.1f}% vs fp16"
+    print(f"Memory savings:         {results['memory_savings_pct']:.1f}% ({versus})")
     print(f"Calibration time:       {calibration_seconds:.1f}s")
     print(f"Results saved to {output}/calibration_results_{algo}.json and {output}/compressor_{algo}.pt")

@@ -213,6 +213,12 @@ def test_config_uniform_then_calibrate_pca(tmp_path, tiny_llama_path, tiny_model
         100 * (results["compressed_perplexity"] / results["baseline_perplexity"] - 1)
     )
     assert results["compression_config"] == json.loads(config_path.read_text())
+    # The memory a user's budget is read against: an fp16 cache, whatever dtype the model ran in.
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[results["model_dtype"]]
+    assert results["fp16_cache_bytes"] == results["dynamic_cache_bytes"] * 2 / itemsize
+    vs_fp16 = 100 * (1 - results["compressed_cache_bytes"] / results["fp16_cache_bytes"])
+    assert results["memory_savings_vs_fp16_pct"] == pytest.approx(vs_fp16)
+    assert (f"; {vs_fp16:.1f}% vs fp16)" in stdout) == (itemsize == 4)
     assert results["compressor"] == "pca" and results["seq_len"] == 32
 
     # compressor_pca.pt loads into the seed's PCACompressor(config) ...
