@@ -415,13 +415,16 @@ def plot(results: dict) -> None:
     import matplotlib.pyplot as plt
 
     lengths = sorted({r["length"] for r in results["rows"]})
+    # One colour per method across every panel.
+    every = list(dict.fromkeys(r["method"] for r in results["rows"] if not r["method"].startswith("none")))
     fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.5), squeeze=False)
     for ax, length in zip(axes[0], lengths):
         rows = [r for r in results["rows"] if r["length"] == length]
         base = next(r["perplexity"] for r in rows if r["method"].startswith("none"))
-        methods = list(dict.fromkeys(r["method"] for r in rows if not r["method"].startswith("none")))
+        methods = [method for method in every if any(r["method"] == method for r in rows)]
         colors = matplotlib.colormaps["tab20"]
-        for index, method in enumerate(methods):
+        for method in methods:
+            index = every.index(method)
             pts = [
                 (100 * r["bytes_fraction"], 100 * (r["perplexity"] / base - 1)) for r in rows if r["method"] == method
             ]

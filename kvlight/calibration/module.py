@@ -124,7 +124,10 @@ class KVCalibrationModule(pl.LightningModule):
         self.allocation_metrics, self.allocation_seconds = metrics, seconds
 
     def configure_callbacks(self):
-        return [AllocateWidths(), CaptureKV()]
+        # Stateless, so the ones a fit attached serve a later validate on the same Trainer (returned again, Lightning
+        # would replace them and say so on every `kvlight calibrate`).
+        attached = {type(callback) for callback in self._trainer.callbacks} if self._trainer is not None else set()
+        return [callback for callback in (AllocateWidths(), CaptureKV()) if type(callback) not in attached]
 
     def _shape(self) -> tuple[int, int, int]:
         return self.geometry.num_layers, self.geometry.num_kv_heads, self.geometry.head_dim
