@@ -50,6 +50,8 @@ NAMES = {
 }
 #: bumped whenever what the sensitivity pass measures changes, so cached metrics and rows are measured again.
 METRICS_VERSION = 2
+#: bumped whenever how a row's compressor is fitted changes (3: static steps fitted on the rows, not the Gaussian rule).
+ROW_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,13 @@ def compressor_for(
 ) -> KVCompressor:
     """The fitted (and, for distilled rows, distilled) compressor of ``row``, from the disk cache when it is there."""
     key = _key(
-        row, steps if row.distilled else 0, calibration.sum().item(), calibration.shape, DISTILL_LR, METRICS_VERSION
+        row,
+        steps if row.distilled else 0,
+        calibration.sum().item(),
+        calibration.shape,
+        DISTILL_LR,
+        METRICS_VERSION,
+        ROW_VERSION,
     )
     directory = cache_root() / f"row-{key}"
     dtype = next(model.parameters()).dtype

@@ -261,11 +261,15 @@ class KVCompressor(nn.Module):
         key_weights: torch.Tensor | None = None,
         value_weights: torch.Tensor | None = None,
     ) -> None:
-        """One statistics pass over ``{'keys', 'values'}`` batches, then :meth:`finalize_statistics`."""
+        """One statistics pass over ``{'keys', 'values'}`` batches, then :meth:`finalize_statistics`; with width codecs a second
+        pass fits their static steps (:meth:`calibrate_steps`), so ``batches`` must then be iterable twice."""
+        batches = batches if isinstance(batches, (list, tuple)) else list(batches)
         self.begin_statistics()
         for batch in batches:
             self.accumulate(batch["keys"], batch["values"])
         self.finalize_statistics(key_weights, value_weights)
+        if self.has_widths:
+            self.calibrate_steps(batches)
 
     def reconstruction_loss(
         self,
