@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import HEAD_DIM, chunked_logits, one_error_line
+from helpers import HEAD_DIM, chunked_logits, one_error_line, tiny_calibrate_args
 
 from kvlight.analysis.bit_allocation import allocate_bits, fp16_bytes_per_token, uniform_bits
 from kvlight.analysis.metrics_io import HeadMetrics, read_metrics_file
@@ -240,25 +240,9 @@ def test_analyze_strategy_bits_writes_a_config_calibrate_takes(
 
     results = tmp_path / "results"
     code = main(
-        [
-            "calibrate",
-            "--model",
-            tiny_llama_path,
-            "--compressor",
-            "pca",
-            "--config",
-            str(output / "compression_config.json"),
-            "--calibration-samples",
-            "4",
-            "--eval-samples",
-            "2",
-            "--seq-len",
-            "32",
-            "--accelerator",
-            "cpu",
-            "--output-dir",
-            str(results),
-        ]  # fmt: skip
+        tiny_calibrate_args(
+            tiny_llama_path, results, "--compressor", "pca", "--config", str(output / "compression_config.json")
+        )
     )
     assert code == 0
     saved = json.loads((results / "calibration_results_pca.json").read_text())
@@ -268,33 +252,8 @@ def test_analyze_strategy_bits_writes_a_config_calibrate_takes(
 
 def test_calibrate_with_a_target_measures_allocates_and_calibrates(tiny_llama_path, tmp_path, capsys, kvlight_cache):
     output = tmp_path / "out"
-    code = main(
-        [
-            "calibrate",
-            "--model",
-            tiny_llama_path,
-            "--compressor",
-            "pca",
-            "--target-memory-reduction",
-            "0.75",
-            "--calibration-samples",
-            "4",
-            "--eval-samples",
-            "2",
-            "--seq-len",
-            "32",
-            "--accelerator",
-            "cpu",
-            "--sink-tokens",
-            "1",
-            "--recent-window",
-            "2",
-            "--model-dtype",
-            "bfloat16",
-            "--output-dir",
-            str(output),
-        ]  # fmt: skip
-    )
+    extra = ["--compressor", "pca", "--target-memory-reduction", "0.75", "--sink-tokens", "1", "--recent-window", "2"]
+    code = main(tiny_calibrate_args(tiny_llama_path, output, *extra, "--model-dtype", "bfloat16"))
     stdout = capsys.readouterr().out
     assert code == 0, stdout
     assert "Allocated widths:" in stdout
@@ -327,24 +286,7 @@ def test_calibrate_with_a_target_measures_allocates_and_calibrates(tiny_llama_pa
 )
 def test_calibrate_bad_target_is_one_line_exit_2(extra, message, tiny_llama_path, tmp_path, capfd, kvlight_cache):
     output = tmp_path / "out"
-    code = main(
-        [
-            "calibrate",
-            "--model",
-            tiny_llama_path,
-            "--calibration-samples",
-            "4",
-            "--eval-samples",
-            "2",
-            "--seq-len",
-            "32",
-            "--accelerator",
-            "cpu",
-            "--output-dir",
-            str(output),
-            *extra,
-        ]  # fmt: skip
-    )
+    code = main(tiny_calibrate_args(tiny_llama_path, output, *extra))
     assert code == 2
     assert message in one_error_line(capfd.readouterr().err)
     assert not any(p.is_file() for p in output.rglob("*")) if output.exists() else True

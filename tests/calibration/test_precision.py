@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import cli_args, load_records, record_config
+from run_helpers import KVSPLICE, cli_args, load_records, record_config
 
 from kvlight.cli.lightning import lightning_cli
 
@@ -19,17 +19,7 @@ DATA += ["--data.kv_batch_size", "64"]
 ALGO = {
     "pca": (str(REPO / "configs" / "smollm2_pca.yaml"), []),
     # From a random start, so training (not only the float64 statistics) happens under the precision.
-    "kvsplice": (
-        str(REPO / "configs" / "smollm2_kvsplice.yaml"),
-        [
-            "--model.backend_options",
-            '{"kvsplice": {"init": "random"}}',
-            "--model.objective.lr",
-            "0.03",
-            "--trainer.max_epochs",
-            "30",
-        ],
-    ),
+    "kvsplice": (str(REPO / "configs" / "smollm2_kvsplice.yaml"), KVSPLICE),
 }
 
 
