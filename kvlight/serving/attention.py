@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from kvlight.hf import attention_implementation, original_attention, register_attention, set_attention
+from kvlight.serving.widths import HeadLayout, head_layout
 
 #: original attention implementations the decode path can stand in for (their masks are bool or additive).
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -138,39 +139,34 @@ def stacked_decoder(codec, channel_scale: torch.Tensor | None, dtype: torch.dtyp
     return torch.stack(weights).to(dtype), torch.stack(biases).to(dtype)
 
 
-def width_decoder(codec, quantizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A width codec's affine decoders over its virtual codes (kvlight.serving.widths), per head, float32.
+def width_decoder(codec, quantizer) -> tuple[torch.Tensor, torch.Tensor, HeadLayout]:
+    """A width codec's affine decoders over its stored codes laid out per head (kvlight.serving.widths), float32.
 
-    Each virtual channel ``v`` is one packed field of logical channel ``c(v)`` with scale ``s_v`` (its static step
-    times ``2^shift``), so ``decode(z) = sum_v code_v * s_v * A[c(v)] + (c + sum_c constant_c * A[c])`` with
-    ``constant_c`` the offset of coded and dropped channels. Returns ``A' [H, r_max, D]`` (row ``j`` of head ``h`` is
-    its ``j``-th virtual channel, zero rows past the head's count), ``c' [H, D]`` and ``gather [H * r_max]``: indices
-    into the virtual codes, where index ``V`` (one past the last) selects the zero padding column.
+    Row ``j`` of head ``h`` holds logical channel ``c = layout.channel[h, j]``: the integer code of a coded channel
+    (value ``offset_c + step_c * code``) or the value of an exact one, so
+    ``decode(z) = sum_j z_j * s_j * A[c_j] + (c + sum_c constant_c * A[c])`` with ``s_j`` the step (1 for exact
+    channels) and ``constant_c`` the offset of coded and dropped channels. Returns ``A' [H, r_max, D]`` (zero rows
+    past a head's stored channels), ``c' [H, D]`` and the :class:`~kvlight.serving.widths.HeadLayout`.
     """
-    heads = len(codec.heads)
-    starts = [0]
-    for rank in codec.splits:
-        starts.append(starts[-1] + rank)
-    head_of = torch.repeat_interleave(torch.arange(heads), torch.tensor(codec.splits))
-    channel = quantizer.virtual_channel.cpu()
-    scale = quantizer.virtual_scale.float().cpu()
+    layout = head_layout(quantizer, codec.splits)
+    channel = layout.channel.cpu()
+    exact = (quantizer.widths == 16).cpu()
+    scale = torch.where(exact, torch.ones_like(quantizer.step), quantizer.step).float().cpu()
     constant = quantizer._constant.float().cpu()
-    members = [(head_of[channel] == h).nonzero().squeeze(1) for h in range(heads)]
-    r_max = max(1, max(m.numel() for m in members))
-    gather = torch.full((heads, r_max), quantizer.num_virtual, dtype=torch.long)
-    weights = torch.zeros(heads, r_max, codec.heads[0].head_dim)
+    weights = torch.zeros(*channel.shape, codec.heads[0].head_dim)
     biases = []
+    start = 0
     for h, proj in enumerate(codec.heads):
         probe = torch.cat([torch.zeros(1, proj.rank), torch.eye(proj.rank)]).to(proj.mean)
         with torch.no_grad():
             decoded = proj.decode(probe).float().cpu()
         bias, weight = decoded[0], decoded[1:] - decoded[0]  # [D], [r_h, D]
-        biases.append(bias + constant[starts[h] : starts[h + 1]] @ weight)
-        virtual = members[h]
-        gather[h, : virtual.numel()] = virtual
-        weights[h, : virtual.numel()] = scale[virtual, None] * weight[channel[virtual] - starts[h]]
-    device = quantizer.virtual_channel.device
-    return weights.to(device), torch.stack(biases).to(device), gather.flatten().to(device)
+        biases.append(bias + constant[start : start + proj.rank] @ weight)
+        rows = channel[h][channel[h] >= 0]
+        weights[h, : rows.numel()] = scale[rows, None] * weight[rows - start]
+        start += proj.rank
+    device = quantizer.step.device
+    return weights.to(device), torch.stack(biases).to(device), layout
 
 
 def latents_per_head(z: torch.Tensor, splits: list[int]) -> torch.Tensor:
@@ -214,23 +210,38 @@ def latent_values(
     return mixed @ weight + p.sum(-1, keepdim=True) * bias[:, None, :]
 
 
+def is_channel_major(z: torch.Tensor) -> bool:
+    """True when ``z [..., n, r]`` is the transposed view of a contiguous ``[..., r, n]`` tensor."""
+    return z.dim() >= 2 and z.shape[-1] > 1 and z.stride(-2) == 1 and not z.is_contiguous()
+
+
 def decode_into(
     workspace: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale=None, zero=None
 ) -> torch.Tensor:
     """Reconstruct ``z [B, H, n, r]`` into the front of the flat ``workspace``; returns the ``[B, H, n, D]`` view.
 
     With ``scale``/``zero`` (codes, see :func:`latent_scores`): ``scale * (z @ A) + zero * sum_r(A) + c``, in place.
+    A channel-major ``z`` (:func:`is_channel_major`) gives channel-major keys (``A^T @ z^T`` into ``[B, H, D, n]``):
+    each matmul then reads and writes contiguous rows.
     """
     batch, heads, tokens, _ = z.shape
-    out = workspace[: batch * heads * tokens * weight.shape[-1]].view(batch, heads, tokens, weight.shape[-1])
-    torch.matmul(z, weight, out=out)
+    dim = weight.shape[-1]
+    flat = workspace[: batch * heads * tokens * dim]
+    if is_channel_major(z):
+        out_t = flat.view(batch, heads, dim, tokens)
+        torch.matmul(weight.transpose(-1, -2), z.transpose(-1, -2), out=out_t)
+        out = out_t.transpose(-1, -2)
+    else:
+        out = flat.view(batch, heads, tokens, dim)
+        torch.matmul(z, weight, out=out)
     if scale is not None:
         out.mul_(scale).addcmul_(zero, weight.sum(-2)[None, :, None, :])
     return out.add_(bias[:, None, :])
 
 
 def rotate_in_place(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE ``keys * cos + rotate_half(keys) * sin`` in place; ``keys [B, H, n, D]``, ``cos/sin [B|1, 1, n, D]``."""
+    """RoPE ``keys * cos + rotate_half(keys) * sin`` in place; ``keys [B, H, n, D]``, ``cos/sin [B|1, 1, n, D]``
+    (fastest when both have the same memory layout, e.g. both channel-major)."""
     half = keys.shape[-1] // 2
     first, second = keys[..., :half], keys[..., half:]
     saved = first.clone()

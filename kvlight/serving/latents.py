@@ -14,6 +14,8 @@ class LatentStore:
 
     Stored in buffers preallocated in chunks of :attr:`GROW` tokens and filled in place, so a decode
     step writes one token instead of copying the whole history (at most ``GROW - 1`` tokens of slack).
+    Packed width codes are held token-minor (``[B, n_bytes, capacity]`` in memory, seen as ``[B, T, n_bytes]``):
+    unpacking gathers whole byte columns, one contiguous run of tokens each, instead of single bytes per token.
     """
 
     #: tokens added to the buffers whenever they are full.
@@ -26,10 +28,12 @@ class LatentStore:
         self.widths = isinstance(quantizer, DirectionQuantizer)
         self.length = 0
         self._buffers = self._encode(template.new_zeros(template.shape[0], 0, width))
+        #: per buffer: held token-minor (see the class docstring).
+        self._token_minor = [self.widths and i == 0 for i in range(len(self._buffers))]
 
     def _encode(self, z: torch.Tensor) -> list[torch.Tensor | None]:
         """``z [B, T, R]`` -> the tensors stored for it: ``[latents]``, ``[codes, scale, zero]`` or
-        ``[field arrays..., exact channels]``."""
+        ``[packed codes, exact channels]``."""
         if self.quantizer is None:
             return [z]
         q = self.quantizer.quantize(z)
@@ -47,7 +51,7 @@ class LatentStore:
         parts = [None if b is None else b[:, : self.length] for b in self._buffers]
         if self.quantizer is None:
             return parts[0]
-        return PackedCodes(parts[:-1], parts[-1]) if self.widths else QuantizedLatents(*parts)
+        return PackedCodes(*parts) if self.widths else QuantizedLatents(*parts)
 
     def append(self, z: torch.Tensor) -> None:
         """Store new latents ``z [B, T, R]`` after the existing ones (no copy of the history unless full)."""
@@ -56,11 +60,11 @@ class LatentStore:
         if self.length + count > self.capacity:
             capacity = -(-(self.length + count) // self.GROW) * self.GROW
             grown = []
-            for buffer in self._buffers:
+            for buffer, minor in zip(self._buffers, self._token_minor):
                 if buffer is None:
                     grown.append(None)
                     continue
-                bigger = buffer.new_zeros(buffer.shape[0], capacity, *buffer.shape[2:])
+                bigger = self._empty(buffer, capacity, minor)
                 bigger[:, : self.length] = buffer[:, : self.length]
                 grown.append(bigger)
             self._buffers = grown
@@ -68,6 +72,14 @@ class LatentStore:
             if buffer is not None:
                 buffer[:, self.length : self.length + count] = part
         self.length += count
+
+    @staticmethod
+    def _empty(like: torch.Tensor, tokens: int, token_minor: bool) -> torch.Tensor:
+        """Zeros ``[B, tokens, *rest]`` of ``like``'s dtype and device, token-minor in memory if asked."""
+        batch, rest = like.shape[0], like.shape[2:]
+        if token_minor:  # [B, n_bytes, tokens] in memory
+            return like.new_zeros(batch, *rest, tokens).transpose(1, 2)
+        return like.new_zeros(batch, tokens, *rest)
 
     def read(self, dtype: torch.dtype, channel_scaled: bool = True) -> torch.Tensor:
         """All stored latents ``[B, T, R]`` in ``dtype`` (``channel_scaled=False``: see LatentQuantizer.dequantize)."""
@@ -92,7 +104,16 @@ class LatentStore:
 
     def select(self, fn) -> None:
         """Apply a batch selection ``fn`` to the stored tensors (the result is exactly sized)."""
-        self._buffers = [None if b is None else fn(b[:, : self.length]).contiguous() for b in self._buffers]
+        selected = []
+        for buffer, minor in zip(self._buffers, self._token_minor):
+            if buffer is None:
+                selected.append(None)
+                continue
+            chosen = fn(buffer[:, : self.length])
+            out = self._empty(chosen, chosen.shape[1], minor)
+            out.copy_(chosen)
+            selected.append(out)
+        self._buffers = selected
 
 
 def store_quantizer(codec, settings, dtype: torch.dtype) -> LatentQuantizer | DirectionQuantizer | None:

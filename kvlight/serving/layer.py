@@ -159,7 +159,9 @@ class CompressedLayer(DynamicLayer):
             else:
                 workspace = self.scratch.workspace(z_k.numel() // z_k.shape[-1] * dim, dtype, query.device)
                 keys = attention.decode_into(workspace, z_k, k_weight, k_bias, k_scale, k_zero)
-                cos, sin = self.positions.compressed_rope(self.sink_k.shape[2], n, dtype)
+                cos, sin = self.positions.compressed_rope(
+                    self.sink_k.shape[2], n, dtype, channel_major=attention.is_channel_major(keys)
+                )
                 scores.append(q @ attention.rotate_in_place(keys, cos, sin).transpose(-1, -2))
         scores.append(q @ recent_k.transpose(-1, -2))
         scores = attention.apply_mask(torch.cat(scores, dim=-1).float() * scaling, mask)
@@ -186,10 +188,8 @@ class CompressedLayer(DynamicLayer):
         if quantizer is None:
             return attention.latents_per_head(store.data.to(dtype), splits), None, None
         if store.widths:  # static codes: the decoder carries steps and offsets, attention reads the integer codes
-            gather = self.scratch.gather(self.layer_idx, kind, self.codecs[kind], quantizer)
-            codes = quantizer.virtual_codes(store.data, dtype, pad=1)  # [B, n, V + 1], the last column zero
-            batch, tokens = codes.shape[:2]
-            return codes.index_select(-1, gather).view(batch, tokens, len(splits), -1).transpose(1, 2), None, None
+            layout = self.scratch.layout(self.layer_idx, kind, self.codecs[kind], quantizer)
+            return layout.operand(store.data, dtype), None, None
         data = store.data
         if quantizer.bits != "fp8" and set(splits) == {quantizer.group_size}:
             codes = attention.latents_per_head(quantizer.codes_as(data.codes, dtype), splits)

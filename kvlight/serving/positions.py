@@ -76,6 +76,7 @@ class PositionLog:
         self.positions: torch.Tensor | None = None
         self._step = -1
         self._rope: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._rope_channel_major: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def observe(self, batch: int, new_tokens: int, device: torch.device) -> None:
         if self.tracker is None or self.tracker.step == self._step:
@@ -99,12 +100,27 @@ class PositionLog:
         self.positions = position_ids if self.positions is None else torch.cat([self.positions, position_ids], dim=1)
         self._step = None if self.tracker is None else self.tracker.step
 
-    def compressed_rope(self, first: int, count: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def compressed_rope(
+        self, first: int, count: int, dtype: torch.dtype, channel_major: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin) [B|1, 1, count, D]`` for the compressed tokens at sequence slots ``first:first+count``.
 
         Shared by every layer and extended only by the newly compressed tokens (the rotary module is not asked again
         for the whole history each step). One row serves the batch when all rows have the same positions.
+        ``channel_major``: the same values as transposed views of contiguous ``[B|1, 1, D, count]`` tables (made once
+        per table, for keys decoded channel-major; see attention.decode_into).
         """
+        cos, sin = self._compressed_rope(first, count, dtype)
+        if not channel_major:
+            return cos, sin
+        key = (first, count, dtype, cos.data_ptr(), cos.shape[0])
+        if self._rope_channel_major is None or self._rope_channel_major[0] != key:
+            cos_t, sin_t = (t.transpose(-1, -2).contiguous() for t in (cos, sin))
+            self._rope_channel_major = (key, cos_t, sin_t)
+        return tuple(t.transpose(-1, -2) for t in self._rope_channel_major[1:])
+
+    def _compressed_rope(self, first: int, count: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token-major table of :meth:`compressed_rope`, extended in place of rebuilt."""
         have = 0 if self._rope is None else self._rope[1].shape[2]
         if self._rope is None or self._rope[0] != first or have > count or self._rope[1].dtype != dtype:
             self._rope, have = None, 0
@@ -125,7 +141,9 @@ class PositionLog:
     def forget_rope(self) -> None:
         """Drop the rotation table (after a crop, a batch selection, or a reset); appends only extend it."""
         self._rope = None
+        self._rope_channel_major = None
 
     def table_tensors(self) -> list[torch.Tensor]:
         """The rotation table's tensors (decode scratch, not stored tokens)."""
-        return [] if self._rope is None else list(self._rope[1:])
+        tables = [] if self._rope is None else list(self._rope[1:])
+        return tables + ([] if self._rope_channel_major is None else list(self._rope_channel_major[1:]))

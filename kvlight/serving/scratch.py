@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvlight.serving import attention
+from kvlight.serving.widths import HeadLayout
 
 
 class DecodeScratch:
@@ -14,7 +15,7 @@ class DecodeScratch:
     def __init__(self) -> None:
         self._workspace: torch.Tensor | None = None
         self._decoders: dict[tuple[int, str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._gathers: dict[tuple[int, str], torch.Tensor] = {}
+        self._layouts: dict[tuple[int, str], HeadLayout] = {}
 
     def workspace(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A flat buffer of at least ``numel`` elements (grown with 5 % slack)."""
@@ -36,14 +37,15 @@ class DecodeScratch:
                 self._decoders[key] = attention.stacked_decoder(codec, scale, dtype)
         return self._decoders[key]
 
-    def gather(self, layer: int, kind: str, codec, quantizer) -> torch.Tensor:
-        """``[H * r_max]`` indices that lay a width codec's virtual codes out per head (attention.width_decoder)."""
+    def layout(self, layer: int, kind: str, codec, quantizer) -> HeadLayout:
+        """How a width codec's stored codes are laid out per head for attention (attention.width_decoder)."""
         key = (layer, kind)
-        if key not in self._gathers:
-            self._gathers[key] = attention.width_decoder(codec, quantizer)[2]
-        return self._gathers[key]
+        if key not in self._layouts:
+            self._layouts[key] = attention.width_decoder(codec, quantizer)[2]
+        return self._layouts[key]
 
     def tensors(self) -> list[torch.Tensor]:
         """Everything held (for the byte count of scratch)."""
         held = [] if self._workspace is None else [self._workspace]
-        return held + [t for pair in self._decoders.values() for t in pair] + list(self._gathers.values())
+        decoders = [t for pair in self._decoders.values() for t in pair]
+        return held + decoders + [t for layout in self._layouts.values() for t in layout.tensors()]

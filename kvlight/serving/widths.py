@@ -10,11 +10,12 @@ width ``b_i`` in :data:`~kvlight.compressors.widths.WIDTHS`:
 - ``16``: stored exactly, in the K/V dtype.
 
 Packing: a code of width ``b`` is split into fields of 1, 2, 4 or 8 bits (3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2)
-and the fields of one size from every channel of the layer are packed together, ``8 / f`` per byte. A
-layer then costs ``sum_f ceil(n_f * f / 8)`` bytes per token plus its exact channels: under one byte of
-padding per field size. Unpacking writes each field array as one contiguous block of "virtual channels";
-each virtual channel is one field of one logical channel, decoded with scale ``step * 2^shift``, so the
-static affine map folds into a decoder's weights (the fast decode path reads the unpacked codes directly).
+and the fields of one size from every channel of the layer are packed together, ``8 / f`` per byte, the arrays
+of every size side by side in one ``uint8 [B, T, n_bytes]`` tensor. A layer then costs ``sum_f ceil(n_f * f / 8)``
+bytes per token plus its exact channels: under one byte of padding per field size. Unpacking is table-driven
+(:class:`UnpackTable`): one gather of bytes per field, a shift and a mask, so codes land in whatever order the
+reader wants, e.g. straight into the fast decode path's per-head layout (:class:`HeadLayout`), where the static
+affine map ``offset + step * code`` is folded into the decoder's weights.
 """
 
 from __future__ import annotations
@@ -43,20 +44,19 @@ FIELD_SIZES = (8, 4, 2, 1)
 
 @dataclass
 class PackedCodes:
-    """What a width-coded store holds for ``[B, T]`` tokens: one uint8 array per field size, the exact channels."""
+    """What a width-coded store holds for ``[B, T]`` tokens: the packed fields, the exact channels."""
 
-    fields: list[torch.Tensor]  # uint8 [B, T, ceil(n_f * f / 8)], in DirectionQuantizer.plan order
+    codes: torch.Tensor  # uint8 [B, T, n_bytes]: the field arrays of every size side by side, in plan order
     exact: torch.Tensor  # [B, T, n_exact] in the K/V dtype (n_exact may be 0)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [*self.fields, self.exact]
+        return [self.codes, self.exact]
 
 
 def pack_codes(codes: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 codes ``[..., n]`` of ``size`` bits -> bytes ``[..., ceil(n * size / 8)]``.
 
-    Slot ``i`` of every byte holds codes ``[i * S, (i + 1) * S)`` (``S`` bytes per token), so unpacking writes
-    contiguous blocks instead of interleaving.
+    Code ``k`` lies in byte ``k % S`` at bit ``(k // S) * size`` (``S`` bytes per token): see :func:`field_location`.
     """
     per_byte = 8 // size
     if per_byte == 1:
@@ -70,20 +70,41 @@ def pack_codes(codes: torch.Tensor, size: int) -> torch.Tensor:
     return packed
 
 
-def unpack_into(out: torch.Tensor, packed: torch.Tensor, size: int, count: int) -> None:
-    """Write the ``count`` codes of ``packed`` (see :func:`pack_codes`) into ``out [..., count]`` (any dtype)."""
-    per_byte = 8 // size
-    if per_byte == 1:
-        out.copy_(packed[..., :count])
-        return
-    slot = packed.shape[-1]
-    mask = 2**size - 1
-    for i in range(per_byte):
-        take = min(slot, count - i * slot)
-        if take <= 0:
-            break
-        part = packed[..., :take] if i == 0 else packed[..., :take] >> (i * size)
-        out[..., i * slot : i * slot + take] = part if i == per_byte - 1 else part & mask
+def field_location(k: int, count: int, size: int) -> tuple[int, int]:
+    """``(byte, bit)`` of code ``k`` of the ``count`` codes :func:`pack_codes` packed at ``size`` bits."""
+    slot = math.ceil(count * size / 8)
+    return k % slot, (k // slot) * size
+
+
+@dataclass(frozen=True)
+class UnpackTable:
+    """How to read ``S`` integer codes out of packed bytes ``P [..., T, n_bytes]`` in a handful of whole-array ops.
+
+    Every code of width ``b`` has one field at shift 0 (``lo``) and, for widths 3, 5 and 6, one more above it
+    (``hi``): ``code = ((P[byte_hi] >> bit_hi) & mask_hi) << shift_hi | (P[byte_lo] >> bit_lo) & mask_lo``.
+    A slot with mask 0 reads as 0 (padding, or a channel stored elsewhere). Bit, mask and shift tables are
+    ``[S, 1]``, to broadcast over tokens.
+    """
+
+    byte_lo: torch.Tensor  # long [S]
+    bit_lo: torch.Tensor  # uint8 [S, 1]
+    mask_lo: torch.Tensor  # uint8 [S, 1]
+    hi: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None  # byte, bit, mask, shift; None: no hi
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """``P [B, T, n_bytes]`` (uint8) -> codes ``[B, S, T]`` (uint8), channel-major: each slot's codes are one
+        contiguous run of tokens, gathered as whole byte columns (fast when ``P`` is held token-minor)."""
+        columns = packed.transpose(-1, -2)  # [B, n_bytes, T]
+        codes = columns.index_select(-2, self.byte_lo)
+        codes.bitwise_right_shift_(self.bit_lo).bitwise_and_(self.mask_lo)
+        if self.hi is not None:
+            byte, bit, mask, shift = self.hi
+            high = columns.index_select(-2, byte)
+            codes.bitwise_or_(high.bitwise_right_shift_(bit).bitwise_and_(mask).bitwise_left_shift_(shift))
+        return codes
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.byte_lo, self.bit_lo, self.mask_lo, *(self.hi or ())]
 
 
 class DirectionQuantizer:
@@ -117,37 +138,50 @@ class DirectionQuantizer:
         self._safe_step = torch.where(coded, self.step, torch.ones_like(self.step))
         self._constant = torch.where(self._exact_mask, torch.zeros_like(self.offset), self.offset)
         coded_widths = self.widths[self.coded_index].tolist()
-        self.plan: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (field size, positions in coded, shifts)
-        channels, scales = [], []
+        #: per field size, the coded channels (positions in coded_index) with a field of that size, and its shift.
+        self.plan: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        #: per coded channel, its fields as ``(byte, bit, size, shift)`` in the packed bytes.
+        self._fields: list[list[tuple[int, int, int, int]]] = [[] for _ in coded_widths]
+        self.n_bytes = 0
         for size in FIELD_SIZES:
-            positions, shifts = [], []
-            for j, width in enumerate(coded_widths):
-                for field, shift in FIELDS[width]:
-                    if field == size:
-                        positions.append(j)
-                        shifts.append(shift)
-            if positions:
-                positions_t = torch.tensor(positions, dtype=torch.long, device=device)
-                shifts_t = torch.tensor(shifts, dtype=torch.uint8, device=device)
-                self.plan.append((size, positions_t, shifts_t))
-                logical = self.coded_index[positions_t]
-                channels.append(logical)
-                scales.append(self.step[logical] * (2.0 ** shifts_t.float()))
-        channels.append(self.exact_index)
-        scales.append(torch.ones(self.exact_index.numel(), device=device))
-        #: logical channel and scale of every virtual channel (unpacked field), in unpacking order.
-        self.virtual_channel = torch.cat(channels)
-        self.virtual_scale = torch.cat(scales)
+            members = [(j, shift) for j, width in enumerate(coded_widths) for f, shift in FIELDS[width] if f == size]
+            if not members:
+                continue
+            for k, (j, shift) in enumerate(members):
+                byte, bit = field_location(k, len(members), size)
+                self._fields[j].append((self.n_bytes + byte, bit, size, shift))
+            self.n_bytes += math.ceil(len(members) * size / 8)
+            positions = torch.tensor([j for j, _ in members], dtype=torch.long, device=device)
+            shifts = torch.tensor([shift for _, shift in members], dtype=torch.uint8, device=device)
+            self.plan.append((size, positions, shifts))
+        #: the codes of every coded channel, in coded_index order.
+        self.coded_table = self.unpack_table(list(range(len(coded_widths))))
 
-    @property
-    def num_virtual(self) -> int:
-        return int(self.virtual_channel.numel())
+    def unpack_table(self, slots: list[int | None]) -> UnpackTable:
+        """The :class:`UnpackTable` that reads coded channel ``slots[s]`` (a position in ``coded_index``; None: 0)
+        into slot ``s``."""
+        lo, hi = [], []
+        for j in slots:
+            fields = [] if j is None else self._fields[j]
+            low = [(byte, bit, 2**size - 1) for byte, bit, size, shift in fields if shift == 0]
+            high = [(byte, bit, 2**size - 1, shift) for byte, bit, size, shift in fields if shift > 0]
+            lo.append(low[0] if low else (0, 0, 0))
+            hi.append(high[0] if high else (0, 0, 0, 0))
+        device = self.step.device
+        as_bytes = lambda values: torch.tensor(values, dtype=torch.uint8, device=device).view(-1, 1)  # noqa: E731
+        byte_lo, bit_lo, mask_lo = zip(*lo) if lo else ((), (), ())
+        high = None
+        if any(mask for _, _, mask, _ in hi):
+            byte, bit, mask, shift = zip(*hi)
+            high = (torch.tensor(byte, dtype=torch.long, device=device), as_bytes(bit), as_bytes(mask), as_bytes(shift))
+        return UnpackTable(
+            torch.tensor(byte_lo, dtype=torch.long, device=device), as_bytes(bit_lo), as_bytes(mask_lo), high
+        )
 
     def bytes_per_token(self) -> int:
         """Stored bytes per token: packed fields plus exact channels."""
-        fields = sum(math.ceil(len(positions) * size / 8) for size, positions, _ in self.plan)
         itemsize = torch.empty((), dtype=self.exact_dtype).element_size()
-        return fields + int(self.exact_index.numel()) * itemsize
+        return self.n_bytes + int(self.exact_index.numel()) * itemsize
 
     def codes(self, z: torch.Tensor) -> torch.Tensor:
         """Integer codes ``[..., n_coded]`` (uint8) of the coded channels of ``z [..., R]``."""
@@ -165,30 +199,18 @@ class DirectionQuantizer:
             if bool(shifts.any()):
                 part = part >> shifts
             fields.append(pack_codes(part & (2**size - 1), size))
+        packed = torch.cat(fields, dim=-1) if fields else codes.new_zeros(*codes.shape[:-1], 0)
         # Always a tensor (maybe of 0 channels), so the packed form knows its batch and token counts.
-        return PackedCodes(fields, z[..., self.exact_index].to(self.exact_dtype))
-
-    def virtual_codes(self, packed: PackedCodes, dtype: torch.dtype, pad: int = 0) -> torch.Tensor:
-        """Unpacked fields and exact channels ``[B, T, V + pad]`` in ``dtype``, virtual-channel order; the ``pad``
-        trailing columns are zero (the fast path gathers its zero padding from them)."""
-        template = packed.exact
-        out = torch.empty(*template.shape[:-1], self.num_virtual + pad, dtype=dtype, device=template.device)
-        start = 0
-        for (size, positions, _), array in zip(self.plan, packed.fields):
-            count = positions.numel()
-            unpack_into(out[..., start : start + count], array, size, count)
-            start += count
-        out[..., start : start + packed.exact.shape[-1]] = packed.exact
-        start += packed.exact.shape[-1]
-        if pad:
-            out[..., start:].zero_()
-        return out
+        return PackedCodes(packed, z[..., self.exact_index].to(self.exact_dtype))
 
     def dequantize(self, packed: PackedCodes, dtype: torch.dtype) -> torch.Tensor:
         """:class:`PackedCodes` -> ``z_hat [B, T, R]`` in ``dtype`` (computed in float32)."""
-        virtual = self.virtual_codes(packed, torch.float32)
-        out = self._constant.expand(*virtual.shape[:-1], self.width).clone()
-        out.index_add_(-1, self.virtual_channel, virtual * self.virtual_scale)
+        tokens = packed.exact.shape[:-1]
+        out = self._constant.expand(*tokens, self.width).clone()
+        if self.coded_index.numel():
+            codes = self.coded_table.unpack(packed.codes).transpose(-1, -2).float()  # [B, T, n_coded]
+            out[..., self.coded_index] = self.offset[self.coded_index] + self.step[self.coded_index] * codes
+        out[..., self.exact_index] = packed.exact.float()
         return out.to(dtype)
 
     def fake_quantize(self, z: torch.Tensor) -> torch.Tensor:
@@ -199,6 +221,64 @@ class DirectionQuantizer:
         exact = z + (z.detach().to(self.exact_dtype).to(z.dtype) - z.detach())
         constant = self._constant.to(z.dtype).expand_as(z)
         return torch.where(self._coded_mask, coded, torch.where(self._exact_mask, exact, constant))
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where each head's stored channels land in the fast path's per-head operand ``[B, H, n, r_max]``.
+
+    ``channel [H, r_max]``: the logical channel of each row (-1: padding, reads 0); ``table`` reads the codes of the
+    coded rows (flattened ``h * r_max + j``); ``exact_slots [n_exact]``: the flat row of each exact channel, in
+    ``exact_index`` order.
+    """
+
+    channel: torch.Tensor
+    table: UnpackTable
+    exact_slots: torch.Tensor
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.channel, *self.table.tensors(), self.exact_slots]
+
+    def operand(self, packed: PackedCodes, dtype: torch.dtype) -> torch.Tensor:
+        """Stored codes and exact channels per head, ``[B, H, n, r_max]`` in ``dtype`` (integer codes, unscaled).
+
+        Channel-major: the result is the transposed view of a contiguous ``[B, H, r_max, n]`` tensor, which is how
+        the codes come out of the table (a transposing copy would cost more than the matmuls that read it).
+        """
+        heads, r_max = self.channel.shape
+        codes = self.table.unpack(packed.codes)  # [B, H * r_max, n] uint8
+        batch, tokens = codes.shape[0], codes.shape[-1]
+        out = codes.view(batch, heads, r_max, tokens).to(dtype)
+        if self.exact_slots.numel():  # exact channels read 0 from the table; their values go in by (head, row)
+            head, row = self.exact_slots // r_max, self.exact_slots % r_max
+            out[:, head, row, :] = packed.exact.to(dtype).transpose(1, 2)  # [B, n_exact, n]
+        return out.transpose(-1, -2)
+
+
+def head_layout(quantizer: DirectionQuantizer, splits: list[int]) -> HeadLayout:
+    """The :class:`HeadLayout` of a quantizer whose ``R`` channels are the heads' latents side by side (``splits``)."""
+    starts = [sum(splits[:h]) for h in range(len(splits))]
+    widths = quantizer.widths.tolist()
+    coded_position = {c: j for j, c in enumerate(quantizer.coded_index.tolist())}
+    exact_position = {c: e for e, c in enumerate(quantizer.exact_index.tolist())}
+    rows = [[c for c in range(start, start + rank) if widths[c] > 0] for start, rank in zip(starts, splits)]
+    r_max = max(1, max(len(r) for r in rows))
+    channel = torch.full((len(splits), r_max), -1, dtype=torch.long)
+    slots: list[int | None] = []
+    exact_slots = [0] * len(exact_position)
+    for h, members in enumerate(rows):
+        channel[h, : len(members)] = torch.tensor(members, dtype=torch.long)
+        for j in range(r_max):
+            c = members[j] if j < len(members) else None
+            slots.append(coded_position.get(c))
+            if c in exact_position:
+                exact_slots[exact_position[c]] = h * r_max + j
+    device = quantizer.step.device
+    return HeadLayout(
+        channel.to(device),
+        quantizer.unpack_table(slots),
+        torch.tensor(exact_slots, dtype=torch.long, device=device),
+    )
 
 
 def padded_bytes_per_token(widths: list[list[int]], exact_itemsize: int = 2) -> int:

@@ -22,7 +22,13 @@ from kvlight.errors import ConfigError
 from kvlight.geometry import kv_geometry
 from kvlight.serving.cache import CacheSettings, CompressedCache
 from kvlight.serving.positions import PositionTracker
-from kvlight.serving.widths import FIELDS, DirectionQuantizer, direction_quantizer, padded_bytes_per_token
+from kvlight.serving.widths import (
+    FIELDS,
+    DirectionQuantizer,
+    direction_quantizer,
+    head_layout,
+    padded_bytes_per_token,
+)
 
 
 def quantizer_for(widths: list[int], seed: int = 0, exact_dtype=torch.float32):
@@ -67,6 +73,33 @@ def test_mixed_widths_bytes_match_the_formula_and_values_round_trip():
         z[..., coded] <= quantizer.offset[coded] + quantizer.step[coded] * levels
     )
     assert (error[inside] <= quantizer.step[coded].expand_as(error)[inside] / 2 + 1e-5).all()
+
+
+@pytest.mark.parametrize(
+    "splits, widths",
+    [
+        ([5, 5, 5], [16, 8, 6, 0, 1] + [5, 4, 3, 2, 0] + [0, 0, 16, 3, 3]),  # heads with 4, 4 and 3 stored channels
+        ([4, 4], [2, 2, 2, 2] + [16, 16, 0, 0]),  # no field above shift 0; a head of exact channels only
+        ([3, 3], [0, 0, 0] + [4, 1, 8]),  # a head with nothing stored: all padding
+    ],
+)
+def test_the_per_head_operand_holds_each_heads_codes_in_order(splits, widths):
+    """The fast path's operand: row j of head h is the code (or exact value) of that head's j-th stored channel."""
+    quantizer, center, sigma = quantizer_for(widths)
+    z = center + sigma * torch.randn(2, 9, len(widths))
+    packed = quantizer.quantize(z)
+    layout = head_layout(quantizer, splits)
+    operand = layout.operand(packed, torch.float32)  # [B, H, n, r_max]
+    codes = torch.zeros(2, 9, len(widths))
+    codes[..., quantizer.coded_index] = quantizer.codes(z).float()
+    codes[..., quantizer.exact_index] = z[..., quantizer.exact_index]
+    start = 0
+    for h, rank in enumerate(splits):
+        stored = [c for c in range(start, start + rank) if widths[c] > 0]
+        assert layout.channel[h, : len(stored)].tolist() == stored
+        assert torch.equal(operand[:, h, :, : len(stored)], codes[..., stored])
+        assert not operand[:, h, :, len(stored) :].any()  # padding rows read zero
+        start += rank
 
 
 def test_fake_quantize_gives_the_stored_values_and_passes_gradients_where_stored():
