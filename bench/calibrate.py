@@ -53,6 +53,7 @@ def calibrate_run(algo: str, work: Path, extra: list[str]) -> dict:
     env = dict(os.environ, KVLIGHT_CACHE=str(work / f"cache-{algo}"))
     output = work / f"out-{algo}"
     command = [sys.executable, "-m", "kvlight.cli", "calibrate", "--compressor", algo, "--output-dir", str(output)]
+    command.append("--overwrite")  # a reused --work-dir holds this benchmark's own earlier runs
     start = time.perf_counter()
     done = subprocess.run(command + extra, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start

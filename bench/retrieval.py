@@ -231,7 +231,8 @@ def write(results: dict) -> None:
         "# Retrieval: passkey and long-range copy through the compressed cache",
         "",
         f"Machine: {results['machine']}  ",
-        "Commands: " + "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in results["rows"])),
+        "Commands: "
+        + "; ".join(f"`{c}`" for c in dict.fromkeys(c for r in results["rows"] for c in r["command"].split(" ; "))),
         "",
         "Protocol: embedded default SmolLM2-135M-Instruct, prose from the standard library's docstrings (not the "
         "calibration text). Passkey: a 5-digit key at 10/50/90 % depth of "
@@ -245,7 +246,7 @@ def write(results: dict) -> None:
         "|---|---|---|" + "---|" * len(cells) + "---|---|",
     ]
     for r in results["rows"]:
-        per_cell = " | ".join(f"{100 * r['passkey_cells'][c]:.0f}" for c in cells)
+        per_cell = " | ".join(f"{100 * r['passkey_cells'][c]:.0f}" if c in r["passkey_cells"] else "-" for c in cells)
         lines.append(
             f"| {r['method']} | {r['setting']} | {100 * r['passkey']:.1f} % | {per_cell} | "
             f"{r['copy_perplexity']:.3f} | {100 * r['copy_accuracy']:.1f} % |"
@@ -276,10 +277,31 @@ def main() -> None:
     results = run(args)
     previous = RESULTS / "retrieval.json"
     if args.merge and previous.exists():
-        measured = {(r["method"], r["setting"]) for r in results["rows"]}
-        kept = [r for r in json.loads(previous.read_text())["rows"] if (r["method"], r["setting"]) not in measured]
-        results["rows"] = kept + results["rows"]
+        results = merged(json.loads(previous.read_text()), results)
     write(results)
+
+
+def merged(old: dict, new: dict) -> dict:
+    """``new`` with the rows and passkey cells of ``old`` it did not measure again.
+
+    A row measured again at other lengths keeps its old cells beside the new ones (the passkey column is then the
+    mean over every cell it has: each cell holds the same number of prompts); its copy numbers are the new run's.
+    """
+    if old.get("prompts", PROMPTS) != new["prompts"]:
+        raise SystemExit("--merge: retrieval.json was measured with another --prompts; rerun every row instead")
+    fresh = {(r["method"], r["setting"]): r for r in new["rows"]}
+    rows = []
+    for row in old["rows"]:
+        again = fresh.pop((row["method"], row["setting"]), None)
+        if again is None:
+            rows.append(row)
+            continue
+        cells = {**row["passkey_cells"], **again["passkey_cells"]}
+        commands = dict.fromkeys([*row.get("command", "").split(" ; "), again["command"]])
+        rows.append({**again, "passkey_cells": cells, "passkey": sum(cells.values()) / len(cells),
+                     "command": " ; ".join(c for c in commands if c)})  # fmt: skip
+    lengths = sorted(set(old.get("lengths", LENGTHS)) | set(new["lengths"]))
+    return {**new, "lengths": lengths, "rows": rows + list(fresh.values())}
 
 
 if __name__ == "__main__":

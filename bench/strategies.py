@@ -60,7 +60,7 @@ def calibrate(config: Path, work: Path, args: argparse.Namespace) -> dict:
     out = work / config.stem
     run(
         [
-            "calibrate", "--compressor", "pca", "--config", str(config), "--output-dir", str(out),
+            "calibrate", "--compressor", "pca", "--config", str(config), "--output-dir", str(out), "--overwrite",
             "--calibration-samples", str(args.calibration_samples), "--eval-samples", str(args.eval_samples),
             "--seq-len", "512", "--sink-tokens", str(args.sink_tokens), "--model-dtype", args.model_dtype,
         ]

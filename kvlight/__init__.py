@@ -1,15 +1,38 @@
 """kvlight: post-hoc KV-cache compression for frozen Hugging Face causal LMs.
 
 Importing kvlight changes nothing in transformers or torch, and loads neither Lightning nor ``datasets``. What a
-:class:`CompressedKVModelWrapper` changes on its model, until ``close()`` restores it: one forward pre-hook on the
-rotary module (to see the position ids the model really uses) and, with ``fast_decode=True``, the attention
-implementation (``kvlight_sdpa`` / ``kvlight_eager``, registered in transformers' ``AttentionInterface``).
+:class:`~kvlight.serving.wrapper.CompressedKVModelWrapper` changes on its model, until ``close()`` restores it: one
+forward pre-hook on the rotary module (to see the position ids the model really uses) and, with ``fast_decode=True``,
+the attention implementation (``kvlight_sdpa`` / ``kvlight_eager``, registered in transformers' ``AttentionInterface``).
 """
 
-from kvlight.compressors.compressor import KVCompressor, KVSpliceCompressor, PCACompressor, load_compressor
-from kvlight.config import CompressionConfig
 from kvlight.errors import KVLightError
-from kvlight.serving.wrapper import CompressedKVModelWrapper
+
+#: The public names and the module each comes from, imported on first use (PEP 562): `kvlight --help` and every
+#: command's argument errors then answer in a fraction of a second instead of first importing torch and transformers.
+_LAZY = {
+    "CompressedKVModelWrapper": "kvlight.serving.wrapper",
+    "CompressionConfig": "kvlight.config",
+    "KVCompressor": "kvlight.compressors.compressor",
+    "KVSpliceCompressor": "kvlight.compressors.compressor",
+    "PCACompressor": "kvlight.compressors.compressor",
+    "load_compressor": "kvlight.compressors.compressor",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'kvlight' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "CompressedKVModelWrapper",

@@ -44,3 +44,7 @@ class CaptureError(KVLightError):
 
 class MetricsError(KVLightError):
     """Imported sensitivity metrics (CSV, JSON, W&B) are malformed or do not fit the model."""
+
+
+class CheckpointError(KVLightError):
+    """A Lightning checkpoint cannot be read safely: unreadable, truncated, or holding more than plain data."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -78,15 +77,11 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """Have ``write(temporary_path)`` produce the file (e.g. a library's ``save_file``), then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+def remove_stale_temporaries(directory: Path) -> None:
+    """Delete the temp files a killed :func:`atomic_write_bytes` left in ``directory`` (``.<name>.<random>.tmp``).
+
+    Only for a directory the caller now writes alone (a capture starting over): another writer's temp file there
+    would be deleted under it.
+    """
+    for stale in Path(directory).glob(".*.tmp"):
+        stale.unlink(missing_ok=True)

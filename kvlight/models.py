@@ -163,6 +163,11 @@ def _unreachable_message(name: str | None, path: str, exc: Exception) -> str:
     return (
         f"could not load model {name or EMBEDDED_DEFAULT!r} (tried {path!r} as a local path and as a hub id): "
         f"{reason[:200]}; pass a local directory, a .gguf file, or omit --model for the embedded default"
+        + (
+            ""
+            if os.environ.get("HF_HUB_OFFLINE")
+            else " (offline? set HF_HUB_OFFLINE=1 to fail at once, without retries)"
+        )
     )
 
 

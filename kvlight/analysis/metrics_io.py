@@ -157,6 +157,8 @@ def read_metrics_file(path: str | Path, geometry: KVGeometry, run_name: str | No
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise MetricsError(f"{where} is not valid JSON: {exc}") from None
+        except ValueError:  # an integer beyond Python's 4300-digit conversion limit: no metric takes one
+            raise MetricsError(f"{where} holds an integer too long to be a metric") from None
         except RecursionError:
             raise MetricsError(f"{where} is nested too deeply to be a metrics file") from None
         return metrics_from_json_data(data, geometry, where, run_name)
@@ -310,8 +312,8 @@ def _heads(geometry: KVGeometry):
 
 def _index(value: Any, name: str, size: int, where: str) -> int:
     text = str(value).strip().lower().removeprefix(name) if value is not None else ""
-    if not text.isdigit():
-        raise MetricsError(f"{where}: {name} {value!r} is not an index (use 3 or '{name}3')")
+    if not text.isdecimal() or len(text) > 9:  # "²" passes isdigit but not int(); 10+ digits are no layer
+        raise MetricsError(f"{where}: {name} {str(value)[:20]!r} is not an index (use 3 or '{name}3')")
     index = int(text)
     if index >= size:
         raise MetricsError(f"{where}: {name} {index} does not exist in the model ({name}s 0..{size - 1})")

@@ -7,6 +7,8 @@ Neither the module nor the DataModule calls the other: these callbacks read what
 - :class:`CaptureKV` (``on_fit_start``): capture-then-stream. Run the frozen model once over this process's
   calibration windows into checksummed shards (reused when intact), then give the DataModule its K/V stream and the
   module a :class:`Capture` (the rows its step search reads, the windows distillation reads, the query moments).
+
+One more, about checkpoints rather than the data: :class:`SafeCheckpoints` (kvlight.calibration.checkpoints).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from kvlight.analysis.bit_allocation import allocate_bits
 from kvlight.analysis.sensitivity import measure_sensitivity
+from kvlight.calibration import checkpoints
 from kvlight.calibration.capture import CapturePlan, capture_to_shards, load_query_moments
 from kvlight.calibration.frozen import same_forward_count
 from kvlight.calibration.shards import load_manifest, num_rows
@@ -54,6 +57,32 @@ def _datamodule(trainer):
     if datamodule is None or not hasattr(datamodule, "stream_shards"):
         raise KVLightError("kvlight fit needs the KVCalibrationDataModule (data: in the YAML)")
     return datamodule
+
+
+class SafeCheckpoints(pl.Callback):
+    """Checkpoints written whole and read as plain data (``setup``, before Lightning restores ``ckpt_path``), a killed
+    save's temp files removed (``on_fit_start``), and the final step always in ``last.ckpt`` (``on_train_end``)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        checkpoints.install(trainer.strategy)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # The checkpoint directories are resolved by now, and this fit is their one writer (rank 0 saves).
+        if trainer.is_global_zero:
+            for callback in trainer.checkpoint_callbacks:
+                checkpoints.remove_stale_temporaries(getattr(callback, "dirpath", None))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        if trainer.fast_dev_run:
+            return
+        # With every_n_train_steps, Lightning saves nothing at epoch ends, and at the end only when it never saved:
+        # the steps after the last multiple of N would be missing from last.ckpt, and a resume would redo them.
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.save_last:
+                if callback._last_global_step_saved != trainer.global_step:
+                    callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
 
 
 class AllocateWidths(pl.Callback):

@@ -8,6 +8,7 @@ most ``max_samples_per_head`` per head), written as checksummed shards that late
 from __future__ import annotations
 
 import io
+import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,7 @@ def load_query_moments(directory: Path) -> dict | None:
     path = Path(directory) / QUERY_FILE
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError):
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):  # damaged: captured again
         return None
     if not isinstance(saved, dict) or not isinstance(saved.get("sums"), torch.Tensor) or "count" not in saved:
         return None

@@ -35,6 +35,40 @@ def default_capture_dir() -> Path:
     return base / "captures"
 
 
+def max_positions(model: str | None) -> int | None:
+    """The most positions ``model``'s config says it takes, read from local files only (no hub request: a model
+    not on disk is checked when it loads). None when the config says nothing or is not at hand."""
+    from transformers import AutoConfig
+
+    local = Path(str(model)).expanduser()
+    path, gguf = (str(local) if local.exists() else str(model)), None
+    if model is None or path.endswith(".gguf"):  # the embedded default (converted on first use) or a GGUF file
+        from kvlight.models import resolve_model_path
+
+        path, gguf = resolve_model_path(model)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, **({"gguf_file": gguf} if gguf else {}))
+    except (OSError, ValueError):
+        return None
+    config = getattr(config, "text_config", None) or config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(model: str | None, seq_len: int) -> None:
+    """Refuse windows longer than the model's positions before any text is read: GPT-2 would fail on an index
+    deep in its forward, and RoPE models would run silently past what they were trained on."""
+    limit = max_positions(model)
+    if limit is not None and seq_len > limit:
+        raise DataLoadError(
+            f"--seq-len {seq_len} is longer than the {limit} positions model {model or 'embedded default'!r} takes; "
+            f"pass --seq-len {limit} or less"
+        )
+
+
 class _WindowBatches(IterableDataset):
     """Consecutive ``[B, seq_len]`` batches of in-memory windows.
 
@@ -134,8 +168,11 @@ class KVCalibrationDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         # Named as the user sets them: the kvlight calibrate flag where one exists, else the LightningCLI key.
+        if seq_len < 2:  # a window of one token predicts nothing: its perplexity would read 1.00
+            raise DataLoadError(
+                f"--seq-len must be at least 2 (perplexity scores each token after the first), got {seq_len}"
+            )
         positive = {
-            "--seq-len": seq_len,
             "--batch-size": batch_size,
             "--max-samples-per-head": max_samples_per_head,
             "data.kv_batch_size": kv_batch_size,
@@ -170,10 +207,13 @@ class KVCalibrationDataModule(pl.LightningDataModule):
         """Tokenize the source into evaluation and calibration windows (once; later calls reuse them)."""
         if self._eval_windows is not None:
             return
+        ask = self.tokenizer is None or self.hparams.model is not None  # a tokenizer set by hand has no model to ask
         if self.tokenizer is None:
             from kvlight.models import load_tokenizer
 
             self.tokenizer = load_tokenizer(self.hparams.model)
+        if ask:  # after the tokenizer: a hub model's config is on disk by then (fetched with it), no text read yet
+            check_seq_len(self.hparams.model, self.hparams.seq_len)
         hp = self.hparams
         self._eval_windows, self._calibration_windows = eval_and_calibration_windows(
             lambda: iter_texts(hp.dataset, hp.dataset_config, hp.split, hp.text_field),

@@ -17,8 +17,9 @@ import lightning.pytorch as pl
 import torch
 from torchmetrics import SumMetric
 
-from kvlight.calibration.callbacks import AllocateWidths, Capture, CaptureKV
+from kvlight.calibration.callbacks import AllocateWidths, Capture, CaptureKV, SafeCheckpoints
 from kvlight.calibration.distill import distillation_loss, latent_quantizers, warmup_cosine
+from kvlight.calibration.divergence import DivergedError, check_finite, first_bad_head
 from kvlight.calibration.frozen import shard
 from kvlight.calibration.objectives import (
     check_objectives,
@@ -127,7 +128,23 @@ class KVCalibrationModule(pl.LightningModule):
         # Stateless, so the ones a fit attached serve a later validate on the same Trainer (returned again, Lightning
         # would replace them and say so on every `kvlight calibrate`).
         attached = {type(callback) for callback in self._trainer.callbacks} if self._trainer is not None else set()
-        return [callback for callback in (AllocateWidths(), CaptureKV()) if type(callback) not in attached]
+        ours = (SafeCheckpoints(), AllocateWidths(), CaptureKV())
+        return [callback for callback in ours if type(callback) not in attached]
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
+        """Lightning's, reading the file as plain data only whatever ``weights_only`` says (a crafted checkpoint
+        cannot run code) and refusing an unreadable or unsafe one with a one-line CheckpointError."""
+        from kvlight.calibration.checkpoints import load_checkpoint_file
+
+        kwargs.pop("weights_only", None)
+        start = checkpoint_path.tell() if hasattr(checkpoint_path, "seek") else None  # a file object is read twice
+        load_checkpoint_file(checkpoint_path, map_location or "cpu")  # refuses before Lightning unpickles anything
+        if start is not None:
+            checkpoint_path.seek(start)
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location, hparams_file, strict, weights_only=True, **kwargs
+        )
 
     def _shape(self) -> tuple[int, int, int]:
         return self.geometry.num_layers, self.geometry.num_kv_heads, self.geometry.head_dim
@@ -239,6 +256,7 @@ class KVCalibrationModule(pl.LightningModule):
         self.compressor.finalize_statistics(self._key_weights, self._value_weights)
         if self.compressor.has_widths:
             self._calibrate_steps()
+        check_finite(self.compressor, "after the statistics pass", "raise --max-samples-per-head/--calibration-samples")
 
     def _calibrate_steps(self) -> None:
         """The static steps of width codecs: one more read of (up to STEP_ROWS of) this process's captured rows, now
@@ -289,6 +307,8 @@ class KVCalibrationModule(pl.LightningModule):
                     torch.distributed.all_reduce(param.grad)
                     param.grad /= self.trainer.world_size
         optimizer.step()
+        lr = self.objective_options.lr
+        check_finite(self.compressor, f"after optimizer step {self.global_step}", f"lower --lr (it is {lr:g})")
         if kl:
             self.lr_schedulers().step()  # manual optimization: Lightning steps no scheduler itself
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=keys.shape[0])
@@ -351,6 +371,9 @@ class KVCalibrationModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         baseline = float(self.ppl_baseline.compute())
         compressed = float(self.ppl_compressed.compute())
+        if not math.isfinite(compressed):  # weights that pass the fit's checks can still overflow in the cache
+            where = first_bad_head(self.compressor) or "no head's weights are NaN, yet the compressed cache overflows"
+            raise DivergedError(f"the compressed perplexity is {compressed} ({where}); refit with a lower --lr")
         stored, full = float(self.bytes_compressed.compute()), float(self.bytes_dynamic.compute())
         self.results = {
             "baseline_perplexity": baseline,

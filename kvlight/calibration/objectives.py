@@ -26,7 +26,8 @@ def resolve_config(options: CompressionOptions, geometry: KVGeometry) -> Compres
 
     With no config and no rank the result is uniform widths at ``target_memory_reduction`` (default
     :data:`~kvlight.config.RECOMMENDED`'s, 4 sinks, no recent window): the placeholder the allocation at the start of
-    ``fit`` replaces (kvlight.calibration.callbacks.AllocateWidths). ``sink_tokens``, ``recent_window``,
+    ``fit`` replaces (kvlight.calibration.callbacks.AllocateWidths). Ranks keep those exact tokens too, and a kind
+    without a rank (``rank_k`` alone) keeps every direction. ``sink_tokens``, ``recent_window``,
     ``latent_bits`` and ``quant_group_size`` override what the config says when given.
     """
     shape = (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
@@ -41,10 +42,15 @@ def resolve_config(options: CompressionOptions, geometry: KVGeometry) -> Compres
         sinks, recent = RECOMMENDED["sink_tokens"], RECOMMENDED["recent_window"]
         config = uniform_bits(geometry, target).to_config("pca", sink_tokens=sinks, recent_window=recent)
     elif options.config is None:
+        # A rank changes only what it names: --rank-k alone leaves the values at full rank, and the exact tokens
+        # stay the recommended ones (a bare rank used to drop the sinks and copy rank_k onto the values).
         rank, rank_k, rank_v = options.rank, options.rank_k, options.rank_v
-        rank_k = rank_k if rank_k is not None else (rank if rank is not None else rank_v)
-        rank_v = rank_v if rank_v is not None else (rank if rank is not None else rank_k)
-        config = CompressionConfig.uniform(*shape, rank_k=rank_k, rank_v=rank_v)
+        rank_k = rank_k if rank_k is not None else (rank if rank is not None else geometry.head_dim)
+        rank_v = rank_v if rank_v is not None else (rank if rank is not None else geometry.head_dim)
+        sinks, recent = RECOMMENDED["sink_tokens"], RECOMMENDED["recent_window"]
+        config = CompressionConfig.uniform(
+            *shape, rank_k=rank_k, rank_v=rank_v, sink_tokens=sinks, recent_window=recent
+        )
     elif isinstance(options.config, dict):
         config = CompressionConfig.from_dict(options.config)
     else:

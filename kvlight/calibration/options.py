@@ -7,6 +7,7 @@ help come from here), so a default cannot differ between the two. Plain data: a 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -43,8 +44,8 @@ class CompressionOptions:
             cache's bytes at long context (None: the recommended 0.76).
         bits_weighting: how that allocation weighs a direction's error (kvlight.analysis.bit_allocation.WEIGHTINGS).
         sensitivity_samples: calibration windows the sensitivity pass of that allocation measures.
-        sink_tokens: first positions kept exact (None: the config's; widths by default: 4).
-        recent_window: newest positions kept exact (None: the config's; widths by default: 0).
+        sink_tokens: first positions kept exact (None: a config file's, else the recommended 4, ranks included).
+        recent_window: newest positions kept exact (None: a config file's, else the recommended 0).
         latent_bits: rank configs: store latents as 8, 4, 2 (integer codes with per-token group scales) or "fp8".
         quant_group_size: rank configs: latent channels sharing one scale and zero point.
     """
@@ -108,6 +109,10 @@ class ObjectiveOptions:
         _one_of(self, "value_objective", VALUE_OBJECTIVES)
         _at_least(self, "distill_batch_size", 1)
         _at_least(self, "score_window", 1, optional=True, what="a positive number of tokens")
+        lr = self.lr
+        # Adam takes nan and inf without complaint and fills every weight with NaN; a negative rate ascends.
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise ConfigError(f"lr must be a positive finite number such as 1e-3, got {lr!r}")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from kvlight.errors import CaptureError, OutputError
-from kvlight.files import atomic_write_bytes, fsync_directory
+from kvlight.files import atomic_write_bytes, fsync_directory, remove_stale_temporaries
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "kvlight-kv-shards"
@@ -49,7 +49,8 @@ def write_shards(
 
     Rows are written in the order given (shuffle before calling if needed). The manifest is written last, so a
     directory whose manifest is missing or does not match its shards is never trusted (see :func:`load_manifest`).
-    A previous capture in the same directory is invalidated first and its leftover shards removed at the end.
+    A previous capture in the same directory is invalidated first (with the temp files a killed one left) and its
+    leftover shards removed at the end.
 
     Args:
         directory: Destination, created if missing.
@@ -81,6 +82,7 @@ def write_shards(
     try:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / MANIFEST_NAME).unlink(missing_ok=True)
+        remove_stale_temporaries(directory)  # a killed capture's half-written files; this capture owns the directory
         for index, start in enumerate(range(0, num, rows_per_shard)):
             name = _SHARD_PATTERN.format(index)
             shard = {

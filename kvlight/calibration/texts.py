@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -202,7 +203,12 @@ def iter_texts(
     try:
         stream = datasets.load_dataset(dataset, config, split=split, streaming=True)
     except Exception as error:
-        raise DataLoadError(f"could not load {where} from the hub: {_short_reason(error)}; {_SOURCE_HINT}") from error
+        offline = (
+            "" if os.environ.get("HF_DATASETS_OFFLINE") else " (offline? set HF_DATASETS_OFFLINE=1 to fail at once)"
+        )
+        raise DataLoadError(
+            f"could not load {where} from the hub: {_short_reason(error)}; {_SOURCE_HINT}{offline}"
+        ) from error
     return _rows(stream, text_field, f"{where} from the hub", _SOURCE_HINT)
 
 

@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
             print(_usage(), file=sys.stdout if argv else sys.stderr, end="")
             return 0 if argv else 2
         command, rest = argv[0], argv[1:]
+        from kvlight.cli.quiet import quiet
+
+        quiet()
         # Each command imports what it runs: `kvlight config` does not pay for importing Lightning.
         if command in LIGHTNING_COMMANDS:
             from kvlight.cli.lightning import lightning_cli
@@ -64,4 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         raise KVLightError(f"unknown command {command!r}; the commands are {', '.join(COMMANDS)}")
     except KVLightError as exc:
         print(f"kvlight: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # A full disk is the user's to fix, wherever the write was (outputs, TensorBoard, checkpoints, captures);
+        # every other OSError is left to show its traceback.
+        from kvlight.cli.preflight import no_space
+
+        error = no_space(exc)
+        if error is None:
+            raise
+        print(f"kvlight: error: {error}", file=sys.stderr)
         return 2

@@ -41,7 +41,7 @@ from kvlight.analysis.sensitivity import measure_sensitivity
 from kvlight.calibration.datamodule import KVCalibrationDataModule
 from kvlight.calibration.module import KVCalibrationModule
 from kvlight.calibration.options import CompressionOptions, RuntimeOptions
-from kvlight.cli.flags import DATA_FLAGS, add_flags, build, flags, parse, to_arguments
+from kvlight.cli.flags import DATA_FLAGS, OneLineParser, add_flags, build, flags, parse, to_arguments
 from kvlight.compressors.registry import backend_names
 from kvlight.config import RECOMMENDED
 from kvlight.errors import ConfigError
@@ -148,7 +148,7 @@ def source_parser():
 def main(argv: list[str]) -> int:
     """Parse ``kvlight analyze``'s flags and run it (:func:`run_analyze`)."""
     source = source_parser()
-    cli = argparse.ArgumentParser(
+    cli = OneLineParser(
         prog="kvlight analyze", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_flags(cli, FLAGS, source)
@@ -167,7 +167,7 @@ def _arguments(config) -> argparse.Namespace:
     if target is None:  # the recommended widths, or the upstream design's half of the cache for ranks
         target = RECOMMENDED["target_memory_reduction"] if bits else 0.5
     sinks = compression.sink_tokens
-    sinks = (RECOMMENDED["sink_tokens"] if bits else 0) if sinks is None else sinks
+    sinks = RECOMMENDED["sink_tokens"] if sinks is None else sinks  # ranks too: a rank config keeps the sinks
     recent = compression.recent_window
     recent = RECOMMENDED["recent_window"] if recent is None else recent
     return argparse.Namespace(

@@ -7,7 +7,6 @@ calibrate`` and ``kvlight fit`` share every type and default.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -18,9 +17,11 @@ from kvlight.analysis.metrics_io import metrics_to_json
 from kvlight.calibration.datamodule import KVCalibrationDataModule
 from kvlight.calibration.module import KVCalibrationModule
 from kvlight.calibration.windows import shard_for_rank
-from kvlight.cli.flags import DATA_FLAGS, add_flags, flags, named, parse, to_arguments
+from kvlight.cli.flags import DATA_FLAGS, OneLineParser, add_flags, flags, named, parse, to_arguments
+from kvlight.cli.preflight import check_hardware, trainer_errors
 from kvlight.errors import ConfigError
-from kvlight.files import atomic_torch_save, atomic_write_text, ensure_writable
+from kvlight.files import atomic_torch_save, atomic_write_text
+from kvlight.outputs import OutputSet
 
 
 @dataclass(frozen=True)
@@ -30,13 +31,16 @@ class CalibrateRun:
     Args:
         epochs: training epochs after the statistics pass (trainable backends; with objective kl: passes over the
             calibration windows).
-        output_dir: where results, compressor, config, checkpoint and TensorBoard logs go.
+        output_dir: where results, compressor, config, checkpoint and TensorBoard logs go (one set: staged beside
+            it and renamed into place at the end, see kvlight.outputs).
         seed: seed of everything (row sampling, shuffling, random starts).
+        overwrite: replace the previous run's files in a non-empty output_dir (refused without it).
     """
 
     epochs: int = 10
     output_dir: str = "compression_results"
     seed: int = 0
+    overwrite: bool = False
 
 
 FLAGS = DATA_FLAGS + flags(
@@ -67,6 +71,7 @@ FLAGS = DATA_FLAGS + flags(
     ("--epochs", "calibrate.epochs"),
     ("--seed", ("calibrate.seed", "data.seed")),
     ("--output-dir", "calibrate.output_dir"),
+    ("--overwrite", "calibrate.overwrite", "true"),
 )
 
 
@@ -90,13 +95,23 @@ def source_parser():
 def main(argv: list[str]) -> int:
     """fit + validate; prints the five result lines of the upstream design's step 2 and writes results, compressor and checkpoint."""
     source = source_parser()
-    cli = argparse.ArgumentParser(
-        prog="kvlight calibrate", description="fit + validate in one go (the upstream design's step 2)"
-    )
+    cli = OneLineParser(prog="kvlight calibrate", description="fit + validate in one go (the upstream design's step 2)")
     add_flags(cli, FLAGS, source)
     config = parse(source, to_arguments(cli.parse_args(argv), FLAGS), FLAGS)
     run = CalibrateRun(**vars(config.calibrate))
-    output = ensure_writable(Path(run.output_dir))
+    check_hardware(config.trainer.accelerator, config.trainer.devices, "--")  # before anything loads or is written
+    # Everything is written into a staging directory and published at the end: a refused, failed or killed run
+    # leaves the previous set (or nothing), never a mix (kvlight.outputs).
+    outputs = OutputSet(Path(run.output_dir), run.overwrite)
+    staging = outputs.stage()
+    try:
+        return _calibrate(source, config, run, staging, outputs)
+    finally:
+        outputs.close()
+
+
+def _calibrate(source, config, run: CalibrateRun, output: Path, outputs: OutputSet) -> int:
+    """main's work, every file written under ``output`` (the staging directory of ``outputs``)."""
     import lightning.pytorch as pl
 
     pl.seed_everything(run.seed, verbose=False)
@@ -107,7 +122,8 @@ def main(argv: list[str]) -> int:
     module, data = built.model, built.data
     # Read the data before the Trainer exists: a bad source then fails with one line and writes no logs.
     data.setup("fit")
-    trainer = _trainer(vars(config.trainer), output)
+    with trainer_errors("--"):
+        trainer = _trainer(vars(config.trainer), output)
     epochs = 1 + (run.epochs if module.compressor.trainable else 0)
     trainer.fit_loop.max_epochs = epochs
     objective = module.objective_options
@@ -122,7 +138,8 @@ def main(argv: list[str]) -> int:
     trainer.validate(module, datamodule=data, verbose=False)
     if trainer.global_rank != 0:
         return 0
-    _write(module, data, config, output, calibration_seconds)
+    _write(module, data, config, output, calibration_seconds, outputs.directory)
+    outputs.publish()
     return 0
 
 
@@ -145,8 +162,9 @@ def _trainer(settings: dict, output: Path):
     return pl.Trainer(**{**settings, **fixed})
 
 
-def _write(module, data, config, output: Path, calibration_seconds: float) -> None:
-    """The results JSON, the compressor (``.pt`` and safetensors directory), its config, the five lines."""
+def _write(module, data, config, output: Path, calibration_seconds: float, shown: Path) -> None:
+    """The results JSON, the compressor (``.pt`` and safetensors directory), its config, the five lines; written
+    under ``output``, named as under ``shown`` (where they are published)."""
     algo = module.compression_options.compressor or module.compressor.config.algo_default
     objective = module.objective_options
     results = dict(module.results)
@@ -167,7 +185,7 @@ def _write(module, data, config, output: Path, calibration_seconds: float) -> No
             "value_objective": objective.value_objective,
             "objective": objective.objective,
             "compression_config": module.compressor.config.to_dict(),
-            "checkpoint": str(output / "checkpoints" / "last.ckpt"),
+            "checkpoint": str(shown / "checkpoints" / "last.ckpt"),
         }
     )
     if module.allocation_metrics is not None:
@@ -178,7 +196,7 @@ def _write(module, data, config, output: Path, calibration_seconds: float) -> No
         weighting = module.compression_options.bits_weighting
         print(
             f"Allocated widths:       {16 * (1 - reduction):.2f} bits per element ({weighting}, sensitivity "
-            f"pass {module.allocation_seconds:.1f}s; metrics in {output}/fim_metrics.json)"
+            f"pass {module.allocation_seconds:.1f}s; metrics in {shown}/fim_metrics.json)"
         )
     atomic_torch_save(module.compressor.state_dict(), output / f"compressor_{algo}.pt")
     module.compressor.save_pretrained(output / f"compressor_{algo}")
@@ -192,4 +210,4 @@ def _write(module, data, config, output: Path, calibration_seconds: float) -> No
         versus += f"; {results['memory_savings_vs_fp16_pct']:.1f}% vs fp16"
     print(f"Memory savings:         {results['memory_savings_pct']:.1f}% ({versus})")
     print(f"Calibration time:       {calibration_seconds:.1f}s")
-    print(f"Results saved to {output}/calibration_results_{algo}.json and {output}/compressor_{algo}.pt")
+    print(f"Results saved to {shown}/calibration_results_{algo}.json and {shown}/compressor_{algo}.pt")

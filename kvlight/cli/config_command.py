@@ -6,15 +6,14 @@ what only this command has is :class:`UniformConfig`.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvlight.calibration.options import CompressionOptions
-from kvlight.cli.flags import add_flags, build, flags, parse, to_arguments
+from kvlight.cli.flags import OneLineParser, add_flags, build, flags, parse, to_arguments
 from kvlight.compressors.registry import backend_names
-from kvlight.config import CompressionConfig
-from kvlight.errors import ConfigError, KVLightError
+from kvlight.config import RECOMMENDED, CompressionConfig
+from kvlight.errors import ConfigError, KVLightError, OutputError
 from kvlight.files import ensure_writable
 from kvlight.models import geometry_of
 
@@ -61,7 +60,7 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] != "uniform":
         raise KVLightError("kvlight config takes the subcommand uniform: kvlight config uniform --rank 32 -o cfg.json")
     source = source_parser()
-    cli = argparse.ArgumentParser(prog="kvlight config uniform", description="one rank for every layer and KV head")
+    cli = OneLineParser(prog="kvlight config uniform", description="one rank for every layer and KV head")
     add_flags(cli, FLAGS, source)
     config = parse(source, to_arguments(cli.parse_args(argv[1:]), FLAGS), FLAGS)
     uniform = build(UniformConfig, config.uniform, FLAGS, "uniform")
@@ -85,11 +84,14 @@ def write_uniform_config(uniform: UniformConfig, compression: CompressionOptions
         rank_k=compression.rank_k,
         rank_v=compression.rank_v,
         algo=uniform.algo,
-        sink_tokens=compression.sink_tokens or 0,
-        recent_window=compression.recent_window or 0,
+        # Unless told otherwise, the recommended exact tokens (4 sinks, no recent window), as calibrate uses.
+        sink_tokens=RECOMMENDED["sink_tokens"] if compression.sink_tokens is None else compression.sink_tokens,
+        recent_window=RECOMMENDED["recent_window"] if compression.recent_window is None else compression.recent_window,
     )
     config.validate(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
     output = Path(uniform.output)
+    if output.is_dir():
+        raise OutputError(f"-o {str(output)!r} is a directory; pass a file name such as {str(output / 'cfg.json')!r}")
     ensure_writable(output.parent if str(output.parent) else Path("."))
     config.to_json(output)
     reduction = config.memory_reduction(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)

@@ -29,6 +29,16 @@ class Flag:
         return self.name.lstrip("-").replace("-", "_")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one :class:`KVLightError` line naming the flag, not 20 lines of usage.
+
+    Help shows each flag's default (:func:`add_flags` writes it into the help text).
+    """
+
+    def error(self, message: str):
+        raise KVLightError(f"{' '.join(message.split())}; see '{self.prog} --help'")
+
+
 def flags(*pairs: tuple) -> tuple[Flag, ...]:
     """Flags from ``(name, key or keys[, switch value])`` tuples."""
     return tuple(Flag(p[0], p[1] if isinstance(p[1], tuple) else (p[1],), *p[2:]) for p in pairs)

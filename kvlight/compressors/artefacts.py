@@ -3,11 +3,14 @@
 :meth:`KVCompressor.save_pretrained <kvlight.compressors.compressor.KVCompressor.save_pretrained>` writes them
 (each atomically) through :func:`write_files`; :func:`kvlight.compressors.compressor.load_compressor` reads them back
 through :func:`read_description` and :func:`read_weights`, which refuse with one line anything that is not what was
-written: a malformed description, an unreadable file, NaN or inf weights.
+written: a malformed description, an unreadable file, NaN or inf weights, weights whose sha256 is not the one the
+description records (a flipped byte would otherwise load silently, and a kill between the two renames would pair
+new weights with an old description).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import torch
 from kvlight.compressors.registry import backend
 from kvlight.config import CompressionConfig
 from kvlight.errors import ConfigError, KVLightError
-from kvlight.files import atomic_write_text, write_atomically
+from kvlight.files import atomic_write_bytes, atomic_write_text
 from kvlight.geometry import KVGeometry
 
 WEIGHTS_NAME = "compressor.safetensors"
@@ -25,12 +28,15 @@ FORMAT = "kvlight-compressor/1"
 
 
 def write_files(directory: Path, state: dict[str, torch.Tensor], description: dict) -> None:
-    """``compressor.safetensors`` (``state``) and ``compressor_config.json`` (``description``), each atomically."""
-    from safetensors.torch import save_file
+    """``compressor.safetensors`` (``state``) and ``compressor_config.json`` (``description`` and the weights'
+    sha256), each atomically and with the umask's mode, like every other file kvlight writes."""
+    from safetensors.torch import save
 
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    write_atomically(Path(directory) / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    atomic_write_text(Path(directory) / CONFIG_NAME, json.dumps({**description, "format": FORMAT}, indent=2) + "\n")
+    blob = save(state, metadata={"format": "pt"})
+    atomic_write_bytes(Path(directory) / WEIGHTS_NAME, blob)
+    described = {**description, "format": FORMAT, "weights_sha256": hashlib.sha256(blob).hexdigest()}
+    atomic_write_text(Path(directory) / CONFIG_NAME, json.dumps(described, indent=2) + "\n")
 
 
 def read_description(directory: Path) -> tuple[CompressionConfig, KVGeometry | None, dict]:
@@ -42,6 +48,8 @@ def read_description(directory: Path) -> tuple[CompressionConfig, KVGeometry | N
         raise KVLightError(f"cannot read {where}: {exc.strerror or exc}; is this a compressor directory?") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise KVLightError(f"{where} is not valid JSON: {exc}") from None
+    except ValueError:  # json's refusal of an integer over sys.get_int_max_str_digits() digits
+        raise KVLightError(f"{where} holds an integer too long to be a compressor value") from None
     except RecursionError:
         raise KVLightError(f"{where} is nested too deeply to be a compressor description") from None
     if not isinstance(described, dict) or described.get("format") != FORMAT:
@@ -52,19 +60,38 @@ def read_description(directory: Path) -> tuple[CompressionConfig, KVGeometry | N
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """The tensors of ``compressor.safetensors``; NaN or inf in any is an error (it would poison every generation)."""
+    """The tensors of ``compressor.safetensors``; NaN or inf in any is an error (it would poison every generation),
+    and so are bytes whose sha256 is not the description's (files written before it was recorded have none)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     where = Path(directory) / WEIGHTS_NAME
     try:
-        state = load_file(where)
+        blob = where.read_bytes()
+        state = load(blob)
     except (OSError, SafetensorError) as exc:
-        raise KVLightError(f"cannot read {where}: {exc}") from None
+        raise KVLightError(f"cannot read {where}: {getattr(exc, 'strerror', None) or exc}") from None
     for name, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise KVLightError(f"{where}: {name} holds NaN or inf; calibrate the compressor again")
+    recorded = _recorded_sha256(Path(directory) / CONFIG_NAME)
+    if recorded is not None and hashlib.sha256(blob).hexdigest() != recorded:
+        raise KVLightError(
+            f"{where} does not match the sha256 recorded in {CONFIG_NAME} (damaged or modified since it was saved); "
+            "restore the compressor directory or calibrate again"
+        )
     return state
+
+
+def _recorded_sha256(where: Path) -> str | None:
+    """``weights_sha256`` of the description (read_description has validated the file), or None if absent."""
+    try:
+        recorded = json.loads(where.read_text()).get("weights_sha256")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    if recorded is not None and not (isinstance(recorded, str) and len(recorded) == 64):
+        raise KVLightError(f"{where}: weights_sha256 must be 64 hex digits, got {str(recorded)[:80]!r}")
+    return recorded
 
 
 def _saved_geometry(saved: object, where: Path) -> KVGeometry:

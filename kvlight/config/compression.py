@@ -153,6 +153,10 @@ class CompressionConfig:
             data = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"compression config {str(path)!r} is not valid JSON: {exc}") from None
+        except ValueError:  # an integer beyond Python's 4300-digit conversion limit: no field takes one
+            raise ConfigError(
+                f"compression config {str(path)!r} holds an integer too long to be a config value"
+            ) from None
         except RecursionError:  # nesting deeper than Python's parser allows: not a config anyone wrote
             raise ConfigError(f"compression config {str(path)!r} is nested too deeply to be a config") from None
         return cls.from_dict(data)
