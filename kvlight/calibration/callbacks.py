@@ -110,14 +110,14 @@ class AllocateWidths(pl.Callback):
             if len(windows) == 0:
                 raise ConfigError("allocating widths needs calibration windows: raise --calibration-samples")
             model = pl_module.frozen.to(trainer.strategy.root_device)
-            placeholder = pl_module.compressor.config
-            sinks = placeholder.sink_tokens
+            provisional = pl_module.compressor.config
+            sinks = provisional.sink_tokens
             metrics = measure_sensitivity(model, pl_module.geometry, windows, 2, sink_tokens=sinks, progress=False)
             target = options.target_memory_reduction
             target = RECOMMENDED["target_memory_reduction"] if target is None else target
             allocation = allocate_bits(metrics, target, options.bits_weighting)
-            sinks, recent = placeholder.sink_tokens, placeholder.recent_window
-            config = allocation.to_config(placeholder.algo_default, sinks, recent).to_dict()
+            sinks, recent = provisional.sink_tokens, provisional.recent_window
+            config = allocation.to_config(provisional.algo_default, sinks, recent).to_dict()
         config = trainer.strategy.broadcast(config, src=0)
         pl_module.install_allocation(config, metrics, time.perf_counter() - start)
 

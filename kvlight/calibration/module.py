@@ -87,7 +87,7 @@ class KVCalibrationModule(pl.LightningModule):
         }
         self.save_hyperparameters(hparams)
         self.geometry = geometry_of(model)
-        #: True until fit's setup (AllocateWidths) replaced the placeholder config with the allocated widths.
+        #: True until fit's setup (AllocateWidths) replaced the provisional config with the allocated widths.
         self.allocation_pending = self.compression_options.allocates
         self.allocation_metrics = None  # the sensitivity metrics an allocation used (kvlight.analysis.metrics_io)
         self.allocation_seconds = 0.0

@@ -22,10 +22,10 @@ from kvlight.serving.widths import direction_quantizers
 
 
 def resolve_config(options: CompressionOptions, geometry: KVGeometry) -> CompressionConfig:
-    """The config file/dict, a uniform one from the ranks, or a placeholder for widths allocated at a target.
+    """The config file/dict, a uniform one from the ranks, or a provisional one for widths allocated at a target.
 
     With no config and no rank the result is uniform widths at ``target_memory_reduction`` (default
-    :data:`~kvlight.config.RECOMMENDED`'s, 4 sinks, no recent window): the placeholder the allocation at the start of
+    :data:`~kvlight.config.RECOMMENDED`'s, 4 sinks, no recent window): the provisional config the allocation at the start of
     ``fit`` replaces (kvlight.calibration.callbacks.AllocateWidths). Ranks keep those exact tokens too, and a kind
     without a rank (``rank_k`` alone) keeps every direction. ``sink_tokens``, ``recent_window``,
     ``latent_bits`` and ``quant_group_size`` override what the config says when given.

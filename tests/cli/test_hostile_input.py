@@ -171,18 +171,25 @@ def valid_config() -> dict:
 
 
 # ---------------------------------------------------------------------- compression configs
-def _config_pipeline(data) -> None:
+def _config_pipeline(data) -> CompressionConfig:
     """Parse, check against the model, build a compressor: each stage loads or raises ConfigError."""
     config = CompressionConfig.from_dict(data)
     config.validate(GEOMETRY.num_layers, GEOMETRY.num_kv_heads, GEOMETRY.head_dim)
     compressor = KVCompressor(config, GEOMETRY)
     assert len(compressor.latent_dims()) == GEOMETRY.num_layers
+    return config
+
+
+def _round_trips(config: CompressionConfig | None) -> bool:
+    """A config that loaded survives to_dict -> from_dict unchanged (None: it was refused, nothing to check)."""
+    return config is None or CompressionConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
 
 
 @HOSTILE
 @given(data=JSON_VALUES | mutated(valid_config()))
 def test_random_config_dicts_load_or_raise_config_error(data, tmp_path):
-    expect_load_or_own_error(lambda: _config_pipeline(data), ConfigError, tmp_path)
+    loaded = expect_load_or_own_error(lambda: _config_pipeline(data), ConfigError, tmp_path)
+    assert _round_trips(loaded)
 
 
 @HOSTILE
@@ -193,7 +200,8 @@ def test_random_config_files_load_or_raise_config_error(content, tmp_path):
         path.write_bytes(content)
         # Parsed from the file, then through the same pipeline as a dict (to_dict round trip included).
         load = lambda: _config_pipeline(CompressionConfig.from_json(path).to_dict())  # noqa: E731
-        expect_load_or_own_error(load, ConfigError, Path(directory))
+        loaded = expect_load_or_own_error(load, ConfigError, Path(directory))
+        assert _round_trips(loaded)
 
 
 #: Pathological files for every loader: nesting deeper than Python's parser recurses, a CSV field beyond the csv
