@@ -40,8 +40,8 @@ RECENT = dict.fromkeys(BUDGETS, 0)
 #: distillation of the distilled rows: steps x windows of 512, peak learning rate (warm-up + cosine). 48 steps, not the
 #: rank rows' 96: on a 2-core AVX2 CPU in float32 a step takes ~17 s.
 DISTILL_STEPS, DISTILL_BATCH, DISTILL_LR = 48, 2, 3e-4
-#: the distilled rows: the recommended weighting at every budget, and every weighting at 12.5 %.
-DISTILLED = [(budget, "fisher-joint") for budget in BUDGETS] + [(0.125, w) for w in ("uniform", "mse", "fisher")]
+#: the distilled rows: every weighting at every budget (issue 11's grid, plus the joint-Fisher variant).
+DISTILLED = [(budget, weighting) for budget in BUDGETS for weighting in WEIGHTINGS]
 NAMES = {
     "uniform": "uniform widths",
     "mse": "MSE-allocated widths",
@@ -99,7 +99,11 @@ def _key(*parts) -> str:
 
 def sensitivity(model, geometry, calibration: torch.Tensor):
     """The sensitivity metrics of the calibration windows (4 sinks left out), measured once and cached."""
-    path = cache_root() / f"metrics-{_key(calibration.sum().item(), calibration.shape, SINKS, METRICS_VERSION)}.json"
+    dtype = str(next(model.parameters()).dtype)  # a bf16 model's Fisher is not a float32 model's
+    path = (
+        cache_root()
+        / f"metrics-{_key(calibration.sum().item(), calibration.shape, SINKS, METRICS_VERSION, dtype)}.json"
+    )
     if path.exists():
         return read_metrics_file(path, geometry)
     start = time.perf_counter()
@@ -121,6 +125,7 @@ def compressor_for(
         DISTILL_LR,
         METRICS_VERSION,
         ROW_VERSION,
+        str(next(model.parameters()).dtype),  # fitted and distilled through a model of this dtype
     )
     directory = cache_root() / f"row-{key}"
     dtype = next(model.parameters()).dtype

@@ -485,6 +485,18 @@ def main() -> None:
     if args.rewrite:
         write(json.loads((RESULTS / "frontier.json").read_text()))
         return
+    known = [row_id(row) for row in bitrows.all_rows()]
+    unknown = [name for name in args.width_rows or () if name not in known]
+    if unknown:  # a row id that names no row would run nothing and say nothing
+        parser.error(f"unknown --width-rows {' '.join(unknown)}; the rows are: {' '.join(known)}")
+    previous = RESULTS / "frontier.json"
+    run_dtype = str(resolve_dtype(args.dtype)).removeprefix("torch.")
+    if args.merge and previous.exists():
+        old_dtype = json.loads(previous.read_text()).get("dtype", "bfloat16")
+        if old_dtype != run_dtype:  # rows of two model dtypes in one table would not be comparable
+            parser.error(
+                f"--merge: frontier.json holds {old_dtype} rows, this run would be {run_dtype}; pass --dtype {old_dtype}"
+            )
     counts = {512: args.windows_512, 2048: args.windows_2048}
     families = tuple(args.families or (("quant", "pca", "query-weighted") if args.rows == "core" else FAMILIES))
     distilled = DISTILLED_ROWS
@@ -505,7 +517,6 @@ def main() -> None:
         dtype=resolve_dtype(args.dtype),
         width_rows=args.width_rows,
     )
-    previous = RESULTS / "frontier.json"
     if args.merge and previous.exists():
         old = json.loads(previous.read_text())
         measured = {(r["length"], r["method"], r["setting"]) for r in results["rows"]}

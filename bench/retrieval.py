@@ -274,8 +274,16 @@ def main() -> None:
     if args.rewrite:
         write(json.loads((RESULTS / "retrieval.json").read_text()))
         return
-    results = run(args)
+    known = [row_id(row) for row in bitrows.all_rows()]
+    unknown = [name for name in args.rows or () if name not in known]
+    if unknown:  # a row id that names no row would run nothing and say nothing
+        parser.error(f"unknown --rows {' '.join(unknown)}; the rows are: {' '.join(known)}")
     previous = RESULTS / "retrieval.json"
+    if args.merge and previous.exists():
+        old_dtype = json.loads(previous.read_text()).get("dtype", "float32")
+        if old_dtype != args.dtype:  # rows of two model dtypes in one table would not be comparable
+            parser.error(f"--merge: retrieval.json holds {old_dtype} rows; pass --dtype {old_dtype}")
+    results = run(args)
     if args.merge and previous.exists():
         results = merged(json.loads(previous.read_text()), results)
     write(results)

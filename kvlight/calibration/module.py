@@ -41,6 +41,7 @@ from kvlight.calibration.options import (
 from kvlight.calibration.perplexity import TokenPerplexity
 from kvlight.calibration.shards import KVShardStream, load_manifest, num_rows
 from kvlight.compressors.compressor import STEP_ROWS, KVCompressor
+from kvlight.compressors.provenance import base_model_record
 from kvlight.config import CompressionConfig
 from kvlight.errors import ConfigError, KVLightError
 from kvlight.hf import cache_kwargs
@@ -177,6 +178,7 @@ class KVCalibrationModule(pl.LightningModule):
         model = load_model(self.hparams.model, self.model_dtype)
         self.compressor.check_geometry(self.geometry)
         self.fingerprint = model_fingerprint(model, self.hparams.model)  # of the whole weights, before sharding
+        self.compressor.base_model = base_model_record(model, self.hparams.model)  # saved in the compressor's JSON
         model = shard(model, self._device_mesh) if self.sharded else model.to(self.device)
         # Not a submodule: no optimizer, no checkpoint, no DDP wrapping for the frozen weights (FSDP2 shards it
         # directly, above, so a model too big for one GPU is split across them).

@@ -83,6 +83,25 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_base_model(directory: Path) -> dict | None:
+    """The ``base_model`` record of the description (kvlight.compressors.provenance), None where it has none."""
+    where = Path(directory) / CONFIG_NAME
+    try:
+        record = json.loads(where.read_text()).get("base_model")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    if record is None:
+        return None
+    probe = record.get("kv_probe") if isinstance(record, dict) else None
+    rows_ok = isinstance(probe, list) and all(
+        isinstance(row, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in row)
+        for row in probe
+    )
+    if not rows_ok or not isinstance(record.get("name"), (str, type(None))):
+        raise KVLightError(f"{where}: malformed base_model (needs name and kv_probe, a list of lists of numbers)")
+    return record
+
+
 def _recorded_sha256(where: Path) -> str | None:
     """``weights_sha256`` of the description (read_description has validated the file), or None if absent."""
     try:

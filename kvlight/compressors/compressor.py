@@ -7,6 +7,8 @@ writes safetensors plus a JSON naming the model geometry it was fitted to (kvlig
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -66,6 +68,8 @@ class KVCompressor(nn.Module):
             nn.ModuleDict({kind: LayerCodec(self._projections(layer, kind)) for kind in KINDS})
             for layer in range(self.num_layers)
         )
+        #: the model it was fitted to, as kvlight.compressors.provenance records it (None: not recorded).
+        self.base_model: dict | None = None
         self._moments: dict[tuple[int, str], RunningMoments] | None = None
         self._steps: dict[tuple[int, str], StepSearch] | None = None
 
@@ -301,11 +305,25 @@ class KVCompressor(nn.Module):
     # ------------------------------------------------------------------ artefacts
     def describe(self) -> dict:
         """What ``save_pretrained`` writes beside the weights."""
-        return {
+        described = {
             "compression_config": self.config.to_dict(),
             "geometry": self.geometry.to_dict() if self.geometry else None,
             "options": self.options_dict(),
         }
+        if self.base_model is not None:
+            described["base_model"] = self.base_model
+        return described
+
+    def fingerprint(self) -> str:
+        """sha256 (hex) of what this compressor computes with: its config, geometry, options and every tensor of its
+        state (name, dtype, shape, bytes). Equal fingerprints mean a saved cache decodes identically."""
+        described = {k: v for k, v in self.describe().items() if k != "base_model"}  # what it computes, not provenance
+        digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            tensor = tensor.detach().contiguous().cpu()
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        return digest.hexdigest()
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``compressor.safetensors`` and ``compressor_config.json`` (each atomically) to ``directory``."""
@@ -356,6 +374,7 @@ def load_compressor(directory: str | os.PathLike, geometry: KVGeometry | None = 
         raise KVLightError(f"{where}: its compression config does not fit its geometry: {exc}") from None
     if geometry is not None:
         compressor.check_geometry(geometry)
+    compressor.base_model = artefacts.read_base_model(directory)
     state = artefacts.read_weights(directory)
     try:
         compressor.load_state_dict(state)

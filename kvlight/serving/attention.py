@@ -239,9 +239,16 @@ def decode_into(
     return out.add_(bias[:, None, :])
 
 
-def rotate_in_place(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE ``keys * cos + rotate_half(keys) * sin`` in place; ``keys [B, H, n, D]``, ``cos/sin [B|1, 1, n, D]``
-    (fastest when both have the same memory layout, e.g. both channel-major)."""
+def rotate_in_place(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout=None) -> torch.Tensor:
+    """RoPE in place on ``keys [B, H, n, D]`` (fastest when keys and tables have the same memory layout, e.g. both
+    channel-major).
+
+    With a :class:`~kvlight.serving.positions.RotaryLayout`, ``cos/sin`` are its pair tables ``[B|1, 1, n, D_rot/2]``
+    and only the rotary channels turn, paired half-split or interleaved (strided views, still in place). Without
+    one: full-width half-split tables ``[B|1, 1, n, D]``, ``keys * cos + rotate_half(keys) * sin``.
+    """
+    if layout is not None:
+        return layout.rotate_(keys, cos, sin)
     half = keys.shape[-1] // 2
     first, second = keys[..., :half], keys[..., half:]
     saved = first.clone()

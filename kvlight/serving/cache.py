@@ -16,11 +16,13 @@ removes. The transformers names these classes use come from kvlight.hf.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 
 from kvlight.compressors.compressor import KVCompressor
+from kvlight.errors import CacheError
 from kvlight.geometry import KVGeometry
 from kvlight.hf import Cache
 from kvlight.serving import attention
@@ -75,12 +77,37 @@ class CacheSettings:
         )
 
 
+#: ``CompressedCache(compressor)`` without a tracker argument (a cache built by hand).
+_NO_TRACKER = object()
+
+
+def _default_tracker(compressor: KVCompressor) -> None:
+    """None where a cache built without a tracker is right (a compressor fitted to a model without RoPE); else the
+    one-line refusal that says how to build one."""
+    geometry = compressor.geometry
+    if geometry is not None and not geometry.rope:
+        return None
+    what = "a RoPE model" if geometry is not None else "a model it cannot tell is free of RoPE (no fitted geometry)"
+    raise CacheError(
+        f"CompressedCache(compressor) alone cannot serve {what}: it needs the positions each key was rotated with; "
+        "build it with CompressedKVModelWrapper(model, compressor).new_cache(), or pass "
+        "tracker=PositionTracker(model) (or tracker=None for learned positions)"
+    )
+
+
 class CompressedCache(Cache):
     """A ``Cache`` whose layers keep latents (plus exact sink and recent tokens).
 
+    Build it with :meth:`CompressedKVModelWrapper.new_cache <kvlight.serving.wrapper.CompressedKVModelWrapper.new_cache>`:
+    a RoPE model's cache must know the positions the model rotated each key with, and the wrapper's tracker observes
+    them. ``copy.deepcopy(cache)`` (the transformers prefix-cache recipe) copies only the stored tokens; the copy
+    shares the compressor, the position tracker and the fast path, so it serves the same model.
+
     Args:
         compressor: the fitted compressor (its geometry must match the model's).
-        tracker: the model's :class:`PositionTracker` for RoPE models, None for learned positions (GPT-2).
+        tracker: the model's :class:`PositionTracker` for RoPE models, None for learned positions (GPT-2). Left out,
+            it is None for a compressor fitted to a model without RoPE, and a RoPE (or unknown) compressor is refused:
+            without positions the keys cannot be un-rotated, and generation would be garbage.
         fast: the model's open :class:`~kvlight.serving.attention.LatentAttention`; while it is active, decode steps
             attend to the stored latents in place. None: every step returns reconstructed K/V (the plain path).
         settings: how tokens are stored (:class:`CacheSettings`; default: the compressor's config).
@@ -89,10 +116,12 @@ class CompressedCache(Cache):
     def __init__(
         self,
         compressor: KVCompressor,
-        tracker: PositionTracker | None = None,
+        tracker: PositionTracker | None = _NO_TRACKER,
         fast: attention.LatentAttention | None = None,
         settings: CacheSettings | None = None,
     ) -> None:
+        if tracker is _NO_TRACKER:
+            tracker = _default_tracker(compressor)
         self.compressor = compressor
         self.fast = fast
         self.tracker = tracker
@@ -148,29 +177,52 @@ class CompressedCache(Cache):
             self.layers[index].update(keys, values)
 
     def stored_bytes(self) -> int:
-        """Exact bytes held for the cached tokens: every layer's tensors plus the shared positions."""
+        """Exact bytes held for the cached tokens: every layer's tensors plus the shared positions (and, for dynamic
+        rope types, the rotation tables each token arrived with: PositionLog.tables)."""
         total = sum(t.numel() * t.element_size() for layer in self.layers for t in layer.stored_tensors())
-        positions = self.position_log.positions
-        return total + (0 if positions is None else positions.numel() * positions.element_size())
+        return total + sum(t.numel() * t.element_size() for t in self.position_log.stored_tensors())
 
     def allocated_bytes(self) -> int:
         """Bytes held for the cached tokens including buffer slack (at most ``LatentStore.GROW - 1`` tokens per store)."""
-        positions = self.position_log.positions
         total = sum(layer.allocated_bytes() for layer in self.layers)
-        return total + (0 if positions is None else positions.numel() * positions.element_size())
+        return total + sum(t.numel() * t.element_size() for t in self.position_log.stored_tensors())
 
     def scratch_bytes(self) -> int:
         """Bytes of decode scratch shared by all layers: the key workspace, the rotation table, the decoders."""
         tensors = self.scratch.tensors() + self.position_log.table_tensors()
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def __deepcopy__(self, memo: dict) -> CompressedCache:
+        """A copy holding copies of the stored tokens and positions only (``copy.deepcopy``, e.g. of a prefix cache
+        per request): the compressor, its codecs and quantizers, the position tracker and the fast path belong to the
+        model and are shared, and the copy gets its own decode scratch."""
+        shared = [self.compressor, self.tracker, self.fast]
+        for layer in self.layers:
+            shared += [layer.codecs, *layer.codecs.values(), layer.handoff]
+            shared += [store.quantizer for store in (layer.latent_k, layer.latent_v) if store is not None]
+        for obj in shared:
+            if obj is not None:
+                memo[id(obj)] = obj
+        memo[id(self.scratch)] = DecodeScratch()
+        copied = self.__class__.__new__(self.__class__)
+        memo[id(self)] = copied
+        for name, value in self.__dict__.items():
+            setattr(copied, name, copy.deepcopy(value, memo))
+        copied.position_log.forget_rope()  # decode scratch, rebuilt from the copied positions when needed
+        return copied
+
+    def save(self, path, entropy: str | None = None) -> None:
+        """Write exactly what this cache stores (codes, scales, exact tokens, positions) to ``path``: safetensors plus
+        a small JSON naming the compressor's fingerprint, atomically. ``entropy="zstd"`` adds lossless entropy coding
+        of the stored tensors. :meth:`CompressedKVModelWrapper.load_cache` reads it back (kvlight.serving.persist)."""
+        from kvlight.serving.persist import save_cache
+
+        save_cache(self, path, entropy=entropy)
+
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
-        positions = self.position_log.positions
-        if positions is not None:
-            self.position_log.positions = positions[:, : self.layers[0].length]
+        self.position_log.truncate(self.layers[0].length)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.position_log.positions is not None:
-            self.position_log.positions = self.position_log.positions.index_select(0, beam_idx)
+        self.position_log.select(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -36,13 +36,15 @@ class CaptureLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         self.length = key_states.shape[2]
         tracker = self.tracker
-        positions = None if tracker is None else tracker.current.expand(key_states.shape[0], -1)
-        keys = key_states if tracker is None else tracker.unrotate(key_states, positions)
+        rotates = tracker is not None and tracker.rotates(self.layer_idx)
+        # This forward's own tables (observed on the rotary module): exact whatever the rope scaling.
+        cos, sin = tracker.observed(key_states.shape[0]) if rotates else (None, None)
+        keys = tracker.layout.unrotate(key_states, cos, sin) if rotates else key_states
         replaced = self.sink(self.layer_idx, keys, value_states)
         if replaced is None:
             return key_states, value_states
         keys, values = replaced
-        return (keys if tracker is None else tracker.rotate(keys, positions)), values
+        return (tracker.layout.rotate(keys, cos, sin) if rotates else keys), values
 
 
 class CaptureCache(Cache):

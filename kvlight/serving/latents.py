@@ -115,6 +115,30 @@ class LatentStore:
             selected.append(out)
         self._buffers = selected
 
+    def restore(self, tensors: list[torch.Tensor], length: int) -> None:
+        """Hold ``tensors`` (what :meth:`tensors` returned for ``length`` tokens, e.g. read back from disk) as the
+        stored latents, in buffers laid out as :meth:`append` would have grown them. Raises ValueError when their
+        number, batch, trailing shape or dtype differ from what this store holds."""
+        expected = [b for b in self._buffers if b is not None]
+        if len(tensors) != len(expected):
+            raise ValueError(f"latent store holds {len(expected)} tensors, got {len(tensors)}")
+        capacity = -(-length // self.GROW) * self.GROW
+        restored = []
+        tensors = iter(tensors)
+        for buffer, minor in zip(self._buffers, self._token_minor):
+            if buffer is None:
+                restored.append(None)
+                continue
+            tensor = next(tensors)
+            want = [buffer.shape[0], length, *buffer.shape[2:]]
+            if list(tensor.shape) != want or tensor.dtype != buffer.dtype:
+                raise ValueError(f"latent tensor {list(tensor.shape)} {tensor.dtype}, expected {want} {buffer.dtype}")
+            out = self._empty(buffer, capacity, minor)
+            out[:, :length] = tensor.to(buffer.device)
+            restored.append(out)
+        self._buffers = restored
+        self.length = length
+
 
 def store_quantizer(codec, settings, dtype: torch.dtype) -> LatentQuantizer | DirectionQuantizer | None:
     """How one layer codec's latents (of ``dtype``) are stored: static mixed-width codes when its heads have

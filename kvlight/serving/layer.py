@@ -154,7 +154,7 @@ class CompressedLayer(DynamicLayer):
                 self.layer_idx, "k", self.codecs["k"], self.latent_k.quantizer, dtype
             )
             z_k, k_scale, k_zero = self._latent_operand(self.latent_k, "k", dtype)
-            if self.positions.tracker is None:
+            if not self.positions.rotates(self.layer_idx):
                 scores.append(attention.latent_scores(q, z_k, k_weight, k_bias, k_scale, k_zero))
             else:
                 workspace = self.scratch.workspace(z_k.numel() // z_k.shape[-1] * dim, dtype, query.device)
@@ -162,7 +162,8 @@ class CompressedLayer(DynamicLayer):
                 cos, sin = self.positions.compressed_rope(
                     self.sink_k.shape[2], n, dtype, channel_major=attention.is_channel_major(keys)
                 )
-                scores.append(q @ attention.rotate_in_place(keys, cos, sin).transpose(-1, -2))
+                keys = attention.rotate_in_place(keys, cos, sin, self.positions.tracker.layout)
+                scores.append(q @ keys.transpose(-1, -2))
         scores.append(q @ recent_k.transpose(-1, -2))
         scores = attention.apply_mask(torch.cat(scores, dim=-1).float() * scaling, mask)
         probs = torch.softmax(scores, dim=-1).to(dtype)  # [B, H, G, N]
@@ -206,7 +207,8 @@ class CompressedLayer(DynamicLayer):
         if tracker is not None:
             positions = self.positions.slice(first, first + keys.shape[2])
             self._keep_row_sinks(keys, values, positions, first)
-            keys = tracker.unrotate(keys, positions)
+            if self.positions.rotates(self.layer_idx):  # with the tables these keys arrived with
+                keys = self.positions.unrotate(keys, first)
         dtype = self.settings.latent_dtype or self.store_dtype
         self.latent_k.append(self.codecs["k"].encode(keys).to(dtype))
         self.latent_v.append(self.codecs["v"].encode(values).to(dtype))
@@ -240,9 +242,8 @@ class CompressedLayer(DynamicLayer):
     def _reconstruct(self) -> tuple[torch.Tensor, torch.Tensor]:
         keys = self.codecs["k"].decode(self.latent_k.read(self.dtype))
         values = self.codecs["v"].decode(self.latent_v.read(self.dtype))
-        if self.positions.tracker is not None and self.num_compressed:
-            first = self.sink_k.shape[2]
-            keys = self.positions.tracker.rotate(keys, self.positions.slice(first, first + self.num_compressed))
+        if self.positions.rotates(self.layer_idx) and self.num_compressed:
+            keys = self.positions.rotate(keys, self.sink_k.shape[2])
         if self.row_sink_slot is not None:  # the exact copies of each row's sink positions replace their latents
             rows, position = (self.row_sink_slot >= 0).nonzero(as_tuple=True)
             column = self.row_sink_slot[rows, position] - self.sink_k.shape[2]
@@ -318,3 +319,52 @@ class CompressedLayer(DynamicLayer):
         self.decode_steps = 0
         self.latent_k = self.latent_v = self.sink_k = self.sink_v = None
         self.row_sink_k = self.row_sink_v = self.row_sink_slot = None
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by name (exact ``sink_k/sink_v/keys/values [B, H, n, D]``, row sinks when kept, and
+        ``latent_k.<i>`` / ``latent_v.<i>``: :meth:`LatentStore.tensors`), for :meth:`import_state`."""
+        state = {name: getattr(self, name) for name in self._EXACT + self._ROW_SINKS if getattr(self, name) is not None}
+        for kind, store in (("k", self.latent_k), ("v", self.latent_v)):
+            state.update({f"latent_{kind}.{i}": t for i, t in enumerate(store.tensors())})
+        return state
+
+    def import_state(self, state: dict[str, torch.Tensor], length: int, decode_steps: int) -> None:
+        """Hold what :meth:`export_state` returned, for a layer of ``length`` tokens ``decode_steps`` one-token
+        updates after its last longer input. The layer must be initialized (``lazy_initialization`` with empty K/V of
+        the batch, heads, head_dim and dtype); raises ValueError when a tensor's shape or dtype does not fit it."""
+        sinks = self.settings.sink_tokens
+        batch, heads, _, dim = self.keys.shape
+        known = set(self._EXACT) | set(self._ROW_SINKS)
+        latent = {name for name in state if name.startswith(("latent_k.", "latent_v."))}
+        if not set(self._EXACT) <= set(state) or not set(state) - latent <= known:
+            raise ValueError(f"tensors {sorted(state)} are not those of a layer")
+        exact = {name: state[name] for name in self._EXACT}
+        for name, tensor in exact.items():
+            if tensor.dim() != 4 or list(tensor.shape[:2]) + [tensor.shape[3]] != [batch, heads, dim]:
+                raise ValueError(f"{name} {list(tensor.shape)}, expected [{batch}, {heads}, n, {dim}]")
+            if tensor.dtype != self.store_dtype:
+                raise ValueError(f"{name} is {tensor.dtype}, expected {self.store_dtype}")
+        n_sink, n_recent = exact["sink_k"].shape[2], exact["keys"].shape[2]
+        if exact["sink_v"].shape[2] != n_sink or exact["values"].shape[2] != n_recent or n_sink > sinks:
+            raise ValueError(f"sink ({n_sink}) and recent ({n_recent}) K and V do not pair up (<= {sinks} sinks)")
+        compressed = length - n_sink - n_recent
+        if compressed < 0:
+            raise ValueError(f"{n_sink} sink and {n_recent} recent tokens exceed the length {length}")
+        for kind, store in (("k", self.latent_k), ("v", self.latent_v)):
+            parts = sorted((int(n.split(".")[1]), t) for n, t in state.items() if n.startswith(f"latent_{kind}."))
+            store.restore([t for _, t in parts], compressed)
+        rows = [state.get(name) for name in self._ROW_SINKS]
+        if any(t is not None for t in rows):
+            row_k, row_v, slot = rows
+            want = [batch, heads, sinks, dim]
+            if row_k is None or row_v is None or slot is None or [list(row_k.shape), list(row_v.shape)] != [want] * 2:
+                raise ValueError(f"row sinks must be two [B, H, {sinks}, D] tensors and their slots")
+            if list(slot.shape) != [batch, sinks] or slot.dtype != torch.long or row_k.dtype != self.store_dtype:
+                raise ValueError(f"row sink slots {list(slot.shape)} {slot.dtype}, expected [{batch}, {sinks}] int64")
+            if bool(((slot < -1) | (slot >= n_sink + compressed)).any()):
+                raise ValueError("row sink slots point outside the compressed tokens")
+            self.row_sink_k, self.row_sink_v, self.row_sink_slot = row_k, row_v, slot
+        for name, tensor in exact.items():
+            setattr(self, name, tensor)
+        self.length, self.decode_steps = length, decode_steps
+        self.positions.forget_rope()

@@ -1,12 +1,22 @@
-"""Positions: which position ids the model really used, and RoPE applied and undone with them."""
+"""Positions: which position ids the model really used, and RoPE applied and undone with them.
+
+The rotation is derived from the model, not from a list of architectures: the tracker observes the rotary module's
+output (the exact ``(cos, sin)`` of each forward, whatever the scaling), and :func:`probe_layout` reads the modeling
+file's own ``apply_rotary_pos_emb`` once to learn which channels rotate and how they pair (:class:`RotaryLayout`).
+"""
 
 from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from kvlight.hf import rotary_cos_sin
-from kvlight.models import rotary_module
+from kvlight.errors import ModelLoadError
+from kvlight.hf import rope_layers, rotary_cos_sin, rotary_function, rotary_is_dynamic
+from kvlight.models import decoder_blocks, rotary_module
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -14,66 +24,277 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+@dataclass(frozen=True)
+class RotaryLayout:
+    """Which channels of a ``head_dim`` key rotate, and how they pair.
+
+    The first ``rotary_dim`` channels rotate (the rest pass through: partial rotary, GPT-NeoX, Phi); pair ``i`` is
+    channels ``(i, i + rotary_dim/2)`` (half-split, Llama) or ``(2i, 2i + 1)`` (``interleaved``, Cohere, GLM), and
+    turns by the angle of the rotary table's column ``columns[i]``. A rotation table here is the pair table
+    ``(cos, sin) [..., rotary_dim/2]``: one value per pair (with any attention scaling ``s`` in both).
+    """
+
+    head_dim: int
+    rotary_dim: int
+    interleaved: bool
+    columns: tuple[int, ...]
+
+    def pairs(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views ``(first, second) [..., rotary_dim/2]`` of ``keys [..., head_dim]``: the two channels of each pair."""
+        if self.interleaved:
+            return keys[..., 0 : self.rotary_dim : 2], keys[..., 1 : self.rotary_dim : 2]
+        half = self.rotary_dim // 2
+        return keys[..., :half], keys[..., half : self.rotary_dim]
+
+    def pair_table(self, table: torch.Tensor) -> torch.Tensor:
+        """A rotary module's ``cos`` or ``sin`` ``[..., W]`` -> the pair table ``[..., rotary_dim/2]``."""
+        index = torch.tensor(self.columns, device=table.device)
+        return table.index_select(-1, index)
+
+    def rotate(self, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE ``keys [B, H, T, D]`` -> post-RoPE with pair tables ``cos/sin [B|1, 1, T, D_rot/2]``."""
+        out = keys.clone()
+        first, second = self.pairs(keys)
+        new_first, new_second = self.pairs(out)
+        cos, sin = cos.to(keys.dtype), sin.to(keys.dtype)
+        new_first.copy_(first * cos - second * sin)
+        new_second.copy_(second * cos + first * sin)
+        return out
+
+    def unrotate(self, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Post-RoPE ``keys [B, H, T, D]`` -> pre-RoPE, exactly: the inverse of ``s * R(theta)`` is ``R(-theta) / s^2``,
+        with ``s^2 = cos^2 + sin^2`` per pair (float32 arithmetic)."""
+        out = keys.float()  # a copy unless keys are float32; cloned below then
+        out = out.clone() if out.data_ptr() == keys.data_ptr() else out
+        cos, sin = cos.float(), sin.float()
+        first, second = (t.float() for t in self.pairs(keys))
+        scale = cos * cos + sin * sin
+        new_first, new_second = self.pairs(out)
+        new_first.copy_((first * cos + second * sin) / scale)
+        new_second.copy_((second * cos - first * sin) / scale)
+        return out.to(keys.dtype)
+
+    def rotate_(self, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """:meth:`rotate` in place (the decode path's workspace); strided pair views are updated where they lie."""
+        first, second = self.pairs(keys)
+        saved = first.clone()
+        first.mul_(cos).sub_(second * sin)
+        second.mul_(cos).add_(saved * sin)
+        return keys
+
+
+def probe_layout(apply_rotary, head_dim: int, width: int, where: str) -> RotaryLayout:
+    """The :class:`RotaryLayout` of a modeling file's ``apply_rotary_pos_emb``, read off basis vectors once.
+
+    ``width`` is the last dimension of the rotary module's ``cos``/``sin``. The function gets the whole head first
+    (GPT-NeoX and GLM split off the pass-through channels themselves); a function that only takes the rotary part
+    (Phi, Persimmon, StableLM rotate ``[..., :width]`` and pass the rest) is probed at ``width`` channels. The layout is
+    checked against the function on random angles; anything else is refused with one line.
+    """
+    for channels in dict.fromkeys((head_dim, width)):
+        try:
+            probed = _probe(apply_rotary, channels, width)
+        except (RuntimeError, ValueError, IndexError):
+            continue
+        if probed is not None and _reproduces(apply_rotary, *probed, width):
+            layout = probed[0]
+            return RotaryLayout(head_dim, layout.rotary_dim, layout.interleaved, layout.columns)
+    raise ModelLoadError(
+        f"the rotary embedding of {where} is not a pairwise rotation kvlight can reproduce "
+        "(half-split or interleaved pairs over the leading channels)"
+    )
+
+
+def _apply(apply_rotary, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rotary_pos_emb`` on ``keys [1, N, 1, C]`` with one-token tables ``[1, 1, W]``: the rotated keys."""
+    return apply_rotary(keys, keys, cos, sin)[1]
+
+
+def _probe(apply_rotary, channels: int, width: int) -> tuple[RotaryLayout, tuple[int, ...]] | None:
+    """The layout over ``channels`` and the table column each pair's second channel reads, or None."""
+    eye = torch.eye(channels, dtype=torch.float64).view(1, channels, 1, channels)
+    zeros = torch.zeros(1, 1, width, dtype=torch.float64)
+    passing = _apply(apply_rotary, eye, zeros, zeros)[0, :, 0].diagonal() != 0  # pass-through channels survive
+    rotary_dim = int((~passing).sum())
+    if rotary_dim == 0 or rotary_dim % 2 or bool(passing[:rotary_dim].any()):
+        return None
+    turned = _apply(apply_rotary, eye, zeros, torch.ones_like(zeros))[0, :rotary_dim, 0, :rotary_dim]  # P(e_j)
+    half = rotary_dim // 2
+    for interleaved in (False, True):
+        order = torch.arange(rotary_dim).view(2, half).T.flatten() if not interleaved else torch.arange(rotary_dim)
+        firsts, seconds = order[0::2], order[1::2]
+        expected = torch.zeros_like(turned)
+        expected[firsts, seconds], expected[seconds, firsts] = 1.0, -1.0
+        if torch.equal(turned, expected):
+            codes = (torch.arange(width, dtype=torch.float64) + 2).view(1, 1, width)
+            ones = torch.ones(1, 1, 1, channels, dtype=torch.float64)
+            gathered = _apply(apply_rotary, ones, codes, torch.zeros_like(codes))[0, 0, 0]
+            columns, partners = (tuple(int(round(float(gathered[i]))) - 2 for i in part.tolist()) for part in
+                                 (firsts, seconds))
+            if not all(0 <= c < width for c in columns + partners):
+                return None
+            return RotaryLayout(channels, rotary_dim, interleaved, columns), partners
+    return None
+
+
+def _reproduces(apply_rotary, layout: RotaryLayout, partners: tuple[int, ...], width: int) -> bool:
+    """True when ``layout`` rotates random keys as ``apply_rotary`` does, at random angles and scale (the tables give
+    both channels of a pair, ``layout.columns`` and ``partners``, the pair's angle, as a rotary module's do)."""
+    generator = torch.Generator().manual_seed(0)
+    angles = torch.rand(1, 3, len(layout.columns), generator=generator, dtype=torch.float64) * 6.0
+    cos_pair, sin_pair = angles.cos() * 1.3, angles.sin() * 1.3
+    cos, sin = torch.zeros(1, 3, width, dtype=torch.float64), torch.zeros(1, 3, width, dtype=torch.float64)
+    for columns in (layout.columns, partners):
+        index = torch.tensor(columns)
+        cos[..., index], sin[..., index] = cos_pair, sin_pair
+    keys = torch.randn(1, 2, 3, layout.head_dim, generator=generator, dtype=torch.float64)
+    try:
+        reference = apply_rotary(keys, keys, cos, sin)[1]
+    except (RuntimeError, ValueError, IndexError):
+        return False
+    got = layout.rotate(keys, cos_pair.unsqueeze(1), sin_pair.unsqueeze(1))
+    return reference.shape == got.shape and torch.allclose(reference, got, atol=1e-9)
+
+
 class PositionTracker:
     """Observes the position ids each forward of a RoPE model really uses, and rotates keys with them.
 
     A forward pre-hook on the model's rotary-embedding module records ``position_ids`` (``[B|1, T]``)
-    before any attention layer runs. :meth:`close` removes the hook.
+    before any attention layer runs, and a forward hook its output: the ``(cos, sin)`` every attention layer of this
+    forward rotates with, whatever the rope scaling (dynamic NTK and longrope change them with the sequence length,
+    so a key is unrotated with the table it arrived with, not one recomputed later). :meth:`close` removes the hooks.
+    :attr:`layout` is how keys rotate (probed from the modeling file), :attr:`dynamic` whether tables must be kept as
+    observed, :meth:`rotates` which layers rotate at all (NoPE layers do not).
+
+    What it records is per thread: a forward runs its rotary module and then its attention layers in one thread,
+    so two threads generating with one wrapped model each read their own forward's positions. Every observation gets
+    a number unique across threads (:attr:`step`), so a cache used in one thread and continued in another (a prefix
+    cache handed to a worker) never takes a stale observation for a new one.
     """
+
+    #: numbers observations across every tracker and thread (itertools.count's next is atomic in CPython).
+    _observations = itertools.count(1)
 
     def __init__(self, model: nn.Module) -> None:
         self.rotary = rotary_module(model)
         if self.rotary is None:
             raise ValueError(f"{type(model).__name__} has no rotary embedding module to track positions on")
-        self.current: torch.Tensor | None = None
-        self.step = 0
-        self._internal = False
+        self._local = threading.local()
+        self.layout = _model_layout(model, self.rotary, self._probe_width(model))
+        self.dynamic = rotary_is_dynamic(self.rotary)
+        self._rope_layers = rope_layers(decoder_blocks(model))
         self._handle = self.rotary.register_forward_pre_hook(self._observe, with_kwargs=True)
+        self._output_handle = self.rotary.register_forward_hook(self._observe_output)
+
+    def _probe_width(self, model: nn.Module) -> int:
+        """Last dimension of the rotary module's tables (one call at position 0, no state of dynamic rope changes:
+        a one-token sequence is below any original length)."""
+        return self.cos_sin(torch.zeros(1, 1, dtype=torch.long, device=_device_of(model)))[0].shape[-1]
+
+    def rotates(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx`` rotates its keys (SmolLM3's NoPE layers do not)."""
+        return layer_idx >= len(self._rope_layers) or self._rope_layers[layer_idx]
+
+    @property
+    def table(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Pair tables ``(cos, sin) [B|1, T, D_rot/2]`` this thread's latest forward rotated with (None before)."""
+        return getattr(self._local, "table", None)
+
+    def _observe_output(self, module: nn.Module, args: tuple, output) -> None:
+        if getattr(self._local, "internal", False):
+            return None
+        cos, sin = output
+        self._local.table = (self.layout.pair_table(cos.detach()), self.layout.pair_table(sin.detach()))
+        return None
+
+    @property
+    def current(self) -> torch.Tensor | None:
+        """``position_ids [B|1, T]`` of this thread's latest forward (None before its first)."""
+        return getattr(self._local, "current", None)
+
+    @property
+    def step(self) -> int:
+        """Number of this thread's latest observation (0 before its first); unique across threads."""
+        return getattr(self._local, "step", 0)
 
     def _observe(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._internal:
+        if getattr(self._local, "internal", False):
             return None
         position_ids = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
         if position_ids is not None:
-            self.current = position_ids.detach()
-            self.step += 1
+            self._local.current = position_ids.detach()
+            self._local.step = next(self._observations)
         return None
 
     def close(self) -> None:
         self._handle.remove()
+        self._output_handle.remove()
+
+    def pair_tables(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's own pair tables ``(cos, sin) [B|1, T, D_rot/2]`` float32 for ``position_ids [B|1, T]``,
+        recomputed (exact for static rope types; for dynamic ones, what one forward of these positions uses)."""
+        return tuple(self.layout.pair_table(t) for t in self.cos_sin(position_ids))
 
     def cos_sin(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's own ``(cos, sin)``, ``[B|1, T, D]`` float32, for ``position_ids [B|1, T]``."""
         probe = torch.empty(0, dtype=torch.float32, device=position_ids.device)
-        self._internal = True
+        self._local.internal = True
         try:
             cos, sin = rotary_cos_sin(self.rotary, probe, position_ids)
         finally:
-            self._internal = False
+            self._local.internal = False
         return cos.float(), sin.float()
 
     def unrotate(self, keys: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Post-RoPE ``keys [B, H, T, D]`` -> pre-RoPE (the ``k_proj`` output), exactly.
+        """Post-RoPE ``keys [B, H, T, D]`` -> pre-RoPE (what attention reads before rotation), exactly.
 
         RoPE applies ``s * R(theta)``; its inverse is ``R(-theta) / s^2`` and ``cos^2 + sin^2 = s^2``.
         """
-        cos, sin = (t.unsqueeze(1) for t in self.cos_sin(position_ids))
-        k = keys.float()
-        return ((k * cos - rotate_half(k) * sin) / (cos * cos + sin * sin)).to(keys.dtype)
+        cos, sin = (t.unsqueeze(1) for t in self.pair_tables(position_ids))
+        return self.layout.unrotate(keys, cos, sin)
 
     def rotate(self, keys: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Pre-RoPE ``keys [B, H, T, D]`` -> post-RoPE, as the model's attention applies it."""
-        cos, sin = (t.unsqueeze(1).to(keys.dtype) for t in self.cos_sin(position_ids))
-        return keys * cos + rotate_half(keys) * sin
+        cos, sin = (t.unsqueeze(1) for t in self.pair_tables(position_ids))
+        return self.layout.rotate(keys, cos, sin)
+
+    def observed(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This thread's latest forward's pair tables as ``[B|1, 1, T, D_rot/2]`` (what its attention rotated with)."""
+        if self.table is None:
+            raise RuntimeError("no forward of this model's rotary module was observed in this thread")
+        return tuple(t.unsqueeze(1) for t in self.table)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return torch.device("cpu") if parameter is None or parameter.device.type == "meta" else parameter.device
+
+
+def _model_layout(model: nn.Module, rotary: nn.Module, width: int) -> RotaryLayout:
+    """The :class:`RotaryLayout` of ``model``'s attention, probed from its modeling file's ``apply_rotary_pos_emb``."""
+    from kvlight.geometry import kv_geometry
+
+    where = type(model).__name__
+    apply_rotary = rotary_function(rotary)
+    if apply_rotary is None:
+        raise ModelLoadError(f"{where}: its modeling file has no apply_rotary_pos_emb to rotate keys with")
+    return probe_layout(apply_rotary, kv_geometry(model).head_dim, width, where)
 
 
 class PositionLog:
     """Positions of every token a cache holds, ``[B, N]`` int32, appended once per forward, and the rotation table of
-    its compressed tokens. One per cache, shared by its layers (they all hold the same tokens)."""
+    its compressed tokens. One per cache, shared by its layers (they all hold the same tokens).
+
+    For dynamic rope types (:attr:`PositionTracker.dynamic`) it also keeps :attr:`tables`, the pair tables
+    ``(cos, sin) [B|1, N, D_rot/2]`` each token arrived with (as observed), because the model's own cache keeps each
+    key as rotated then and the rotary module's later tables differ; they are stored bytes (see :meth:`stored_tensors`).
+    For static types the tables are recomputed from the positions.
+    """
 
     def __init__(self, tracker: PositionTracker | None) -> None:
         self.tracker = tracker
         self.positions: torch.Tensor | None = None
+        self.tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self._step = -1
         self._rope: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._rope_channel_major: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
@@ -89,21 +310,92 @@ class PositionLog:
             )
         current = current.to(device=device, dtype=torch.int32).expand(batch, -1)
         self.positions = current if self.positions is None else torch.cat([self.positions, current], dim=1)
+        if self.tracker.dynamic:
+            self._append_tables(tuple(t.to(device) for t in self.tracker.table))
         self._step = self.tracker.step
+
+    def _append_tables(self, tables: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Append pair tables ``[B|1, T, D_rot/2]`` of the newest tokens (rows broadcast when one side has one)."""
+        if self.tables is None:
+            self.tables = tables
+            return
+        old = self.tables
+        if old[0].shape[0] != tables[0].shape[0]:
+            rows = max(old[0].shape[0], tables[0].shape[0])
+            old, tables = ([t.expand(rows, -1, -1) for t in pair] for pair in (old, tables))
+        self.tables = tuple(torch.cat([a, b], dim=1) for a, b in zip(old, tables, strict=True))
+
+    def rotates(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx``'s keys are rotated (a RoPE model's layer that is not NoPE)."""
+        return self.tracker is not None and self.tracker.rotates(layer_idx)
+
+    def tables_of(self, start: int, stop: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pair tables ``(cos, sin) [B|1, 1, stop-start, D_rot/2]`` of sequence slots ``start:stop``: those observed
+        on arrival (dynamic rope) or recomputed from the positions (one row when all rows agree)."""
+        if self.tables is not None:
+            return tuple(t[:, start:stop].unsqueeze(1).to(dtype) for t in self.tables)
+        positions = self.slice(start, stop)
+        if bool((positions == positions[:1]).all()):
+            positions = positions[:1]
+        return tuple(t.unsqueeze(1).to(dtype) for t in self.tracker.pair_tables(positions))
+
+    def unrotate(self, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """Post-RoPE ``keys [B, H, T, D]`` of slots ``start:start+T`` -> pre-RoPE, with the tables they arrived with."""
+        cos, sin = self.tables_of(start, start + keys.shape[2], torch.float32)
+        return self.tracker.layout.unrotate(keys, cos, sin)
+
+    def rotate(self, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """Pre-RoPE ``keys [B, H, T, D]`` of slots ``start:start+T`` -> post-RoPE, as the model's own cache holds them."""
+        cos, sin = self.tables_of(start, start + keys.shape[2], torch.float32)
+        return self.tracker.layout.rotate(keys, cos, sin)
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        """What this log stores for the cached tokens: the positions and, for dynamic rope, the arrival tables."""
+        held = [] if self.positions is None else [self.positions]
+        return held + ([] if self.tables is None else list(self.tables))
+
+    def select(self, fn) -> None:
+        """Apply a batch selection ``fn`` (beam reordering) to the positions and tables."""
+        if self.positions is not None:
+            self.positions = fn(self.positions)
+        if self.tables is not None and self.tables[0].shape[0] > 1:
+            self.tables = tuple(fn(t) for t in self.tables)
+        self.forget_rope()
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` tokens' positions and tables (a crop)."""
+        if self.positions is not None:
+            self.positions = self.positions[:, :length]
+        if self.tables is not None:
+            self.tables = tuple(t[:, :length] for t in self.tables)
+        self.forget_rope()
 
     def slice(self, start: int, stop: int) -> torch.Tensor:
         return self.positions[:, start:stop].long()
 
     def extend(self, position_ids: torch.Tensor) -> None:
         """Append ``position_ids [B, T]`` given directly (see CompressedCache.ingest), for this step's updates."""
+        if self.tracker is not None and self.tracker.dynamic:  # what one forward of these positions would rotate with
+            self._append_tables(self.tracker.pair_tables(position_ids))
         position_ids = position_ids.to(torch.int32)
         self.positions = position_ids if self.positions is None else torch.cat([self.positions, position_ids], dim=1)
         self._step = None if self.tracker is None else self.tracker.step
 
+    def restore(self, positions: torch.Tensor | None, tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Hold ``positions [B, N]`` (int32) as the positions of the N tokens already cached, e.g. of a cache read back
+        from disk; the rotation table is rebuilt from them when first needed. For dynamic rope, ``tables`` are the
+        arrival tables (:attr:`tables`); without them they are recomputed from the positions in one call, which is
+        exact only while the sequence stayed below the rope's original length."""
+        self.positions = None if positions is None else positions.to(torch.int32)
+        self.tables = tables
+        if tables is None and self.positions is not None and self.tracker is not None and self.tracker.dynamic:
+            self.tables = self.tracker.pair_tables(self.positions)
+        self.forget_rope()
+
     def compressed_rope(
         self, first: int, count: int, dtype: torch.dtype, channel_major: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin) [B|1, 1, count, D]`` for the compressed tokens at sequence slots ``first:first+count``.
+        """Pair tables ``(cos, sin) [B|1, 1, count, D_rot/2]`` of the compressed tokens at slots ``first:first+count``.
 
         Shared by every layer and extended only by the newly compressed tokens (the rotary module is not asked again
         for the whole history each step). One row serves the batch when all rows have the same positions.
@@ -125,10 +417,7 @@ class PositionLog:
         if self._rope is None or self._rope[0] != first or have > count or self._rope[1].dtype != dtype:
             self._rope, have = None, 0
         if have < count:
-            positions = self.slice(first + have, first + count)
-            if bool((positions == positions[:1]).all()):
-                positions = positions[:1]
-            cos, sin = (t.unsqueeze(1).to(dtype) for t in self.tracker.cos_sin(positions))
+            cos, sin = self.tables_of(first + have, first + count, dtype)
             if self._rope is not None:
                 old_cos, old_sin = self._rope[1], self._rope[2]
                 if old_cos.shape[0] != cos.shape[0]:

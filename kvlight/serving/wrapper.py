@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from kvlight.compressors.compressor import KVCompressor
+from kvlight.compressors.provenance import check_base_model
 from kvlight.geometry import kv_geometry
-from kvlight.hf import CACHE_KWARG
+from kvlight.hf import CACHE_KWARG, pipeline_for
 from kvlight.serving.attention import LatentAttention
 from kvlight.serving.cache import CacheSettings, CompressedCache
 from kvlight.serving.positions import PositionTracker
@@ -51,6 +52,9 @@ class CompressedKVModelWrapper(nn.Module):
         fast_decode: decode steps attend to the stored latents in place (kvlight.serving.attention) instead of
             reconstructing the whole history; False keeps the plain reconstruction path. Switching the model to
             kvlight's attention function (sdpa or eager models only) lasts until :meth:`close`.
+        allow_model_mismatch: serve a compressor whose JSON records another base model than ``model`` (its K/V
+            projection weights differ by more than rounding) with a warning; by default that is refused
+            (:class:`~kvlight.errors.ModelMismatchError`).
     """
 
     def __init__(
@@ -60,10 +64,12 @@ class CompressedKVModelWrapper(nn.Module):
         latent_dtype: torch.dtype | None = None,
         fast_decode: bool = True,
         storage_dtype: torch.dtype | None = None,
+        allow_model_mismatch: bool = False,
     ) -> None:
         super().__init__()
         self.geometry = kv_geometry(model)
         compressor.check_geometry(self.geometry)
+        check_base_model(compressor.base_model, model, allow_mismatch=allow_model_mismatch)
         self.model = model
         self.compressor = compressor.to(device=next(model.parameters()).device)
         self.latent_dtype = latent_dtype
@@ -71,10 +77,37 @@ class CompressedKVModelWrapper(nn.Module):
         self.fast = LatentAttention(model) if fast_decode else None  # first: it refuses a model already wrapped
         self.tracker = PositionTracker(model) if self.geometry.rope else None
 
+    def __getattr__(self, name: str):
+        """Whatever this wrapper does not define is the model's (``device``, ``dtype``, ``config``,
+        ``generation_config``, ``can_generate``, ...), so transformers code that expects a model, such as
+        ``pipeline("text-generation", model=wrapped, tokenizer=...)``, takes the wrapper for one."""
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules (``model``, ``compressor``)
+        except AttributeError:
+            model = self.__dict__["_modules"].get("model")
+            if model is None or name.startswith("__"):
+                raise
+            return getattr(model, name)
+
     def new_cache(self) -> CompressedCache:
         """An empty compressed cache bound to this model's positions."""
         settings = CacheSettings(latent_dtype=self.latent_dtype, storage_dtype=self.storage_dtype)
         return CompressedCache(self.compressor, self.tracker, fast=self.fast, settings=settings)
+
+    def pipeline(self, task: str = "text-generation", **kwargs):
+        """A transformers pipeline that generates with the compressed cache, e.g.
+        ``wrapped.pipeline(tokenizer=tokenizer)("Hello", max_new_tokens=20)``; ``kwargs`` go to
+        ``transformers.pipeline`` (tokenizer, device, ...). ``pipeline(task, model=wrapped)`` works too, with an
+        error line logged by transformers for the wrapper's class name."""
+        return pipeline_for(self, task, **kwargs)
+
+    def load_cache(self, path) -> CompressedCache:
+        """A cache restored from what :meth:`CompressedCache.save` wrote, bound to this model; generation continues
+        from it with the same tokens as from the cache it was saved from. A truncated file, or one saved with another
+        compressor, is refused with one line (kvlight.serving.persist)."""
+        from kvlight.serving.persist import load_cache
+
+        return load_cache(path, self.new_cache())
 
     def _with_cache(self, kwargs: dict) -> dict:
         if kwargs.get(CACHE_KWARG) is None and kwargs.get("use_cache", True):

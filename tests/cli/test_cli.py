@@ -242,21 +242,23 @@ def _bert_dir(tmp_path):
     return str(tmp_path / "bert")
 
 
-def _opt_dir(tmp_path):
-    from transformers import OPTConfig, OPTForCausalLM
+def _mla_dir(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = OPTConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=32
-    )
-    OPTForCausalLM(config).save_pretrained(tmp_path / "opt")  # a real causal LM, just not a supported one
-    return str(tmp_path / "opt")
+    config = AutoConfig.for_model(
+        "deepseek_v3", vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
+        num_hidden_layers=1, num_attention_heads=2, kv_lora_rank=16, q_lora_rank=16, n_routed_experts=2,
+        num_experts_per_tok=1, first_k_dense_replace=1,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mla")  # a real causal LM; caches a latent
+    return str(tmp_path / "mla")
 
 
 BAD_MODELS = {
     "missing_dir": (lambda tmp: str(tmp / "no-such-model"), ["could not load model", "local directory"]),
     "missing_gguf": (lambda tmp: str(tmp / "model.gguf"), ["does not exist", ".gguf"]),
     "bert": (_bert_dir, ["'bert'", "not supported", "gpt2", "llama"]),
-    "opt": (_opt_dir, ["'opt'", "not supported", "gpt2", "llama"]),
+    "mla": (_mla_dir, ["'deepseek_v3'", "not supported", "latent", "gpt2", "llama"]),
 }
 
 
