@@ -93,6 +93,15 @@ def cache_root() -> Path:
     return root
 
 
+def _model_id(model) -> tuple[str, ...]:
+    """Key parts naming the model: none for the embedded default (its cached rows keep their keys), else its type and
+    size."""
+    config = model.config
+    if getattr(config, "model_type", None) == "llama" and getattr(config, "num_hidden_layers", None) == 30:
+        return ()
+    return (f"{config.model_type}-{config.num_hidden_layers}x{getattr(config, 'hidden_size', '?')}",)
+
+
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -102,7 +111,7 @@ def sensitivity(model, geometry, calibration: torch.Tensor):
     dtype = str(next(model.parameters()).dtype)  # a bf16 model's Fisher is not a float32 model's
     path = (
         cache_root()
-        / f"metrics-{_key(calibration.sum().item(), calibration.shape, SINKS, METRICS_VERSION, dtype)}.json"
+        / f"metrics-{_key(calibration.sum().item(), calibration.shape, SINKS, METRICS_VERSION, dtype, *_model_id(model))}.json"
     )
     if path.exists():
         return read_metrics_file(path, geometry)
@@ -126,6 +135,7 @@ def compressor_for(
         METRICS_VERSION,
         ROW_VERSION,
         str(next(model.parameters()).dtype),  # fitted and distilled through a model of this dtype
+        *_model_id(model),
     )
     directory = cache_root() / f"row-{key}"
     dtype = next(model.parameters()).dtype

@@ -3,8 +3,10 @@
 Protocol (issue 4): the embedded default (SmolLM2-135M-Instruct) in bf16; the built-in offline
 corpus; evaluation windows of 512 and 2048 tokens taken from the start of the corpus; each window
 fed in chunks of 64 tokens through the cache, so every chunk attends to what the cache stored.
-Bytes are what each cache holds at the end of the window, as a fraction of an fp16
-``DynamicCache`` of the same length: for kvlight every tensor the cache holds (latents, scales,
+Bytes are what each cache holds at the end of the window, as a fraction of what the model's default cache
+(``DynamicCache(config=model.config)``, whose sliding layers keep only their window; for SmolLM2, which has none, a
+full ``DynamicCache``) holds in fp16 at the same length (each JSON row also gives ``bytes_fraction_full``, the
+fraction of a full fp16 ``DynamicCache``): for kvlight every tensor the cache holds (latents, scales,
 zero points, exact sink/recent tokens, positions), counted from the tensors themselves; for HF
 ``QuantizedCache`` the codes (nbits per value) plus one scale and one zero point (2 bytes each)
 per group of 64, plus its exact residual tokens. The per-model projection weights of kvlight
@@ -49,16 +51,21 @@ from bench.common import (  # noqa: E402
     offline_windows,
     quantized_cache_bytes,
 )
-from kvlight.analysis.queries import QueryMoments  # noqa: E402
+from kvlight.analysis.queries import QueryMoments, score_weights  # noqa: E402
 from kvlight.analysis.rank_allocation import budget  # noqa: E402
 from kvlight.analysis.sensitivity import measure_sensitivity  # noqa: E402
 from kvlight.calibration.distill import distill  # noqa: E402
 from kvlight.compressors.compressor import KVCompressor  # noqa: E402
-from kvlight.compressors.weighting import output_weights, score_weight  # noqa: E402
+from kvlight.compressors.weighting import output_weights  # noqa: E402
 from kvlight.config import CompressionConfig  # noqa: E402
-from kvlight.hf import dynamic_cache  # noqa: E402
-from kvlight.models import output_projections, preferred_dtype, resolve_dtype, rotary_module  # noqa: E402
-from kvlight.serving.cache import CacheSettings, CompressedCache, dynamic_cache_bytes  # noqa: E402
+from kvlight.hf import default_cache, default_cache_windows  # noqa: E402
+from kvlight.models import output_projections, preferred_dtype, resolve_dtype  # noqa: E402
+from kvlight.serving.cache import (  # noqa: E402
+    CacheSettings,
+    CompressedCache,
+    default_cache_bytes,
+    dynamic_cache_bytes,
+)
 from kvlight.serving.positions import PositionTracker  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -167,6 +174,22 @@ def label(
     return methods[family], setting
 
 
+#: the model this run measures (None: the embedded default) and its name in the results file and protocol text;
+#: ``--model PATH --name NAME`` writes bench/results/NAME.{json,md,png} instead of frontier.*.
+TARGET = {"model": None, "label": "SmolLM2-135M-Instruct (the embedded default)", "name": "frontier"}
+
+
+def load_target(dtype: torch.dtype):
+    """(model, tokenizer, geometry) of :data:`TARGET`."""
+    if TARGET["model"] is None:
+        return embedded_default(dtype)
+    from kvlight.geometry import kv_geometry
+    from kvlight.models import load_model, load_tokenizer
+
+    model = load_model(TARGET["model"], dtype)
+    return model, load_tokenizer(TARGET["model"]), kv_geometry(model)
+
+
 def run(
     lengths: list[int],
     eval_windows: dict[int, int],
@@ -182,7 +205,7 @@ def run(
 
     torch.manual_seed(0)
     dtype = dtype or preferred_dtype()
-    model, tokenizer, geometry = embedded_default(dtype)
+    model, tokenizer, geometry = load_target(dtype)
     longest = max(length * eval_windows[length] for length in lengths)
     # After every evaluation text, and never before the default run's (4 x 2048 tokens), so that a run over fewer
     # lengths calibrates on the same windows (and reuses the compressors cached on disk).
@@ -192,20 +215,22 @@ def run(
     tracker = PositionTracker(model)
     dtype_name = str(dtype).removeprefix("torch.")
     storage = torch.bfloat16 if dtype == torch.float32 else None
-    results = {"machine": machine(), "command": "python " + " ".join(sys.argv), "dtype": dtype_name, "rows": []}
+    results = {
+        "machine": machine(), "command": "python " + " ".join(sys.argv), "dtype": dtype_name, "rows": [],
+        "model": TARGET["label"],
+    }  # fmt: skip
     # (family, length the compressor is for, or None for every length, spec) -> (compressor, config if unequal)
     compressors: dict[tuple, tuple[KVCompressor, CompressionConfig | None]] = {}
     for spec in kvlight_rows if "pca" in families else []:
         compressors[("pca", None, spec)] = (fitted_pca(row_config(geometry, spec, "pca"), geometry, rows, dtype), None)
     value_weights = output_weights(output_projections(model), geometry.num_kv_heads, geometry.head_dim)
-    inv_freq = rotary_module(model).inv_freq
     if "budget" in families:
         start = time.perf_counter()
         metrics = measure_sensitivity(model, geometry, calibration, 2, 256, 4, 0, progress=False)
         print(f"sensitivity analysis {time.perf_counter() - start:.0f}s", flush=True)
     for length in lengths:
         # Score weights average RoPE over the query-key distances of the context served: here the window length.
-        key_weights = score_weight(queries.mean(), inv_freq, window=length, weighting="near")
+        key_weights = score_weights(model, queries.mean(), length)
         for spec in QUERY_WEIGHTED_ROWS if "query-weighted" in families else []:
             config = row_config(geometry, spec, "kvsplice")
             compressors[("query-weighted", length, spec)] = (
@@ -223,7 +248,7 @@ def run(
                 config,
             )
     if "distilled" in families:
-        key_weights = score_weight(queries.mean(), inv_freq, window=512, weighting="near")
+        key_weights = score_weights(model, queries.mean(), 512)
         for spec in distilled_rows:
             compressor = weighted_fit(
                 row_config(geometry, spec, "kvsplice"), geometry, rows, key_weights, value_weights, torch.float32
@@ -248,6 +273,10 @@ def run(
             compressors[("widths", None, row)] = (compressor, None)
     for length in lengths:
         windows = offline_windows(tokenizer, length, skip=0, count=eval_windows[length])
+        # The reference is the model's default cache in fp16 (sliding layers keep their window only); a full
+        # DynamicCache's bytes are kept beside it (equal for a model without sliding layers).
+        reference = default_cache_bytes(geometry, 1, length, torch.float16, default_cache_windows(model.config))
+        reference *= len(windows)
         full = dynamic_cache_bytes(geometry, 1, length, torch.float16) * len(windows)
 
         def record(method: str, setting: str, make_cache, bytes_of, weights: int = 0) -> None:
@@ -262,7 +291,8 @@ def run(
                 "method": method,
                 "setting": setting,
                 "perplexity": ppl,
-                "bytes_fraction": stored / full,
+                "bytes_fraction": stored / reference,
+                "bytes_fraction_full": stored / full,
                 "weights_bytes": weights,
                 "seconds": time.perf_counter() - start,
             }
@@ -270,9 +300,19 @@ def run(
             print(json.dumps(row), flush=True)
 
         itemsize = torch.empty((), dtype=dtype).element_size()
-        # The reference: what the same DynamicCache holds in fp16 (a float32 model's holds twice as much).
-        record("none (DynamicCache)", dtype_name, dynamic_cache, lambda c, b: held_bytes(c) * 2 // itemsize)
-        for backend, bits in QUANT_ROWS if "quant" in families else []:
+        # The reference: what the model's default DynamicCache holds in fp16 (a float32 model's holds twice as much).
+        record(
+            "none (DynamicCache)",
+            dtype_name,
+            lambda: default_cache(model.config),
+            lambda c, b: held_bytes(c) * 2 // itemsize,
+        )
+        quant_rows = QUANT_ROWS if "quant" in families else []
+        if quant_rows and any(window is not None for window in default_cache_windows(model.config)):
+            # transformers' QuantizedCache raises for any layer type but full attention (Gemma 2/3, Mistral...).
+            print("no QuantizedCache rows: transformers' QuantizedCache refuses models with sliding layers", flush=True)
+            quant_rows = []
+        for backend, bits in quant_rows:
             record(
                 f"HF QuantizedCache {backend}",
                 f"int{bits}, group 64, residual {RECENT}",
@@ -305,16 +345,18 @@ def row_id(row) -> str:
 
 def write(results: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "frontier.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"{TARGET['name']}.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [
         "# Quality frontier: perplexity change vs stored KV bytes",
         "",
         f"Machine: {results['machine']}; model dtype {results.get('dtype', 'bfloat16')}  ",
         f"Command of the newest run: `{results['command']}` (each section names its own)",
         "",
-        "Protocol: embedded default SmolLM2-135M-Instruct (dtype above), built-in offline corpus, windows from its "
+        f"Protocol: {results.get('model', 'embedded default SmolLM2-135M-Instruct')} (dtype above), built-in offline corpus, windows from its "
         "start, each fed in chunks of 64 tokens through the cache. Bytes: what the cache holds at the end of the window "
-        "vs an fp16 DynamicCache of the same length (kvlight: every held tensor, measured, exact tokens kept in bf16 "
+        "vs what the model's default cache (DynamicCache(config=...): sliding layers keep their window only; SmolLM2 "
+        "has none, so a full DynamicCache) holds in fp16 at the same length (bytes_fraction_full in the JSON: vs a "
+        "full fp16 DynamicCache) (kvlight: every held tensor, measured, exact tokens kept in bf16 "
         "when the model is float32 (CacheSettings(storage_dtype=...)), as a 16-bit deployment stores them; HF "
         "QuantizedCache: codes + fp16 scale and zero per group of 64 + exact residual at 2 bytes, by formula). kvlight: PCA fitted on 16 x 512 tokens "
         "after the evaluation text (query-weighted rows: KVSplice keys at the query-weighted closed form, distances up to "
@@ -354,7 +396,7 @@ def write(results: dict) -> None:
                 f"{change:+.2f} % | {weights} |"
             )
         lines += ["", *target_lines(rows, base), ""]
-    (RESULTS / "frontier.md").write_text("\n".join(lines))
+    (RESULTS / f"{TARGET['name']}.md").write_text("\n".join(lines))
     plot(results)
 
 
@@ -441,11 +483,11 @@ def plot(results: dict) -> None:
         ax.set_xlabel("stored bytes, % of fp16 DynamicCache")
         ax.set_ylabel("perplexity change, % (symlog)")
         ax.set_yscale("symlog", linthresh=1)
-        ax.set_title(f"SmolLM2-135M, {length}-token windows, chunks of 64")
+        ax.set_title(f"{results.get('model', 'SmolLM2-135M')}, {length}-token windows, chunks of 64")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="upper right")
     fig.tight_layout()
-    fig.savefig(RESULTS / "frontier.png", dpi=110)
+    fig.savefig(RESULTS / f"{TARGET['name']}.png", dpi=110)
 
 
 def main() -> None:
@@ -481,15 +523,25 @@ def main() -> None:
     parser.add_argument(
         "--width-rows", nargs="+", default=None, help="only these widths rows, e.g. fisher-0.125 fisher-kl-0.125"
     )
+    parser.add_argument(
+        "--model", default=None, help="another model (path, .gguf, hub id) instead of the embedded default"
+    )
+    parser.add_argument("--name", default=None, help="results file name under bench/results/ (default: frontier)")
     args = parser.parse_args()
+    if args.model is not None:
+        TARGET.update(
+            model=args.model, label=Path(args.model).name, name=args.name or "frontier_" + Path(args.model).stem
+        )
+    elif args.name:
+        TARGET["name"] = args.name
     if args.rewrite:
-        write(json.loads((RESULTS / "frontier.json").read_text()))
+        write(json.loads((RESULTS / f"{TARGET['name']}.json").read_text()))
         return
     known = [row_id(row) for row in bitrows.all_rows()]
     unknown = [name for name in args.width_rows or () if name not in known]
     if unknown:  # a row id that names no row would run nothing and say nothing
         parser.error(f"unknown --width-rows {' '.join(unknown)}; the rows are: {' '.join(known)}")
-    previous = RESULTS / "frontier.json"
+    previous = RESULTS / f"{TARGET['name']}.json"
     run_dtype = str(resolve_dtype(args.dtype)).removeprefix("torch.")
     if args.merge and previous.exists():
         old_dtype = json.loads(previous.read_text()).get("dtype", "bfloat16")

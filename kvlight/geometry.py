@@ -11,9 +11,9 @@ from kvlight.errors import ModelLoadError
 #: what the refusal of an architecture adds: which models kvlight does serve.
 SERVED = (
     "kvlight supports decoder-only LMs with softmax attention over rotary or learned positions "
-    "(e.g. llama, mistral, qwen3, phi3, gpt_neox, cohere, gpt2)"
+    "(e.g. llama, mistral, qwen3, phi3, gpt_neox, cohere, gemma2, gemma3_text, gpt2)"
 )
-#: layer types whose cache is a plain per-token K/V (sliding windows are served as transformers caches them).
+#: layer types whose cache is a plain per-token K/V (a sliding layer keeps its window, as transformers' cache does).
 _ATTENTION_LAYERS = {"full_attention", "sliding_attention"}
 
 
@@ -49,6 +49,8 @@ def kv_geometry(model: nn.Module) -> KVGeometry:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if getattr(config, "multi_query", False) is True:  # GPT-BigCode: one K/V head shared by every query head
+        kv_heads = 1
     return KVGeometry(model_type, config.num_hidden_layers, kv_heads, head_dim, rope=has_rope(config))
 
 
@@ -68,11 +70,8 @@ def unsupported_reason(config) -> str | None:
         return f"layers of type {', '.join(sorted(others))} keep no per-token K/V cache kvlight can compress"
     if any(getattr(config, name, None) is None for name in ("num_attention_heads", "hidden_size", "num_hidden_layers")):
         return "its config names no attention heads, hidden size and layers: no KV cache kvlight understands"
-    if getattr(config, "attn_logit_softcapping", None):
-        return "its attention soft-caps the logits, which kvlight's decode attention does not apply"
     if getattr(config, "alibi", False):
         return "ALiBi biases attention by distance inside the attention function, which kvlight's decode path skips"
-    rope = getattr(config, "rope_parameters", None)
-    if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()):
-        return "its rotary embedding differs per layer type"
+    # Soft-capped logits (Gemma 2) are capped by the decode attention as the model's own attention function does
+    # (its softcap argument), and a rotary embedding per layer type (Gemma 3) is observed per type.
     return None

@@ -79,3 +79,17 @@ def gguf_architecture(path: str | Path) -> str:
                 return reader.string()
             reader.skip_value(kind)
     raise ModelLoadError(f"{where}: its GGUF header names no general.architecture; the file is damaged")
+
+
+def gguf_tensor_count(path: str | Path) -> int:
+    """How many tensors a GGUF file's header declares (0: a header without a model in it)."""
+    where = Path(path)
+    try:
+        with where.open("rb") as handle:
+            reader = _Reader(handle, where)
+            if handle.read(4) != MAGIC:
+                raise ModelLoadError(f"{where} is not a GGUF file (no GGUF magic at its start)")
+            reader.unpack("I")  # version
+            return reader.unpack("Q")
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {where}: {exc.strerror or exc}") from None

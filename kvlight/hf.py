@@ -22,14 +22,22 @@ __all__ = [
     "DynamicLayer",
     "attention_implementation",
     "cache_kwargs",
+    "default_cache",
+    "default_cache_windows",
     "dynamic_cache",
+    "gguf_architectures",
+    "gguf_model_type",
     "original_attention",
     "pipeline_for",
     "register_attention",
     "rope_layers",
+    "rotary_call_layer_type",
     "rotary_cos_sin",
+    "rotary_cos_sin_of",
+    "rotary_dynamic_any",
     "rotary_function",
     "rotary_is_dynamic",
+    "rotary_layer_types",
     "set_attention",
 ]
 
@@ -45,6 +53,12 @@ def cache_kwargs(cache: Cache | None) -> dict:
 def dynamic_cache() -> DynamicCache:
     """A plain uncompressed cache, the reference everything is compared against."""
     return DynamicCache()
+
+
+def default_cache(config) -> DynamicCache:
+    """The cache transformers gives this model when none is passed, ``DynamicCache(config=config)``: sliding layers
+    keep their window only (``DynamicSlidingWindowLayer``)."""
+    return DynamicCache(config=config)
 
 
 def attention_implementation(model: nn.Module) -> str:
@@ -92,6 +106,88 @@ def rotary_is_dynamic(rotary: nn.Module) -> bool:
 def rope_layers(blocks) -> list[bool]:
     """Per decoder block, whether its attention rotates keys (SmolLM3's NoPE layers set ``self_attn.use_rope``)."""
     return [bool(getattr(getattr(block, "self_attn", None), "use_rope", True)) for block in blocks]
+
+
+#: GGUF architectures transformers renames on load (modeling_gguf_pytorch_utils.load_gguf_checkpoint), then the text
+#: model types its config becomes (``gemma3`` loads as ``gemma3_text``).
+_GGUF_RENAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
+_GGUF_MODEL_TYPES = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}
+#: keys of transformers' GGUF config mapping that are sections, not architectures.
+_GGUF_SECTIONS = {"general", "tokenizer"}
+
+
+def gguf_architectures() -> list[str]:
+    """The GGUF ``general.architecture`` values transformers can load (``GGUF_SUPPORTED_ARCHITECTURES``, sections
+    such as ``general`` left out), sorted."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - _GGUF_SECTIONS)
+
+
+def gguf_model_type(architecture: str) -> str | None:
+    """The transformers ``model_type`` a GGUF of ``general.architecture`` ``architecture`` loads as, or None when
+    transformers cannot load that architecture from GGUF."""
+    supported = set(gguf_architectures())
+    renamed = _GGUF_RENAMES.get(architecture, architecture)
+    if architecture not in supported and renamed not in supported:
+        return None
+    return _GGUF_MODEL_TYPES.get(renamed, renamed)
+
+
+def default_cache_windows(config) -> list[int | None]:
+    """Per decoder layer, the tokens transformers' default cache (``DynamicCache(config=config)``) keeps a window of:
+    the ``sliding_window`` of a layer it gives a ``DynamicSlidingWindowLayer`` (which holds the last
+    ``sliding_window - 1`` tokens between forwards), None for a layer that keeps every token."""
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        types, kwargs = get_layer_types_and_kwargs(config)
+    except (ImportError, AttributeError):  # older releases: layer_types / sliding_window, as their DynamicCache read
+        window = getattr(config, "sliding_window", None)
+        types = getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * (
+            config.num_hidden_layers
+        )
+        return [window if kind == "sliding_attention" else None for kind in types]
+    return [
+        layer_kwargs.get("sliding_window") if kind == "sliding_attention" else None
+        for kind, layer_kwargs in zip(types, kwargs, strict=True)
+    ]
+
+
+def rotary_layer_types(rotary: nn.Module, config) -> list[str] | None:
+    """Per decoder layer, the ``layer_type`` a rotary module that takes one (Gemma 3: one module, a rope base per
+    layer type) is called with for that layer (``config.layer_types``); None for a rotary module without the argument."""
+    import inspect
+
+    try:
+        takes = "layer_type" in inspect.signature(rotary.forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    types = getattr(config, "layer_types", None)
+    return list(types) if takes and types else None
+
+
+def rotary_cos_sin_of(rotary: nn.Module, probe, position_ids, layer_type: str | None):
+    """``(cos, sin)`` of a model's rotary module for ``position_ids`` and, for a module that takes one (see
+    :func:`rotary_layer_types`), the ``layer_type`` of the layer they rotate (Gemma 3 calls it positionally)."""
+    if layer_type is None:
+        return rotary_cos_sin(rotary, probe, position_ids)
+    return rotary(probe, position_ids, layer_type)
+
+
+def rotary_call_layer_type(args: tuple, kwargs: dict) -> str | None:
+    """The ``layer_type`` a call of a rotary module passed (third positional argument or keyword), or None."""
+    return kwargs.get("layer_type", args[2] if len(args) > 2 else None)
+
+
+def rotary_dynamic_any(rotary: nn.Module) -> bool:
+    """:func:`rotary_is_dynamic` for a module whose ``rope_type`` is one per layer type (a dict): any of them."""
+    rope_type = getattr(rotary, "rope_type", "default")
+    if isinstance(rope_type, dict):
+        return any(isinstance(t, str) and ("dynamic" in t or t == "longrope") for t in rope_type.values())
+    return rotary_is_dynamic(rotary)
 
 
 def pipeline_for(model: nn.Module, task: str, **kwargs):

@@ -7,6 +7,7 @@ safetensors copy under ``$KVLIGHT_CACHE`` (default ``~/.cache/kvlight``); later 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -46,20 +47,25 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     raise ModelLoadError(f"{type(model).__name__}: no list of decoder blocks (layers or h) to shard")
 
 
+#: names of a block's attention module (Llama ``self_attn``, GPT-2 ``attn``, GPT-NeoX ``attention``) and, inside it,
+#: of its output projection (Llama ``o_proj``, GPT-NeoX/Phi/Persimmon ``dense``, OPT ``out_proj``, GPT-2 ``c_proj``).
+_ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_OUTPUT_NAMES = ("o_proj", "dense", "out_proj", "c_proj")
+
+
 def output_projections(model: nn.Module) -> list[torch.Tensor]:
-    """Each block's attention output projection as ``[hidden, H_q * D]`` (nn.Linear layout): ``self_attn.o_proj``
-    (Llama family) or GPT-2's ``attn.c_proj`` (a Conv1D, stored transposed). FSDP2-sharded weights come back whole."""
+    """Each block's attention output projection as ``[hidden, H_q * D]`` (nn.Linear layout), found by
+    :func:`_output_projection` (a GPT-2 Conv1D, stored ``[in, out]``, comes back transposed). FSDP2-sharded weights
+    come back whole."""
+    config = getattr(model, "config", None)
     weights = []
     for index, block in enumerate(decoder_blocks(model)):
-        llama = getattr(getattr(block, "self_attn", None), "o_proj", None)
-        gpt2 = getattr(getattr(block, "attn", None), "c_proj", None)
-        if llama is None and gpt2 is None:
-            raise ModelLoadError(
-                f"{type(model).__name__} block {index} has no self_attn.o_proj or attn.c_proj (output projection)"
-            )
-        weight = (llama if llama is not None else gpt2).weight.detach()
+        module = _output_projection(block, config)
+        if module is None:
+            raise ModelLoadError(f"{type(model).__name__} block {index} has no attention output projection")
+        weight = module.weight.detach()
         weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
-        weights.append(weight if llama is not None else weight.T)
+        weights.append(weight if isinstance(module, nn.Linear) else weight.T)
     return weights
 
 
@@ -107,7 +113,12 @@ def resolve_dtype(name: str, device: torch.device | str | None = None) -> torch.
 
 
 def resolve_model_path(name: str | None) -> tuple[str, str | None]:
-    """``(path_or_id, gguf_file)`` for a model name; None means the embedded default (converted on first use)."""
+    """``(path_or_id, gguf_file)`` for a model name; None means the embedded default (converted on first use).
+
+    A ``.gguf`` file, or a directory without ``config.json`` holding exactly one, is checked by its header first
+    (:func:`check_gguf`): an architecture transformers cannot load or kvlight refuses fails here in milliseconds, not
+    after transformers has parsed the whole file. A directory with several GGUF files is refused, naming them.
+    """
     if name is None or name in (EMBEDDED_DEFAULT, "embedded", "default"):
         return str(_embedded_default_dir()), None
     path = Path(name).expanduser()
@@ -116,8 +127,79 @@ def resolve_model_path(name: str | None) -> tuple[str, str | None]:
             raise ModelLoadError(
                 f"GGUF file {name!r} does not exist; pass an existing .gguf file, a directory or a hub id"
             )
+        check_gguf(path, name)
         return str(path.parent), path.name
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(child.name for child in path.glob("*.gguf") if child.is_file())
+        if len(ggufs) > 1:
+            raise ModelLoadError(
+                f"{name!r} holds {len(ggufs)} GGUF files ({', '.join(ggufs)}) and no config.json; "
+                "pass the .gguf file to load"
+            )
+        if ggufs:
+            check_gguf(path / ggufs[0], name)
+            return str(path), ggufs[0]
     return (str(path) if path.exists() else name), None
+
+
+def check_gguf(path: Path, name: str | None = None) -> None:
+    """Refuse, with one line and before transformers parses it, a GGUF file whose ``general.architecture`` (read
+    from its header, :func:`kvlight.gguf_header.gguf_architecture`) transformers cannot load, or whose architecture
+    kvlight refuses: the structure check (:func:`check_architecture`) on that architecture's default config.
+
+    The default config stands for the architecture; where it cannot even be built, the file's own config decides
+    later (:func:`load_model` checks it again), so this never refuses what the full check would accept by default.
+    """
+    from kvlight.hf import gguf_architectures, gguf_model_type
+
+    stat = path.stat()
+    architecture = _gguf_header_architecture(str(path), stat.st_mtime_ns, stat.st_size)
+    model_type = gguf_model_type(architecture)
+    label = name or str(path)
+    if model_type is None:
+        raise ModelLoadError(
+            f"GGUF file {label!r} holds architecture {architecture!r}, which transformers cannot load from GGUF "
+            f"(it loads {', '.join(gguf_architectures())}); {SERVED}"
+        )
+    reason = _default_config_refusal(model_type)
+    if reason is not None:
+        raise ModelLoadError(
+            f"GGUF file {label!r} (architecture {architecture!r}) is not supported: {reason}; {SERVED}"
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _gguf_header_architecture(path: str, mtime_ns: int, size: int) -> str:
+    """``general.architecture`` of a GGUF file, cached per (path, modification time, size): a load resolves its path
+    for the tokenizer, the config and the weights."""
+    from kvlight.gguf_header import gguf_architecture
+
+    return gguf_architecture(path)
+
+
+@functools.lru_cache(maxsize=64)
+def _default_config_refusal(model_type: str) -> str | None:
+    """Why kvlight refuses the default config of ``model_type`` (the clause after ``is not supported:``), or None,
+    also when the default config or its skeleton cannot be built (then the file's own config is checked on load).
+    The same two checks as :func:`check_architecture`: the config's, then the weightless skeleton's structure."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kvlight.geometry import unsupported_reason
+
+    try:
+        config = AutoConfig.for_model(model_type)
+    except (ValueError, KeyError, TypeError):
+        return None
+    config = getattr(config, "text_config", None) or config
+    reason = unsupported_reason(config)
+    if reason is not None:
+        return reason
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - a default config that does not build says nothing about the file's own
+        return None
+    return structure_reason(skeleton)
 
 
 def load_tokenizer(name: str | None):
@@ -125,6 +207,9 @@ def load_tokenizer(name: str | None):
     from transformers import AutoTokenizer
 
     path, gguf = resolve_model_path(name)
+    converted = _converted_gguf(path, gguf) if gguf else None
+    if converted is not None and converted.is_dir():  # what an earlier load converted: no GGUF parse
+        path, gguf = str(converted), None
     try:
         return AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -141,6 +226,25 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32) -> n
 
     path, gguf = resolve_model_path(name)
     kwargs = {"gguf_file": gguf} if gguf else {}
+    if gguf:
+        from kvlight.gguf_header import gguf_tensor_count
+
+        where = Path(path) / gguf if Path(path).is_dir() else Path(gguf)
+        if where.is_file() and gguf_tensor_count(where) == 0:  # transformers would build a default-size model of it
+            raise ModelLoadError(f"{where} holds a GGUF header but no tensors: it is not a model file")
+        # Parsing and dequantising a GGUF takes tens of seconds (Gemma 3 270M: ~40 s on 2 cores); like the embedded
+        # default it is converted once to safetensors under $KVLIGHT_CACHE/models and loaded from there.
+        converted = _converted_gguf(path, gguf)
+        if converted is not None:
+            if not (converted / "config.json").is_file():
+                from transformers import AutoConfig as _Config
+
+                try:
+                    check_architecture(_Config.from_pretrained(path, gguf_file=gguf), name)
+                except (OSError, ValueError) as exc:
+                    raise ModelLoadError(_unreachable_message(name, path, exc)) from None
+                _convert_gguf(Path(path), gguf, converted)
+            path, gguf, kwargs = str(converted), None, {}
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
@@ -164,11 +268,20 @@ def check_architecture(config, name: str | None = None) -> None:
 
     shell = _Shell()
     shell.config = config
-    kv_geometry(shell)
+    try:
+        kv_geometry(shell)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. per-layer configs whose head_dim differs between layers
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise ModelLoadError(
+            f"model type {getattr(config, 'model_type', None)!r} is not supported: kvlight reads one attention "
+            f"geometry for every layer from the config, and this one has none ({type(exc).__name__}: {first}); {SERVED}"
+        ) from None
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError, TypeError) as exc:  # not a causal LM transformers knows
+    except Exception as exc:  # noqa: BLE001 - not a causal LM transformers knows, or a config it cannot build
         reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"model type {config.model_type!r} is not supported: {reason}; {SERVED}") from None
     reason = structure_reason(skeleton)
@@ -184,6 +297,15 @@ def structure_reason(model: nn.Module) -> str | None:
         blocks = decoder_blocks(model)
     except ModelLoadError:
         return "it has no list of decoder blocks (layers or h)"
+    known = KNOWN_OBSTACLES.get(getattr(model.config, "model_type", None))
+    if known is not None:
+        return known
+    mismatch = _attention_shape_mismatch(blocks[0], model.config) if len(blocks) else None
+    if mismatch is not None:
+        return mismatch
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    if isinstance(getattr(decoder, "rotary_embs", None), nn.ModuleList):  # Granite SWA: one per layer, not shared
+        return "its layers use several rotary modules (rotary_embs), not the one shared module kvlight observes"
     if has_rope(model.config):
         if rotary_module(model) is None:
             return "its rotary embedding is not one module shared by the layers, which kvlight observes"
@@ -191,14 +313,74 @@ def structure_reason(model: nn.Module) -> str | None:
     embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
     if len(embeddings) < 2:  # token embeddings only: positions enter inside attention (ALiBi, rotary in attention)
         return "it has neither a shared rotary embedding nor learned position embeddings"
-    if any(_output_projection(block) is None for block in blocks):
-        return "its attention has no self_attn.o_proj or attn.c_proj output projection"
+    if any(_output_projection(block, model.config) is None for block in blocks):
+        return "its attention has no output projection of width [hidden, heads * head_dim]"
     return None
 
 
-def _output_projection(block: nn.Module) -> nn.Module | None:
-    llama = getattr(getattr(block, "self_attn", None), "o_proj", None)
-    return llama if llama is not None else getattr(getattr(block, "attn", None), "c_proj", None)
+#: families the support sweep (tests/integration/support_sweep.py) found kvlight cannot serve exactly, for reasons no
+#: structural check sees: named here with the reason, so they are refused instead of served wrong.
+KNOWN_OBSTACLES = {
+    "jetmoe": "its mixture-of-attention-heads routes queries and outputs through experts around the cache",
+    "openai-gpt": "it keeps no KV cache (every step recomputes the whole sequence)",
+    "gpt_neox_japanese": "its own attention code (not transformers' attention interface) fails on the K/V kvlight's "
+    "cache returns (a shape error in its score matmul)",
+    "trocr": "its attention checks the mask against the query length and refuses the history kvlight's cache returns",
+    "nanochat": "its rotary embedding is not a pairwise rotation kvlight can reproduce",
+    "beam": "kvlight does not observe the tables of its per-layer-type rotary call (no rotary forward is seen)",
+}
+
+
+def _attention_shape_mismatch(block: nn.Module, config) -> str | None:
+    """Where the attention module says its heads differ from what the config's geometry says (the decoder of an
+    encoder-decoder reads ``decoder_attention_heads``; values wider than keys), the clause that says so, else None."""
+    from kvlight.geometry import kv_geometry
+
+    attention = next(
+        (getattr(block, n) for n in _ATTENTION_NAMES if isinstance(getattr(block, n, None), nn.Module)), None
+    )
+    if attention is None:
+        return None
+
+    class _Shell:  # kv_geometry reads only `.config`
+        pass
+
+    shell = _Shell()
+    shell.config = config
+    geometry = kv_geometry(shell)
+    head_dim = getattr(attention, "head_dim", None)
+    if isinstance(head_dim, int) and head_dim != geometry.head_dim:
+        return f"its attention's head_dim is {head_dim} where its config gives {geometry.head_dim}"
+    for name in ("v_head_dim",):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value != geometry.head_dim:
+            return f"its values are {value} wide per head where its keys are {geometry.head_dim}"
+    return None
+
+
+def _output_projection(block: nn.Module, config=None) -> nn.Module | None:
+    """The attention output projection of a decoder block (``[hidden, H_q * D]``), or None.
+
+    The attention module is the block's child named in :data:`_ATTENTION_NAMES`; its projection is the child named in
+    :data:`_OUTPUT_NAMES` whose weight maps ``H_q * D`` channels to the hidden size (with a config; the name alone
+    without). The shape check keeps an MLP ``dense`` or a same-named projection of another width out.
+    """
+    for attention in (getattr(block, name, None) for name in _ATTENTION_NAMES):
+        for module in (getattr(attention, name, None) for name in _OUTPUT_NAMES) if attention is not None else ():
+            if isinstance(getattr(module, "weight", None), torch.Tensor) and _projects_heads(module, config):
+                return module
+    return None
+
+
+def _projects_heads(module: nn.Module, config) -> bool:
+    """True when ``module`` maps the attention heads' ``H_q * D`` channels to the hidden size (nn.Linear layout
+    ``[out, in]``, a Conv1D ``[in, out]``); True without a config to compare with."""
+    if config is None or getattr(config, "num_attention_heads", None) is None:
+        return True
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    out_in = tuple(module.weight.shape) if isinstance(module, nn.Linear) else tuple(module.weight.shape)[::-1]
+    return out_in == (config.hidden_size, heads * head_dim)
 
 
 def _unreachable_message(name: str | None, path: str, exc: Exception) -> str:
@@ -235,6 +417,18 @@ def _embedded_default_dir() -> Path:
     return target
 
 
+def _converted_gguf(path: str, gguf: str) -> Path | None:
+    """Where the safetensors copy of a GGUF file lives (existing or not): named by the file and its size and
+    modification time, so a replaced file is converted again. None when ``path`` is not a local directory."""
+    directory = Path(path)
+    source = directory / gguf
+    if not source.is_file():
+        return None
+    stat = source.stat()
+    digest = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"gguf-{source.stem}-{digest}"
+
+
 def _convert_gguf(directory: Path, gguf_file: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -263,6 +457,9 @@ def geometry_of(name: str | None) -> KVGeometry:
     from transformers import AutoConfig
 
     path, gguf = resolve_model_path(name)
+    converted = _converted_gguf(path, gguf) if gguf else None
+    if converted is not None and (converted / "config.json").is_file():  # what an earlier load converted
+        path, gguf = str(converted), None
     try:
         config = AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
     except (OSError, ValueError) as exc:

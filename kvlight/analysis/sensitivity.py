@@ -44,13 +44,13 @@ from tqdm.auto import tqdm
 
 from kvlight.analysis.distortion import DistortionMeter, direction_energy
 from kvlight.analysis.metrics_io import HeadMetrics
-from kvlight.analysis.queries import QueryMoments
+from kvlight.analysis.queries import QueryMoments, score_weights
 from kvlight.compressors.statistics import RunningMoments
-from kvlight.compressors.weighting import output_weights, score_weight
+from kvlight.compressors.weighting import output_weights
 from kvlight.errors import CaptureError, KVLightError
 from kvlight.geometry import KVGeometry
 from kvlight.hf import cache_kwargs
-from kvlight.models import decoder_blocks, output_projections, rotary_module
+from kvlight.models import output_projections
 from kvlight.serving.capture_cache import CaptureCache
 from kvlight.serving.positions import PositionTracker
 
@@ -186,7 +186,7 @@ def measure_sensitivity(
     """Both passes over ``windows [N, T]`` (see the module docstring); returns every metric per layer and KV head."""
     if windows.ndim != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
         raise ValueError(f"need windows [N >= 1, T >= 2], got {tuple(windows.shape)}")
-    queries = QueryMoments(geometry) if _has_query_projections(model) else None
+    queries = QueryMoments(geometry)  # captured where attention reads them: every served family has queries
     means, bases, variances = principal_statistics(model, geometry, windows, batch_size, progress, queries)
     sensitivity = KVSensitivity(means, bases, sink_tokens, DistortionMeter(variances))
     attention = AttentionFisher(geometry.num_layers, geometry.num_kv_heads, min(attention_tokens, windows.shape[1]))
@@ -232,16 +232,10 @@ def measure_sensitivity(
     return HeadMetrics(geometry, trace.numpy(), eigmax.numpy(), cond.numpy(), curves, info)
 
 
-def _has_query_projections(model: nn.Module) -> bool:
-    return all(hasattr(getattr(block, "self_attn", None), "q_proj") for block in decoder_blocks(model))
-
-
 def _query_weights(model, geometry: KVGeometry, queries: QueryMoments, bases: dict, window: int) -> dict:
     """``qweight_k`` / ``qweight_v`` ``[L, H, D]``: the energy the queries (RoPE-averaged over distances up to
     ``window``) put on each key direction, and the output projection on each value direction."""
-    rotary = rotary_module(model)
-    inv_freq = None if rotary is None else rotary.inv_freq.detach().cpu()
-    score = score_weight(queries.mean(), inv_freq, window=window)  # [L, H, D, D]
+    score = score_weights(model, queries.mean(), window)  # [L, H, D, D], the model's own rotary layout and scale
     try:
         output = output_weights(output_projections(model), geometry.num_kv_heads, geometry.head_dim)
     except KVLightError:

@@ -42,7 +42,8 @@ def max_positions(model: str | None) -> int | None:
 
     local = Path(str(model)).expanduser()
     path, gguf = (str(local) if local.exists() else str(model)), None
-    if model is None or path.endswith(".gguf"):  # the embedded default (converted on first use) or a GGUF file
+    one_gguf_dir = local.is_dir() and not (local / "config.json").exists()  # resolve_model_path finds its GGUF
+    if model is None or path.endswith(".gguf") or one_gguf_dir:  # the embedded default, or a GGUF file
         from kvlight.models import resolve_model_path
 
         path, gguf = resolve_model_path(model)

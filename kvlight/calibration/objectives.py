@@ -11,13 +11,14 @@ from __future__ import annotations
 import torch
 
 from kvlight.analysis.bit_allocation import check_bits_target, uniform_bits
+from kvlight.analysis.queries import score_weights
 from kvlight.calibration.options import CompressionOptions, ObjectiveOptions
 from kvlight.compressors.registry import backend
-from kvlight.compressors.weighting import output_weights, score_weight
+from kvlight.compressors.weighting import output_weights
 from kvlight.config import RECOMMENDED, CompressionConfig
 from kvlight.errors import ConfigError, KVLightError
 from kvlight.geometry import KVGeometry
-from kvlight.models import output_projections, rotary_module
+from kvlight.models import output_projections
 from kvlight.serving.widths import direction_quantizers
 
 
@@ -92,9 +93,7 @@ def key_weights(query_moments: dict, model: torch.nn.Module, window: int, reduce
     distances up to ``window``; ``reduce`` sums a tensor over processes (the strategy's)."""
     reduce = reduce or (lambda t: t)
     sums, count = reduce(query_moments["sums"]), reduce(torch.tensor(float(query_moments["count"])))
-    rotary = rotary_module(model)
-    inv_freq = None if rotary is None else rotary.inv_freq.detach().cpu()
-    return score_weight((sums / count).cpu().double(), inv_freq, window=window)
+    return score_weights(model, (sums / count).cpu().double(), window)  # the model's own rotary layout and scale
 
 
 def value_weights(model: torch.nn.Module, geometry: KVGeometry) -> torch.Tensor:

@@ -24,6 +24,10 @@ def _pack(
     if end is not None and end <= skip:
         return
     separator = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    prefix = leading_special_tokens(tokenizer)
+    body = seq_len - len(prefix)  # stream tokens per window
+    if body < 1:
+        raise ValueError(f"seq_len {seq_len} leaves no room after the tokenizer's {len(prefix)} leading special tokens")
     buffer: list[int] = []
     cut = 0  # windows cut so far, skipped ones included
     for number, text in enumerate(texts):
@@ -31,15 +35,27 @@ def _pack(
             buffer.extend(separator)
         # verbose=False: documents longer than model_max_length are expected here; windows bound the length.
         buffer.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-        full = len(buffer) // seq_len
-        for start in range(0, full * seq_len, seq_len):
+        full = len(buffer) // body
+        for start in range(0, full * body, body):
             if cut >= skip:
-                yield torch.tensor(buffer[start : start + seq_len], dtype=torch.long)
+                yield torch.tensor(prefix + buffer[start : start + body], dtype=torch.long)
             cut += 1
             if end is not None and cut >= end:
                 return  # before pulling another document: the source is read no further than needed
         # One slice per document keeps packing linear in the stream length, even for huge documents.
-        del buffer[: full * seq_len]
+        del buffer[: full * body]
+
+
+def leading_special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids a tokenizer puts before every text it encodes with special tokens (Gemma's ``<bos>``; none for
+    SmolLM2 or GPT-2): what the model saw first in training. Why every window starts with them: without ``<bos>``
+    Gemma 3 270M scores the same 127 tokens of the built-in corpus at perplexity 134 instead of 18."""
+    plain = tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"]
+    special = tokenizer("a", verbose=False)["input_ids"]
+    for start in range(len(special) - len(plain) + 1):
+        if special[start : start + len(plain)] == plain:
+            return list(special[:start])
+    return []
 
 
 def pack_windows(
@@ -52,7 +68,9 @@ def pack_windows(
     """Cut a stream of documents into consecutive, non-overlapping windows of ``seq_len`` tokens.
 
     Documents are tokenized one at a time without special tokens and joined by ``tokenizer.eos_token_id`` (or
-    directly when the tokenizer has none). A trailing partial window is dropped. Documents are pulled from
+    directly when the tokenizer has none); every window starts with the tokens the tokenizer puts before a text
+    (:func:`leading_special_tokens`: a BOS token, where it adds one), then ``seq_len`` minus those of the stream. A
+    trailing partial window is dropped. Documents are pulled from
     ``texts`` only while more windows are needed.
 
     Args:

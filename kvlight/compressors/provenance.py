@@ -24,15 +24,34 @@ PROBE_SAMPLES = 16
 SAME_MODEL_TOLERANCE = 0.01
 
 
+def _attention(block: nn.Module) -> nn.Module:
+    for name in ("self_attn", "attn", "attention", "self_attention"):
+        if isinstance(getattr(block, name, None), nn.Module):
+            return getattr(block, name)
+    return block
+
+
 def _kv_weights(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """One block's K and V projection weights (any layout: only sampled), FSDP2-sharded weights whole."""
-    attn = getattr(block, "self_attn", None)
-    if attn is not None and hasattr(attn, "k_proj") and hasattr(attn, "v_proj"):
+    """One block's K and V projection weights (any layout: they are only sampled), FSDP2-sharded weights whole.
+
+    Separate ``k_proj``/``v_proj`` (Llama, OPT, ...); GPT-2's ``c_attn`` Conv1D ``[hidden, 3 * hidden]`` (Q | K | V
+    column blocks); a fused ``query_key_value`` (GPT-NeoX, Persimmon: its last two thirds of rows); otherwise every
+    matrix of the attention module, halved (a fingerprint needs the weights to be the model's, not their meaning).
+    """
+    attn = _attention(block)
+    if isinstance(getattr(attn, "k_proj", None), nn.Module) and isinstance(getattr(attn, "v_proj", None), nn.Module):
         k, v = attn.k_proj.weight, attn.v_proj.weight
-    else:  # GPT-2: c_attn is a Conv1D [hidden, 3 * hidden] holding Q | K | V column blocks
-        weight = block.attn.c_attn.weight
+    elif isinstance(getattr(attn, "c_attn", None), nn.Module):
+        weight = attn.c_attn.weight
         width = weight.shape[1] // 3
         k, v = weight[:, width : 2 * width], weight[:, 2 * width :]
+    elif isinstance(getattr(attn, "query_key_value", None), nn.Module):
+        weight = attn.query_key_value.weight
+        third = weight.shape[0] // 3
+        k, v = weight[third : 2 * third], weight[2 * third :]
+    else:
+        flat = torch.cat([p.detach().reshape(-1) for p in attn.parameters() if p.dim() == 2])
+        k, v = flat[: flat.numel() // 2], flat[flat.numel() // 2 :]
     whole = lambda w: (w.full_tensor() if hasattr(w, "full_tensor") else w).detach()  # noqa: E731
     return whole(k), whole(v)
 

@@ -28,16 +28,33 @@ DISTANCE_WEIGHTS: dict[str, Callable[[int, int], float]] = {
 }
 
 
-def rope_rotation(distance: float, inv_freq: torch.Tensor) -> torch.Tensor:
-    """``[D, D]`` float64 matrix of HF's RoPE (``x cos + rotate_half(x) sin``) at angle ``distance * inv_freq``."""
+def rope_rotation(distance: float, inv_freq: torch.Tensor, layout=None) -> torch.Tensor:
+    """``[D, D]`` float64 matrix of RoPE at angle ``distance * inv_freq`` (``inv_freq [P]``, one per rotating pair).
+
+    Without ``layout``: HF's full half-split RoPE (``x cos + rotate_half(x) sin``, ``D = 2P``). With a
+    :class:`~kvlight.serving.positions.RotaryLayout`: its pairs (half-split or interleaved over the first
+    ``rotary_dim = 2P`` channels) turn and the other ``head_dim - rotary_dim`` channels pass through (identity).
+    """
     half = inv_freq.shape[0]
     angle = distance * inv_freq.double()
     cos, sin = torch.cos(angle), torch.sin(angle)
-    rotation = torch.zeros(2 * half, 2 * half, dtype=torch.float64)
-    index = torch.arange(half)
-    rotation[index, index], rotation[index, index + half] = cos, -sin
-    rotation[index + half, index], rotation[index + half, index + half] = sin, cos
+    first, second = _pair_channels(half, layout)
+    size = 2 * half if layout is None else layout.head_dim
+    rotation = torch.eye(size, dtype=torch.float64)
+    rotation[first, first], rotation[first, second] = cos, -sin
+    rotation[second, first], rotation[second, second] = sin, cos
     return rotation
+
+
+def _pair_channels(pairs: int, layout=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel indices ``(first [P], second [P])`` of each rotating pair: ``(i, i + P)`` (half-split) or
+    ``(2i, 2i + 1)`` (an interleaved layout)."""
+    if layout is not None and layout.rotary_dim != 2 * pairs:
+        raise ValueError(f"{pairs} frequencies for a layout of {layout.rotary_dim} rotary channels")
+    index = torch.arange(pairs)
+    if layout is not None and layout.interleaved:
+        return 2 * index, 2 * index + 1
+    return index, index + pairs
 
 
 def score_weight(
@@ -46,25 +63,49 @@ def score_weight(
     window: int = 512,
     weighting: str = "near",
     stride: int = 2,
+    layout=None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``W [..., D, D]`` from pre-RoPE query second moments ``E[q q^T]`` (``[..., D, D]``, float64).
 
     ``inv_freq`` None (no RoPE): ``W = E[q q^T]``. Otherwise the rotation-averaged form above over distances
-    ``0, stride, ..., window - 1`` with :data:`DISTANCE_WEIGHTS` ``[weighting]``.
+    ``0, stride, ..., window - 1`` with :data:`DISTANCE_WEIGHTS` ``[weighting]``, in the model's rotary ``layout``
+    (:func:`rope_rotation`; :func:`kvlight.analysis.queries.score_weights` reads layout, frequencies and scale off a
+    model). ``scale [P]``: the attention scaling ``s`` of each pair's tables (YaRN, LongRoPE): a score then reads
+    ``s^2 q^T R(d) k`` on the rotary channels, so ``q`` is weighed as ``S^2 q``. Without a layout, ``inv_freq`` of
+    fewer than ``D / 2`` entries is the leading half-split partial rotary of GPT-NeoX, Phi, Persimmon and StableLM.
     """
     moments = query_moments.double()
     if inv_freq is None:
         return moments
     if weighting not in DISTANCE_WEIGHTS:
         raise ValueError(f"weighting must be one of {sorted(DISTANCE_WEIGHTS)}, got {weighting!r}")
+    layout = layout if layout is not None else _leading_half_split(moments.shape[-1], inv_freq.shape[0])
+    if scale is not None:
+        gain = torch.ones(moments.shape[-1], dtype=torch.float64)
+        first, second = _pair_channels(inv_freq.shape[0], layout)
+        gain[first], gain[second] = scale.double() ** 2, scale.double() ** 2
+        moments = gain[:, None] * moments * gain[None, :]
     weight_of = DISTANCE_WEIGHTS[weighting]
     total, out = 0.0, torch.zeros_like(moments)
     for distance in range(0, window, stride):
-        rotation = rope_rotation(-distance, inv_freq)  # the key sits `distance` tokens before the query
+        rotation = rope_rotation(-distance, inv_freq, layout)  # the key sits `distance` tokens before the query
         w = weight_of(distance, window)
         out += w * (rotation.T @ moments @ rotation)
         total += w
     return out / total
+
+
+def _leading_half_split(head_dim: int, pairs: int):
+    """None (full half-split) when ``pairs`` covers ``head_dim``, else a half-split layout over the first
+    ``2 * pairs`` channels (a stand-in with the fields :func:`rope_rotation` reads)."""
+    if 2 * pairs == head_dim:
+        return None
+    if 2 * pairs > head_dim:
+        raise ValueError(f"{pairs} rotary frequencies for head_dim {head_dim}")
+    from types import SimpleNamespace
+
+    return SimpleNamespace(head_dim=head_dim, rotary_dim=2 * pairs, interleaved=False)
 
 
 def weighted_projection(

@@ -77,10 +77,33 @@ def _make_forward(original: str):
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return layer.attend(query, attention_mask, scale), None
+        # Gemma 2 passes its attn_logit_softcapping as `softcap`; the mask (sliding windows included) is the model's.
+        return layer.attend(query, attention_mask, scale, softcap=kwargs.get("softcap")), None
 
     forward.__name__ = f"{_PREFIX}{original}_attention_forward"
     return forward
+
+
+def fast_path_obstacle(model: nn.Module) -> str | None:
+    """Why kvlight's decode attention cannot stand in for this model's (None: it can); such models keep the plain
+    path, where their own attention reads the rebuilt K/V and is exact.
+
+    The decode attention computes ``softmax(q k^T * scale [softcapped]) v`` over what the cache stores. An attention
+    module with parameters of its own (attention sinks, GPT-OSS; differential-attention lambdas, DiffLlama) or with
+    experts (JetMoE's mixture of attention heads) computes something else around the attention function.
+    """
+    from kvlight.models import decoder_blocks
+
+    for block in decoder_blocks(model):
+        attention = next((getattr(block, n) for n in ("self_attn", "attn", "attention") if hasattr(block, n)), None)
+        if attention is None:
+            continue
+        own = [name for name, _ in attention.named_parameters(recurse=False)]
+        if own:
+            return f"its attention holds parameters of its own ({', '.join(own)})"
+        if any("expert" in name for name, _ in attention.named_children()):
+            return "its attention is a mixture of experts"
+    return None
 
 
 class LatentAttention:
@@ -98,7 +121,7 @@ class LatentAttention:
         self.handoff.active = False
         if self.original.startswith(_PREFIX):
             raise ValueError("this model is already served by another kvlight wrapper; close that one first")
-        if self.original not in SUPPORTED_IMPLEMENTATIONS:
+        if self.original not in SUPPORTED_IMPLEMENTATIONS or fast_path_obstacle(model) is not None:
             return
         name = _PREFIX + self.original
         register_attention(name, _make_forward(self.original), mask_of=self.original)
@@ -255,6 +278,14 @@ def rotate_in_place(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, la
     first.mul_(cos[..., :half]).sub_(second * sin[..., :half])
     second.mul_(cos[..., half:]).add_(saved * sin[..., half:])
     return keys
+
+
+def apply_softcap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Scaled scores ``[B, H, G, N]`` soft-capped as the eager attention of Gemma 2 does before its mask:
+    ``tanh(scores / cap) * cap`` (unchanged for None)."""
+    if softcap is None:
+        return scores
+    return torch.tanh(scores / softcap) * softcap
 
 
 def apply_mask(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -4,6 +4,9 @@ Layout of one :class:`~kvlight.serving.layer.CompressedLayer`, in sequence order
 
     [ sink tokens (exact) | compressed tokens (latents) | recent tokens (exact) ]
 
+A sliding layer (the model's ``sliding_window`` on that layer, as transformers' default cache reads it) keeps only
+its window, as ``DynamicSlidingWindowLayer`` does: ``[ compressed | recent ]`` over the last ``window - 1`` tokens,
+older ones dropped, no sinks.
 New tokens enter the recent window; tokens pushed out of it are compressed once (keys of RoPE
 models are rotated back to pre-RoPE with the positions the model actually used, then encoded).
 ``update()`` returns every position, the compressed ones reconstructed, so attention always reads
@@ -17,6 +20,8 @@ removes. The transformers names these classes use come from kvlight.hf.
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +29,7 @@ import torch
 from kvlight.compressors.compressor import KVCompressor
 from kvlight.errors import CacheError
 from kvlight.geometry import KVGeometry
-from kvlight.hf import Cache
+from kvlight.hf import Cache, default_cache_windows
 from kvlight.serving import attention
 from kvlight.serving.layer import CompressedLayer, LayerSettings
 from kvlight.serving.positions import PositionLog, PositionTracker
@@ -32,9 +37,36 @@ from kvlight.serving.scratch import DecodeScratch
 
 
 def dynamic_cache_bytes(geometry: KVGeometry, batch: int, seq_len: int, dtype: torch.dtype) -> int:
-    """Bytes a ``DynamicCache`` of ``dtype`` holds for ``batch`` sequences of ``seq_len`` tokens."""
+    """Bytes a full ``DynamicCache()`` of ``dtype`` (every layer keeps every token) holds for ``batch`` sequences of
+    ``seq_len`` tokens."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     return 2 * geometry.num_layers * batch * geometry.num_kv_heads * seq_len * geometry.head_dim * itemsize
+
+
+def default_cache_bytes(
+    geometry: KVGeometry, batch: int, seq_len: int, dtype: torch.dtype, windows: Sequence[int | None] | None
+) -> int:
+    """Bytes the cache transformers uses for this model by default, ``DynamicCache(config=model.config)``, holds
+    after ``batch`` sequences of ``seq_len`` tokens: a sliding layer (``windows[i]``, see
+    :func:`kvlight.hf.default_cache_windows`) keeps the last ``window - 1`` tokens (its ``DynamicSlidingWindowLayer``),
+    a full layer (None) every token. ``windows`` None: every layer is full (:func:`dynamic_cache_bytes`)."""
+    if windows is None:
+        return dynamic_cache_bytes(geometry, batch, seq_len, dtype)
+    if len(windows) != geometry.num_layers:
+        raise ValueError(f"{len(windows)} layer windows for a model of {geometry.num_layers} layers")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    tokens = sum(seq_len if window is None else min(seq_len, window - 1) for window in windows)
+    return 2 * batch * geometry.num_kv_heads * tokens * geometry.head_dim * itemsize
+
+
+def _model_windows(tracker: PositionTracker | None, fast: attention.LatentAttention | None) -> list[int | None] | None:
+    """Each layer's sliding window in the model's default cache, read from the model the tracker or the fast path
+    serves (None when neither knows the model: every layer keeps every token)."""
+    if tracker is not None:
+        return tracker.windows
+    if fast is not None:
+        return default_cache_windows(fast.model.config)
+    return None
 
 
 @dataclass(frozen=True)
@@ -111,6 +143,10 @@ class CompressedCache(Cache):
         fast: the model's open :class:`~kvlight.serving.attention.LatentAttention`; while it is active, decode steps
             attend to the stored latents in place. None: every step returns reconstructed K/V (the plain path).
         settings: how tokens are stored (:class:`CacheSettings`; default: the compressor's config).
+        windows: per layer, the sliding window whose tokens it keeps (None: every token), as transformers' default
+            cache keeps them (:func:`kvlight.hf.default_cache_windows`); default: read from the model of ``tracker``
+            or ``fast``. A sliding layer keeps the last ``window - 1`` tokens, drops (never compresses) older ones and
+            keeps no sinks.
     """
 
     def __init__(
@@ -119,6 +155,7 @@ class CompressedCache(Cache):
         tracker: PositionTracker | None = _NO_TRACKER,
         fast: attention.LatentAttention | None = None,
         settings: CacheSettings | None = None,
+        windows: Sequence[int | None] | None = None,
     ) -> None:
         if tracker is _NO_TRACKER:
             tracker = _default_tracker(compressor)
@@ -126,19 +163,26 @@ class CompressedCache(Cache):
         self.fast = fast
         self.tracker = tracker
         self.settings = (settings or CacheSettings()).resolve(compressor.config)
+        windows = list(windows) if windows is not None else _model_windows(tracker, fast)
+        self.windows = windows if windows is not None else [None] * compressor.num_layers
+        if len(self.windows) != compressor.num_layers:
+            raise CacheError(f"{len(self.windows)} layer windows for a compressor of {compressor.num_layers} layers")
+        # Sinks of a sliding layer leave its window like any token: it keeps none.
+        sliding_settings = dataclasses.replace(self.settings, sink_tokens=0)
         self.position_log = PositionLog(tracker)
         self.scratch = DecodeScratch()
         handoff = None if fast is None else fast.handoff
         layers = [
             CompressedLayer(
                 index,
-                self.settings,
+                self.settings if window is None else sliding_settings,
                 {kind: compressor.codec(index, kind) for kind in ("k", "v")},
                 self.position_log,
                 self.scratch,
                 handoff,
+                window=window,
             )
-            for index in range(compressor.num_layers)
+            for index, window in enumerate(self.windows)
         ]
         super().__init__(layers=layers)
 
@@ -214,7 +258,7 @@ class CompressedCache(Cache):
     def save(self, path, entropy: str | None = None) -> None:
         """Write exactly what this cache stores (codes, scales, exact tokens, positions) to ``path``: safetensors plus
         a small JSON naming the compressor's fingerprint, atomically. ``entropy="zstd"`` adds lossless entropy coding
-        of the stored tensors. :meth:`CompressedKVModelWrapper.load_cache` reads it back (kvlight.serving.persist)."""
+        of the stored tensors. :meth:`~kvlight.serving.wrapper.CompressedKVModelWrapper.load_cache` reads it back (kvlight.serving.persist)."""
         from kvlight.serving.persist import save_cache
 
         save_cache(self, path, entropy=entropy)

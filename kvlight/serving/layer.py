@@ -1,4 +1,4 @@
-"""One layer of the compressed cache: exact sinks, latents, an exact recent window.
+"""One layer of the compressed cache: exact sinks, latents, an exact recent window (a sliding layer: its window only).
 
 A layer is built with everything it uses, and reads nothing else: its :class:`LayerSettings`, the key and value
 codecs of its layer, the cache's :class:`~kvlight.serving.positions.PositionLog` (positions of every cached token
@@ -44,7 +44,14 @@ class LayerSettings:
 
 
 class CompressedLayer(DynamicLayer):
-    """One layer's cache: exact sinks, latents, exact recent window; ``update`` returns reconstructed K/V."""
+    """One layer's cache: exact sinks, latents, exact recent window; ``update`` returns reconstructed K/V.
+
+    A sliding layer (``window``: the model's ``sliding_window`` for this layer) keeps what transformers'
+    ``DynamicSlidingWindowLayer`` keeps, the last ``window - 1`` tokens between forwards, and reports the same mask
+    sizes: tokens leaving its window are dropped (never compressed), ``offset`` counts them (the sequence index
+    of its first held token), and it keeps no sinks (they leave the window like any token). During one forward it
+    holds what attention reads; the drop follows the step's attention.
+    """
 
     def __init__(
         self,
@@ -54,8 +61,13 @@ class CompressedLayer(DynamicLayer):
         positions: PositionLog,
         scratch: DecodeScratch,
         handoff: attention.DecodeHandoff | None = None,
+        window: int | None = None,
     ) -> None:
         super().__init__()
+        self.window = window
+        self.is_sliding = window is not None  # read by transformers' masks (Cache.is_sliding)
+        self.offset = 0  # tokens a sliding window dropped from the front
+        self._leaving = 0  # tokens to drop once this step's attention has read them (fast decode steps)
         self.layer_idx = layer_idx
         self.settings = settings
         self.codecs = codecs  # {"k": LayerCodec, "v": LayerCodec} of this layer
@@ -91,6 +103,23 @@ class CompressedLayer(DynamicLayer):
         # Every token counts, wherever it is stored: positions and masks derive from this.
         return self.length
 
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` of the mask for ``query_length`` new tokens: every token for a full layer; for
+        a sliding one the held ``window - 1`` (or fewer) plus the new, exactly as ``DynamicSlidingWindowLayer``."""
+        if self.window is None:
+            return super().get_mask_sizes(query_length)
+        offset = max(self.length - self.window + 1, 0)
+        if self.length >= self.window:
+            return self.window - 1 + query_length, offset
+        return self.length + query_length, offset
+
+    def get_max_length(self) -> int:
+        return -1 if self.window is None else self.window
+
+    def _held(self) -> int:
+        """Tokens this layer holds now (sink slot, compressed, recent)."""
+        return self.sink_k.shape[2] + self.num_compressed + self.keys.shape[2]
+
     @property
     def num_compressed(self) -> int:
         return 0 if self.latent_k is None else self.latent_k.length
@@ -101,6 +130,8 @@ class CompressedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         settings = self.settings
         self.positions.observe(key_states.shape[0], key_states.shape[2], key_states.device)
+        if self.window is not None:
+            return self._update_sliding(key_states, value_states)
         start = self.length
         self.length += key_states.shape[2]
         stored_k, stored_v = key_states.to(self.store_dtype), value_states.to(self.store_dtype)
@@ -112,16 +143,8 @@ class CompressedLayer(DynamicLayer):
         # 2. The rest joins the recent window; what overflows it is compressed once.
         self.keys = torch.cat([self.keys, stored_k[:, :, n_sink:]], dim=2)
         self.values = torch.cat([self.values, stored_v[:, :, n_sink:]], dim=2)
-        overflow = self.keys.shape[2] - settings.recent_window
-        # Decode steps compress in blocks: every compress_block one-token steps (counted from the last longer input)
-        # the window is flushed to recent_window, so the encoder runs once per block instead of once per token. The
-        # flush depends on the step count, not on how full the window is, so a left-padded row is flushed at the same
-        # steps as the same row alone.
         self.decode_steps = self.decode_steps + 1 if key_states.shape[2] == 1 else 0
-        if overflow > 0 and self.decode_steps % settings.compress_block == 0:
-            first = self.sink_k.shape[2] + self.num_compressed  # sequence index of the oldest recent token
-            self._compress(self.keys[:, :, :overflow], self.values[:, :, :overflow], first)
-            self.keys, self.values = self.keys[:, :, overflow:], self.values[:, :, overflow:]
+        self._flush()
         handoff = self.handoff
         if handoff is not None and handoff.active and key_states.shape[2] == 1 and self.row_sink_slot is None:
             # Decode step: attention reads the stored latents in place (kvlight.serving.attention), not the returned tensors.
@@ -134,13 +157,103 @@ class CompressedLayer(DynamicLayer):
             torch.cat([exact(self.sink_v), values, exact(self.values)], dim=2),
         )
 
-    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    def _flush(self) -> None:
+        """Compress what overflows the recent window, when this step is a flush step.
+
+        Decode steps compress in blocks: every compress_block one-token steps (counted from the last longer input)
+        the window is flushed to recent_window, so the encoder runs once per block instead of once per token. The
+        flush depends on the step count, not on how full the window is, so a left-padded row is flushed at the same
+        steps as the same row alone.
+        """
+        overflow = self.keys.shape[2] - self.settings.recent_window
+        if overflow > 0 and self.decode_steps % self.settings.compress_block == 0:
+            first = self.offset + self.sink_k.shape[2] + self.num_compressed  # sequence index of the oldest recent
+            self._compress(self.keys[:, :, :overflow], self.values[:, :, :overflow], first)
+            self.keys, self.values = self.keys[:, :, overflow:], self.values[:, :, overflow:]
+
+    def _update_sliding(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """:meth:`update` of a sliding layer: new ``[B, H, T, D]`` K/V join the recent window; what this step's
+        attention reads is the held tokens and the new ones (``kv_length`` of :meth:`get_mask_sizes`); afterwards the
+        layer holds the last ``window - 1``. Tokens leaving are dropped before the flush, so none is compressed."""
+        self._finish_window()  # a drop a fast step left behind (normally attend did it)
+        tokens = key_states.shape[2]
+        self.length += tokens
+        self.keys = torch.cat([self.keys, key_states.to(self.store_dtype)], dim=2)
+        self.values = torch.cat([self.values, value_states.to(self.store_dtype)], dim=2)
+        leaving = max(0, self._held() - (self.window - 1))
+        self.decode_steps = self.decode_steps + 1 if tokens == 1 else 0
+        handoff = self.handoff
+        if handoff is not None and handoff.active and tokens == 1:
+            # At most one token leaves per decode step. Without compressed tokens it is the oldest exact one: it moves
+            # to the (otherwise empty) sink slot in front, so the flush below compresses only tokens that stay.
+            exact_leaving = leaving - self.num_compressed
+            if exact_leaving > 0:
+                self.sink_k, self.keys = self.keys[:, :, :exact_leaving], self.keys[:, :, exact_leaving:]
+                self.sink_v, self.values = self.values[:, :, :exact_leaving], self.values[:, :, exact_leaving:]
+            self._flush()
+            self._leaving = leaving  # dropped by attend, once it has read them
+            handoff.offer(key_states, self)
+            return key_states, value_states
+        gone_k, gone_v = self._front(leaving)  # as attention reads them now; then they are dropped
+        self._discard_front(leaving)
+        self._flush()
+        keys, values = self._reconstruct()
+        exact = lambda t: t.to(self.dtype)  # noqa: E731 - what attention reads is in the K/V dtype
+        return (
+            torch.cat([gone_k, exact(self.sink_k), keys, exact(self.keys)], dim=2),
+            torch.cat([gone_v, exact(self.sink_v), values, exact(self.values)], dim=2),
+        )
+
+    def _front(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``count`` held tokens as attention reads them, K and V ``[B, H, count, D]`` in the K/V dtype."""
+        exact = lambda t: t[:, :, :count].to(self.dtype)  # noqa: E731
+        if count <= self.sink_k.shape[2]:
+            return exact(self.sink_k), exact(self.sink_v)
+        keys, values = self._reconstruct()
+        keys = torch.cat([self.sink_k.to(self.dtype), keys, self.keys.to(self.dtype)], dim=2)
+        values = torch.cat([self.sink_v.to(self.dtype), values, self.values.to(self.dtype)], dim=2)
+        return keys[:, :, :count], values[:, :, :count]
+
+    def _discard_front(self, count: int) -> None:
+        """Drop the first ``count`` held tokens (sink slot, then latents, then recent): they left the window."""
+        if count <= 0:
+            return
+        self.offset += count
+        take = min(count, self.sink_k.shape[2])
+        self.sink_k, self.sink_v = self.sink_k[:, :, take:], self.sink_v[:, :, take:]
+        count -= take
+        take = min(count, self.num_compressed)
+        if take:
+            for store in (self.latent_k, self.latent_v):  # exactly sized: the bytes held are the window's
+                store.restore([t[:, take:] for t in store.tensors()], store.length - take)
+        count -= take
+        self.keys, self.values = self.keys[:, :, count:], self.values[:, :, count:]
+
+    def _finish_window(self) -> None:
+        """Drop the tokens a fast decode step left for after its attention."""
+        if self._leaving:
+            self._discard_front(self._leaving)
+            self._leaving = 0
+
+    def attend(
+        self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None = None
+    ) -> torch.Tensor:
         """Attention of one decode step over everything this layer stores, without rebuilding the history.
 
         ``query [B, Hq, 1, D]`` (post-RoPE), ``mask [B|1, 1, 1, N]`` or None -> output ``[B, 1, Hq, D]``.
         Values (and keys of models without RoPE) are read in latent space; pre-RoPE keys are reconstructed into
-        the cache's shared workspace and rotated in place.
+        the cache's shared workspace and rotated in place. ``softcap`` (Gemma 2's attention logit soft-capping) caps
+        the scaled scores as ``tanh(s / cap) * cap`` before the mask, as the model's eager attention does. A sliding
+        layer drops the tokens that left its window once they are read.
         """
+        out = self._attend(query, mask, scaling, softcap)
+        self._finish_window()
+        return out
+
+    def _attend(
+        self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None
+    ) -> torch.Tensor:
+        """:meth:`attend` before the window's drop."""
         batch, q_heads, _, dim = query.shape
         heads = self.keys.shape[1]
         dtype = query.dtype
@@ -160,12 +273,18 @@ class CompressedLayer(DynamicLayer):
                 workspace = self.scratch.workspace(z_k.numel() // z_k.shape[-1] * dim, dtype, query.device)
                 keys = attention.decode_into(workspace, z_k, k_weight, k_bias, k_scale, k_zero)
                 cos, sin = self.positions.compressed_rope(
-                    self.sink_k.shape[2], n, dtype, channel_major=attention.is_channel_major(keys)
+                    self.offset + self.sink_k.shape[2],
+                    n,
+                    dtype,
+                    channel_major=attention.is_channel_major(keys),
+                    layer_idx=self.layer_idx,
+                    sliding=self.is_sliding,
                 )
                 keys = attention.rotate_in_place(keys, cos, sin, self.positions.tracker.layout)
                 scores.append(q @ keys.transpose(-1, -2))
         scores.append(q @ recent_k.transpose(-1, -2))
-        scores = attention.apply_mask(torch.cat(scores, dim=-1).float() * scaling, mask)
+        scores = attention.apply_softcap(torch.cat(scores, dim=-1).float() * scaling, softcap)
+        scores = attention.apply_mask(scores, mask)
         probs = torch.softmax(scores, dim=-1).to(dtype)  # [B, H, G, N]
         n_sink = sink_k.shape[2]
         out = probs[..., :n_sink] @ sink_v + probs[..., n_sink + n :] @ recent_v
@@ -208,7 +327,7 @@ class CompressedLayer(DynamicLayer):
             positions = self.positions.slice(first, first + keys.shape[2])
             self._keep_row_sinks(keys, values, positions, first)
             if self.positions.rotates(self.layer_idx):  # with the tables these keys arrived with
-                keys = self.positions.unrotate(keys, first)
+                keys = self.positions.unrotate(keys, first, self.layer_idx)
         dtype = self.settings.latent_dtype or self.store_dtype
         self.latent_k.append(self.codecs["k"].encode(keys).to(dtype))
         self.latent_v.append(self.codecs["v"].encode(values).to(dtype))
@@ -243,7 +362,7 @@ class CompressedLayer(DynamicLayer):
         keys = self.codecs["k"].decode(self.latent_k.read(self.dtype))
         values = self.codecs["v"].decode(self.latent_v.read(self.dtype))
         if self.positions.rotates(self.layer_idx) and self.num_compressed:
-            keys = self.positions.rotate(keys, self.sink_k.shape[2])
+            keys = self.positions.rotate(keys, self.offset + self.sink_k.shape[2], self.layer_idx)
         if self.row_sink_slot is not None:  # the exact copies of each row's sink positions replace their latents
             rows, position = (self.row_sink_slot >= 0).nonzero(as_tuple=True)
             column = self.row_sink_slot[rows, position] - self.sink_k.shape[2]
@@ -299,6 +418,8 @@ class CompressedLayer(DynamicLayer):
             raise ValueError("crop takes a negative number of tokens to remove")
         if not self.is_initialized or tokens_to_remove == 0:
             return
+        if self.offset or self._leaving:  # as DynamicSlidingWindowLayer: the dropped tokens cannot come back
+            raise RuntimeError(f"layer {self.layer_idx} is past its sliding window ({self.window}): it cannot crop")
         keep = max(0, self.length + tokens_to_remove)
         self.positions.forget_rope()
         n_sink = min(self.sink_k.shape[2], keep)
@@ -317,6 +438,7 @@ class CompressedLayer(DynamicLayer):
         self.positions.forget_rope()
         self.length = 0
         self.decode_steps = 0
+        self.offset = self._leaving = 0
         self.latent_k = self.latent_v = self.sink_k = self.sink_v = None
         self.row_sink_k = self.row_sink_v = self.row_sink_slot = None
 
@@ -347,7 +469,9 @@ class CompressedLayer(DynamicLayer):
         n_sink, n_recent = exact["sink_k"].shape[2], exact["keys"].shape[2]
         if exact["sink_v"].shape[2] != n_sink or exact["values"].shape[2] != n_recent or n_sink > sinks:
             raise ValueError(f"sink ({n_sink}) and recent ({n_recent}) K and V do not pair up (<= {sinks} sinks)")
-        compressed = length - n_sink - n_recent
+        # A sliding layer holds the last window - 1 tokens between forwards; the others were dropped.
+        held = length if self.window is None else min(length, self.window - 1)
+        compressed = held - n_sink - n_recent
         if compressed < 0:
             raise ValueError(f"{n_sink} sink and {n_recent} recent tokens exceed the length {length}")
         for kind, store in (("k", self.latent_k), ("v", self.latent_v)):
@@ -367,4 +491,5 @@ class CompressedLayer(DynamicLayer):
         for name, tensor in exact.items():
             setattr(self, name, tensor)
         self.length, self.decode_steps = length, decode_steps
+        self.offset, self._leaving = length - held, 0
         self.positions.forget_rope()

@@ -1,9 +1,9 @@
-"""Compressed caches on disk: :meth:`CompressedCache.save` and :meth:`CompressedKVModelWrapper.load_cache`.
+"""Compressed caches on disk: :meth:`~kvlight.serving.cache.CompressedCache.save` and :meth:`~kvlight.serving.wrapper.CompressedKVModelWrapper.load_cache`.
 
 A saved cache is **one safetensors file**: its tensors are exactly what the cache stores for its ``length`` tokens
 (exact sinks and recent window, row sinks, latent codes / scales / zero points / exact channels, positions), with no
 buffer slack, and the safetensors header's ``__metadata__["kvlight"]`` is the small JSON that describes them: the
-format name and version, the compressor's fingerprint (:meth:`KVCompressor.fingerprint`), its geometry, the cache
+format name and version, the compressor's fingerprint (:meth:`~kvlight.compressors.compressor.KVCompressor.fingerprint`), its geometry, the cache
 settings, per layer its scalars (``length``, ``decode_steps``, dtypes, the kind of each latent store), per tensor its
 dtype, shape and coding, and a sha256 of the tensor bytes. One file, because one ``os.replace`` makes it appear whole
 or not at all (two files could be seen half-updated); any safetensors reader lists its tensors and metadata.

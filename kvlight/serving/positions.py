@@ -7,6 +7,8 @@ file's own ``apply_rotary_pos_emb`` once to learn which channels rotate and how 
 
 from __future__ import annotations
 
+import copy
+import functools
 import itertools
 import threading
 from dataclasses import dataclass
@@ -15,7 +17,16 @@ import torch
 from torch import nn
 
 from kvlight.errors import ModelLoadError
-from kvlight.hf import rope_layers, rotary_cos_sin, rotary_function, rotary_is_dynamic
+from kvlight.hf import (
+    default_cache_windows,
+    rope_layers,
+    rotary_call_layer_type,
+    rotary_cos_sin_of,
+    rotary_dynamic_any,
+    rotary_function,
+    rotary_is_dynamic,
+    rotary_layer_types,
+)
 from kvlight.models import decoder_blocks, rotary_module
 
 
@@ -129,8 +140,9 @@ def _probe(apply_rotary, channels: int, width: int) -> tuple[RotaryLayout, tuple
             codes = (torch.arange(width, dtype=torch.float64) + 2).view(1, 1, width)
             ones = torch.ones(1, 1, 1, channels, dtype=torch.float64)
             gathered = _apply(apply_rotary, ones, codes, torch.zeros_like(codes))[0, 0, 0]
-            columns, partners = (tuple(int(round(float(gathered[i]))) - 2 for i in part.tolist()) for part in
-                                 (firsts, seconds))
+            columns, partners = (
+                tuple(int(round(float(gathered[i]))) - 2 for i in part.tolist()) for part in (firsts, seconds)
+            )
             if not all(0 <= c < width for c in columns + partners):
                 return None
             return RotaryLayout(channels, rotary_dim, interleaved, columns), partners
@@ -163,13 +175,18 @@ class PositionTracker:
     before any attention layer runs, and a forward hook its output: the ``(cos, sin)`` every attention layer of this
     forward rotates with, whatever the rope scaling (dynamic NTK and longrope change them with the sequence length,
     so a key is unrotated with the table it arrived with, not one recomputed later). :meth:`close` removes the hooks.
-    :attr:`layout` is how keys rotate (probed from the modeling file), :attr:`dynamic` whether tables must be kept as
+    ``layout`` is how keys rotate (probed from the modeling file), ``dynamic`` whether tables must be kept as
     observed, :meth:`rotates` which layers rotate at all (NoPE layers do not).
 
     What it records is per thread: a forward runs its rotary module and then its attention layers in one thread,
     so two threads generating with one wrapped model each read their own forward's positions. Every observation gets
     a number unique across threads (:attr:`step`), so a cache used in one thread and continued in another (a prefix
     cache handed to a worker) never takes a stale observation for a new one.
+
+    A rotary module called once per layer type (Gemma 3: ``rotary_emb(x, position_ids, layer_type)``, a rope base per
+    type) has its tables recorded per type (``layer_types``: each layer's type, ``config.layer_types``); every
+    method that rotates takes the ``layer_idx`` whose type's tables it uses. ``windows`` is each layer's sliding
+    window in transformers' default cache (None: the layer keeps every token).
     """
 
     #: numbers observations across every tracker and thread (itertools.count's next is atomic in CPython).
@@ -180,11 +197,25 @@ class PositionTracker:
         if self.rotary is None:
             raise ValueError(f"{type(model).__name__} has no rotary embedding module to track positions on")
         self._local = threading.local()
+        #: per layer, the layer_type its rotary tables are computed for (None: one table serves every layer).
+        self.layer_types = rotary_layer_types(self.rotary, model.config)
+        if self.layer_types is not None and rotary_dynamic_any(self.rotary):
+            # Arrival tables (PositionLog.tables) are kept for one table per forward, not one per layer type.
+            raise ModelLoadError(
+                f"{type(model).__name__}: a dynamic rope (dynamic NTK, longrope) per layer type is not supported"
+            )
+        self.windows = default_cache_windows(model.config)
         self.layout = _model_layout(model, self.rotary, self._probe_width(model))
         self.dynamic = rotary_is_dynamic(self.rotary)
-        self._rope_layers = rope_layers(decoder_blocks(model))
+        blocks = decoder_blocks(model)
+        self._rope_layers = rope_layers(blocks)
         self._handle = self.rotary.register_forward_pre_hook(self._observe, with_kwargs=True)
-        self._output_handle = self.rotary.register_forward_hook(self._observe_output)
+        self._output_handle = self.rotary.register_forward_hook(self._observe_output, with_kwargs=True)
+        # Which block runs (typed tables only): observed() without a layer reads the running layer's type.
+        self._block_handles = [
+            block.register_forward_pre_hook(functools.partial(self._enter_block, index))
+            for index, block in enumerate(blocks if self.layer_types is not None else [])
+        ]
 
     def _probe_width(self, model: nn.Module) -> int:
         """Last dimension of the rotary module's tables (one call at position 0, no state of dynamic rope changes:
@@ -195,16 +226,40 @@ class PositionTracker:
         """Whether layer ``layer_idx`` rotates its keys (SmolLM3's NoPE layers do not)."""
         return layer_idx >= len(self._rope_layers) or self._rope_layers[layer_idx]
 
+    def kind(self, layer_idx: int | None) -> str | None:
+        """The layer type whose rotary tables layer ``layer_idx`` rotates with (None: the model has one table; a
+        ``layer_idx`` of None: layer 0's)."""
+        if self.layer_types is None:
+            return None
+        return self.layer_types[0 if layer_idx is None else layer_idx]
+
     @property
     def table(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Pair tables ``(cos, sin) [B|1, T, D_rot/2]`` this thread's latest forward rotated with (None before)."""
+        """Pair tables ``(cos, sin) [B|1, T, D_rot/2]`` this thread's latest forward rotated with (None before); with
+        tables per layer type, the latest call's."""
         return getattr(self._local, "table", None)
 
-    def _observe_output(self, module: nn.Module, args: tuple, output) -> None:
+    def table_of(self, layer_idx: int | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Pair tables ``(cos, sin) [B|1, T, D_rot/2]`` of this thread's latest forward for layer ``layer_idx``'s
+        type (:meth:`kind`); the latest call's for a model with one table."""
+        if self.layer_types is None:
+            return self.table
+        return getattr(self._local, "tables", {}).get(self.kind(layer_idx))
+
+    def _enter_block(self, index: int, module: nn.Module, args: tuple) -> None:
+        self._local.layer = index
+        return None
+
+    def _observe_output(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         if getattr(self._local, "internal", False):
             return None
         cos, sin = output
-        self._local.table = (self.layout.pair_table(cos.detach()), self.layout.pair_table(sin.detach()))
+        table = (self.layout.pair_table(cos.detach()), self.layout.pair_table(sin.detach()))
+        self._local.table = table
+        if self.layer_types is not None:  # one call per layer type and forward: keep each type's
+            if not hasattr(self._local, "tables"):
+                self._local.tables = {}
+            self._local.tables[rotary_call_layer_type(args, kwargs)] = table
         return None
 
     @property
@@ -227,42 +282,71 @@ class PositionTracker:
         return None
 
     def close(self) -> None:
-        self._handle.remove()
-        self._output_handle.remove()
+        for handle in (self._handle, self._output_handle, *self._block_handles):
+            if handle is not None:
+                handle.remove()
 
-    def pair_tables(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model's own pair tables ``(cos, sin) [B|1, T, D_rot/2]`` float32 for ``position_ids [B|1, T]``,
-        recomputed (exact for static rope types; for dynamic ones, what one forward of these positions uses)."""
-        return tuple(self.layout.pair_table(t) for t in self.cos_sin(position_ids))
+    def __deepcopy__(self, memo: dict) -> PositionTracker:
+        """What ``copy.deepcopy`` of a wrapped model copies with it (its hooks are bound to this tracker): a tracker of
+        the copied modules with its own per-thread state. The copy's hooks stay on the copied model until it is
+        discarded; :meth:`close` of the copy removes nothing (its handles would name the original's hooks)."""
+        copied = self.__class__.__new__(self.__class__)
+        memo[id(self)] = copied
+        for name, value in self.__dict__.items():
+            if name == "_local":
+                value = threading.local()
+            elif name in ("_handle", "_output_handle"):
+                value = None
+            elif name == "_block_handles":
+                value = []
+            else:
+                value = copy.deepcopy(value, memo)
+            setattr(copied, name, value)
+        return copied
 
-    def cos_sin(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model's own ``(cos, sin)``, ``[B|1, T, D]`` float32, for ``position_ids [B|1, T]``."""
+    def pair_tables(
+        self, position_ids: torch.Tensor, layer_idx: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's own pair tables ``(cos, sin) [B|1, T, D_rot/2]`` float32 for ``position_ids [B|1, T]`` of layer
+        ``layer_idx``'s type (:meth:`kind`), recomputed (exact for static rope types; for dynamic ones, what one
+        forward of these positions uses)."""
+        return tuple(self.layout.pair_table(t) for t in self.cos_sin(position_ids, layer_idx))
+
+    def cos_sin(self, position_ids: torch.Tensor, layer_idx: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's own ``(cos, sin)``, ``[B|1, T, D]`` float32, for ``position_ids [B|1, T]`` (of layer
+        ``layer_idx``'s type where the rotary module has one table per layer type; default layer 0's)."""
         probe = torch.empty(0, dtype=torch.float32, device=position_ids.device)
         self._local.internal = True
         try:
-            cos, sin = rotary_cos_sin(self.rotary, probe, position_ids)
+            cos, sin = rotary_cos_sin_of(self.rotary, probe, position_ids, self.kind(layer_idx))
         finally:
             self._local.internal = False
         return cos.float(), sin.float()
 
-    def unrotate(self, keys: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Post-RoPE ``keys [B, H, T, D]`` -> pre-RoPE (what attention reads before rotation), exactly.
+    def unrotate(self, keys: torch.Tensor, position_ids: torch.Tensor, layer_idx: int | None = None) -> torch.Tensor:
+        """Post-RoPE ``keys [B, H, T, D]`` of layer ``layer_idx`` -> pre-RoPE (what attention reads before rotation),
+        exactly.
 
         RoPE applies ``s * R(theta)``; its inverse is ``R(-theta) / s^2`` and ``cos^2 + sin^2 = s^2``.
         """
-        cos, sin = (t.unsqueeze(1) for t in self.pair_tables(position_ids))
+        cos, sin = (t.unsqueeze(1) for t in self.pair_tables(position_ids, layer_idx))
         return self.layout.unrotate(keys, cos, sin)
 
-    def rotate(self, keys: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Pre-RoPE ``keys [B, H, T, D]`` -> post-RoPE, as the model's attention applies it."""
-        cos, sin = (t.unsqueeze(1) for t in self.pair_tables(position_ids))
+    def rotate(self, keys: torch.Tensor, position_ids: torch.Tensor, layer_idx: int | None = None) -> torch.Tensor:
+        """Pre-RoPE ``keys [B, H, T, D]`` of layer ``layer_idx`` -> post-RoPE, as the model's attention applies it."""
+        cos, sin = (t.unsqueeze(1) for t in self.pair_tables(position_ids, layer_idx))
         return self.layout.rotate(keys, cos, sin)
 
-    def observed(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This thread's latest forward's pair tables as ``[B|1, 1, T, D_rot/2]`` (what its attention rotated with)."""
-        if self.table is None:
+    def observed(self, batch: int, layer_idx: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This thread's latest forward's pair tables as ``[B|1, 1, T, D_rot/2]`` (what its attention rotated with):
+        with tables per layer type, those of layer ``layer_idx``'s type (default: the decoder block running now, so a
+        cache layer that calls this from its update gets its own layer's)."""
+        if layer_idx is None and self.layer_types is not None:
+            layer_idx = getattr(self._local, "layer", None)
+        table = self.table_of(layer_idx)
+        if table is None:
             raise RuntimeError("no forward of this model's rotary module was observed in this thread")
-        return tuple(t.unsqueeze(1) for t in self.table)
+        return tuple(t.unsqueeze(1) for t in table)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -285,10 +369,11 @@ class PositionLog:
     """Positions of every token a cache holds, ``[B, N]`` int32, appended once per forward, and the rotation table of
     its compressed tokens. One per cache, shared by its layers (they all hold the same tokens).
 
-    For dynamic rope types (:attr:`PositionTracker.dynamic`) it also keeps :attr:`tables`, the pair tables
+    For dynamic rope types (``PositionTracker.dynamic``) it also keeps ``tables``, the pair tables
     ``(cos, sin) [B|1, N, D_rot/2]`` each token arrived with (as observed), because the model's own cache keeps each
     key as rotated then and the rotary module's later tables differ; they are stored bytes (see :meth:`stored_tensors`).
-    For static types the tables are recomputed from the positions.
+    For static types the tables are recomputed from the positions, with the layer type of the layer that asks
+    (:meth:`PositionTracker.kind`: Gemma 3's sliding and global layers rotate with different bases).
     """
 
     def __init__(self, tracker: PositionTracker | None) -> None:
@@ -296,8 +381,10 @@ class PositionLog:
         self.positions: torch.Tensor | None = None
         self.tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self._step = -1
-        self._rope: tuple[int, torch.Tensor, torch.Tensor] | None = None
-        self._rope_channel_major: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        # Rotation tables of compressed tokens, one per (layer type, sliding): full layers' compressed tokens start at
+        # the sinks, a sliding layer's where its window starts, so the two would rebuild each other's every step.
+        self._rope: dict[tuple, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self._rope_channel_major: dict[tuple, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
 
     def observe(self, batch: int, new_tokens: int, device: torch.device) -> None:
         if self.tracker is None or self.tracker.step == self._step:
@@ -329,24 +416,29 @@ class PositionLog:
         """Whether layer ``layer_idx``'s keys are rotated (a RoPE model's layer that is not NoPE)."""
         return self.tracker is not None and self.tracker.rotates(layer_idx)
 
-    def tables_of(self, start: int, stop: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pair tables ``(cos, sin) [B|1, 1, stop-start, D_rot/2]`` of sequence slots ``start:stop``: those observed
-        on arrival (dynamic rope) or recomputed from the positions (one row when all rows agree)."""
+    def tables_of(
+        self, start: int, stop: int, dtype: torch.dtype, layer_idx: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pair tables ``(cos, sin) [B|1, 1, stop-start, D_rot/2]`` of sequence slots ``start:stop`` for layer
+        ``layer_idx``: those observed on arrival (dynamic rope) or recomputed from the positions with the layer's type
+        (one row when all rows agree)."""
         if self.tables is not None:
             return tuple(t[:, start:stop].unsqueeze(1).to(dtype) for t in self.tables)
         positions = self.slice(start, stop)
         if bool((positions == positions[:1]).all()):
             positions = positions[:1]
-        return tuple(t.unsqueeze(1).to(dtype) for t in self.tracker.pair_tables(positions))
+        return tuple(t.unsqueeze(1).to(dtype) for t in self.tracker.pair_tables(positions, layer_idx))
 
-    def unrotate(self, keys: torch.Tensor, start: int) -> torch.Tensor:
-        """Post-RoPE ``keys [B, H, T, D]`` of slots ``start:start+T`` -> pre-RoPE, with the tables they arrived with."""
-        cos, sin = self.tables_of(start, start + keys.shape[2], torch.float32)
+    def unrotate(self, keys: torch.Tensor, start: int, layer_idx: int = 0) -> torch.Tensor:
+        """Post-RoPE ``keys [B, H, T, D]`` of slots ``start:start+T`` of layer ``layer_idx`` -> pre-RoPE, with the
+        tables they arrived with."""
+        cos, sin = self.tables_of(start, start + keys.shape[2], torch.float32, layer_idx)
         return self.tracker.layout.unrotate(keys, cos, sin)
 
-    def rotate(self, keys: torch.Tensor, start: int) -> torch.Tensor:
-        """Pre-RoPE ``keys [B, H, T, D]`` of slots ``start:start+T`` -> post-RoPE, as the model's own cache holds them."""
-        cos, sin = self.tables_of(start, start + keys.shape[2], torch.float32)
+    def rotate(self, keys: torch.Tensor, start: int, layer_idx: int = 0) -> torch.Tensor:
+        """Pre-RoPE ``keys [B, H, T, D]`` of slots ``start:start+T`` of layer ``layer_idx`` -> post-RoPE, as the
+        model's own cache holds them."""
+        cos, sin = self.tables_of(start, start + keys.shape[2], torch.float32, layer_idx)
         return self.tracker.layout.rotate(keys, cos, sin)
 
     def stored_tensors(self) -> list[torch.Tensor]:
@@ -384,7 +476,7 @@ class PositionLog:
     def restore(self, positions: torch.Tensor | None, tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Hold ``positions [B, N]`` (int32) as the positions of the N tokens already cached, e.g. of a cache read back
         from disk; the rotation table is rebuilt from them when first needed. For dynamic rope, ``tables`` are the
-        arrival tables (:attr:`tables`); without them they are recomputed from the positions in one call, which is
+        arrival tables (``tables``); without them they are recomputed from the positions in one call, which is
         exact only while the sequence stayed below the rope's original length."""
         self.positions = None if positions is None else positions.to(torch.int32)
         self.tables = tables
@@ -393,46 +485,66 @@ class PositionLog:
         self.forget_rope()
 
     def compressed_rope(
-        self, first: int, count: int, dtype: torch.dtype, channel_major: bool = False
+        self,
+        first: int,
+        count: int,
+        dtype: torch.dtype,
+        channel_major: bool = False,
+        layer_idx: int = 0,
+        sliding: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pair tables ``(cos, sin) [B|1, 1, count, D_rot/2]`` of the compressed tokens at slots ``first:first+count``.
+        """Pair tables ``(cos, sin) [B|1, 1, count, D_rot/2]`` of layer ``layer_idx``'s compressed tokens at slots
+        ``first:first+count``.
 
-        Shared by every layer and extended only by the newly compressed tokens (the rotary module is not asked again
-        for the whole history each step). One row serves the batch when all rows have the same positions.
-        ``channel_major``: the same values as transposed views of contiguous ``[B|1, 1, D, count]`` tables (made once
-        per table, for keys decoded channel-major; see attention.decode_into).
+        Shared by every layer of one rotary type (:meth:`PositionTracker.kind`) and one kind of layer (``sliding``:
+        a sliding layer's compressed tokens start where its window starts) and extended only by the newly compressed
+        tokens (the rotary module is not asked again for the whole history each step); when ``first`` moves on (a
+        sliding window drops its oldest tokens) the table is sliced, not rebuilt. One row serves the batch when all
+        rows have the same positions. ``channel_major``: the same values as transposed views of contiguous
+        ``[B|1, 1, D, count]`` tables (made once per table, for keys decoded channel-major; see attention.decode_into).
         """
-        cos, sin = self._compressed_rope(first, count, dtype)
+        group = (None if self.tracker is None else self.tracker.kind(layer_idx), sliding)
+        cos, sin = self._compressed_rope(first, count, dtype, layer_idx, group)
         if not channel_major:
             return cos, sin
         key = (first, count, dtype, cos.data_ptr(), cos.shape[0])
-        if self._rope_channel_major is None or self._rope_channel_major[0] != key:
+        cached = self._rope_channel_major.get(group)
+        if cached is None or cached[0] != key:
             cos_t, sin_t = (t.transpose(-1, -2).contiguous() for t in (cos, sin))
-            self._rope_channel_major = (key, cos_t, sin_t)
-        return tuple(t.transpose(-1, -2) for t in self._rope_channel_major[1:])
+            cached = self._rope_channel_major[group] = (key, cos_t, sin_t)
+        return tuple(t.transpose(-1, -2) for t in cached[1:])
 
-    def _compressed_rope(self, first: int, count: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The token-major table of :meth:`compressed_rope`, extended in place of rebuilt."""
-        have = 0 if self._rope is None else self._rope[1].shape[2]
-        if self._rope is None or self._rope[0] != first or have > count or self._rope[1].dtype != dtype:
-            self._rope, have = None, 0
+    def _compressed_rope(
+        self, first: int, count: int, dtype: torch.dtype, layer_idx: int, group: tuple
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token-major table of :meth:`compressed_rope`, sliced and extended in place of rebuilt."""
+        entry = self._rope.get(group)
+        if entry is not None:
+            start, cos, sin = entry
+            skip = first - start  # tokens that left a sliding window since the table was made
+            if skip < 0 or skip > cos.shape[2] or cos.shape[2] - skip > count or cos.dtype != dtype:
+                entry = None
+            else:
+                entry = (first, cos[:, :, skip:], sin[:, :, skip:])
+        have = 0 if entry is None else entry[1].shape[2]
         if have < count:
-            cos, sin = self.tables_of(first + have, first + count, dtype)
-            if self._rope is not None:
-                old_cos, old_sin = self._rope[1], self._rope[2]
+            cos, sin = self.tables_of(first + have, first + count, dtype, layer_idx)
+            if entry is not None:
+                old_cos, old_sin = entry[1], entry[2]
                 if old_cos.shape[0] != cos.shape[0]:
                     old_cos, old_sin = (t.expand(cos.shape[0], -1, -1, -1) for t in (old_cos, old_sin))
                     cos, sin = cos.expand(old_cos.shape[0], -1, -1, -1), sin.expand(old_cos.shape[0], -1, -1, -1)
                 cos, sin = torch.cat([old_cos, cos], dim=2), torch.cat([old_sin, sin], dim=2)
-            self._rope = (first, cos, sin)
-        return self._rope[1], self._rope[2]
+            entry = (first, cos, sin)
+        self._rope[group] = entry
+        return entry[1], entry[2]
 
     def forget_rope(self) -> None:
-        """Drop the rotation table (after a crop, a batch selection, or a reset); appends only extend it."""
-        self._rope = None
-        self._rope_channel_major = None
+        """Drop the rotation tables (after a crop, a batch selection, or a reset); appends only extend them."""
+        self._rope = {}
+        self._rope_channel_major = {}
 
     def table_tensors(self) -> list[torch.Tensor]:
-        """The rotation table's tensors (decode scratch, not stored tokens)."""
-        tables = [] if self._rope is None else list(self._rope[1:])
-        return tables + ([] if self._rope_channel_major is None else list(self._rope_channel_major[1:]))
+        """The rotation tables' tensors (decode scratch, not stored tokens)."""
+        tables = [t for entry in self._rope.values() for t in entry[1:]]
+        return tables + [t for entry in self._rope_channel_major.values() for t in entry[1:]]

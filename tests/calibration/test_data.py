@@ -12,7 +12,12 @@ import torch
 from kvlight.calibration.datamodule import KVCalibrationDataModule, default_capture_dir
 from kvlight.calibration.shards import write_shards
 from kvlight.calibration.texts import BUILTIN_CORPUS, builtin_documents, iter_texts
-from kvlight.calibration.windows import eval_and_calibration_windows, pack_windows, shard_for_rank
+from kvlight.calibration.windows import (
+    eval_and_calibration_windows,
+    leading_special_tokens,
+    pack_windows,
+    shard_for_rank,
+)
 from kvlight.errors import CaptureError, DataLoadError
 
 DOCS = [
@@ -98,6 +103,45 @@ def test_pack_windows_stops_reading_the_source_once_it_has_enough(data_tokenizer
 
     assert len(windows) == limit
     assert pulled == minimal
+
+
+def _with_bos(tokenizer):
+    """``tokenizer`` that puts ``<bos>`` before every text it encodes with special tokens, as Gemma's does."""
+    import copy
+
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    backend.add_special_tokens(["<bos>"])
+    bos = backend.token_to_id("<bos>")
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", bos_token="<bos>")
+
+
+@pytest.mark.parametrize("bos", [True, False])
+@pytest.mark.parametrize(("seq_len", "skip", "limit"), [(2, 0, 5), (8, 0, None), (8, 3, 4), (65, 1, None)])
+def test_every_window_starts_with_the_tokens_the_tokenizer_puts_first(data_tokenizer, bos, seq_len, skip, limit):
+    """A BOS-trained model (Gemma) reads each window after its ``<bos>``; the rest of the window is the stream, with
+    nothing skipped or repeated; a tokenizer that adds no BOS (SmolLM2, GPT-2) gets the plain slices."""
+    tokenizer = _with_bos(data_tokenizer) if bos else data_tokenizer
+    prefix = [tokenizer.bos_token_id] if bos else []
+    assert leading_special_tokens(tokenizer) == prefix
+    body = seq_len - len(prefix)
+    stream = token_stream(DOCS, tokenizer)
+    stop = len(stream) // body if limit is None else min(len(stream) // body, skip + limit)
+
+    windows = list(pack_windows(iter(DOCS), tokenizer, seq_len, skip=skip, limit=limit))
+
+    assert len(windows) == stop - skip > 0
+    for offset, window in enumerate(windows, start=skip):
+        assert window.shape == (seq_len,)
+        assert window.tolist() == prefix + stream[offset * body : (offset + 1) * body]
+
+
+def test_a_window_with_room_only_for_the_bos_is_refused(data_tokenizer):
+    with pytest.raises(ValueError, match="leading special tokens"):
+        list(pack_windows(iter(DOCS), _with_bos(data_tokenizer), 1))
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [({"seq_len": 0}, "seq_len"), ({"seq_len": 4, "skip": -1}, "skip")])

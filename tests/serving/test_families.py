@@ -3,7 +3,9 @@
 One table of (family id, config builder) of tiny random models (hidden 64, 2 layers, GQA where the family has it).
 Each family must give, at full rank, the same greedy tokens and logits as ``DynamicCache`` on the fast and the plain
 decode path; the dynamic-rope cases generate past ``max_position_embeddings`` (16), where the rotary frequencies
-grow after the first keys were cached.
+grow after the first keys were cached. The sliding-window cases (window 8) are compared with the model's own default
+cache, ``DynamicCache(config=...)``, which keeps only the window on sliding layers; Gemma 2 soft-caps its attention
+logits, Gemma 3 rotates sliding and global layers with different rope parameters.
 """
 
 import copy
@@ -18,12 +20,13 @@ from kvlight.compressors.compressor import KVCompressor
 from kvlight.config import CompressionConfig
 from kvlight.errors import ModelLoadError
 from kvlight.geometry import kv_geometry
-from kvlight.hf import dynamic_cache
+from kvlight.hf import default_cache
 from kvlight.models import check_architecture
 from kvlight.serving.cache import CacheSettings, CompressedCache
 from kvlight.serving.wrapper import CompressedKVModelWrapper
 
 ATOL = 1e-4
+WINDOW = 8  # sliding window of the sliding cases: the 12-token prompt already crosses it
 PROMPT, NEW_TOKENS = 12, 12  # 24 tokens: past max_position_embeddings=16 of the dynamic-rope cases
 SHARPEN = 8.0  # q/k weights x 8: attention scores of a few units, so positions change the logits
 
@@ -85,6 +88,35 @@ FAMILIES = [
     ("stablelm", lambda: _config("stablelm")),  # partial rotary in the attention
     ("starcoder2", lambda: _config("starcoder2")),
     ("gemma", lambda: _config("gemma", head_dim=16)),
+    # Gemma 2: eager attention (it has no sdpa), layer 0 sliding and layer 1 global, soft-capping 1.0 that matters.
+    (
+        "gemma2",
+        lambda: _config(
+            "gemma2", head_dim=16, sliding_window=WINDOW, attn_logit_softcapping=1.0, query_pre_attn_scalar=32
+        ),
+    ),  # fmt: skip
+    # Gemma 3 text: five sliding layers per global one, QK-norm, one KV head, a rope per layer type.
+    (
+        "gemma3_text",
+        lambda: _config(
+            "gemma3_text",
+            head_dim=16,
+            num_hidden_layers=6,
+            num_key_value_heads=1,
+            sliding_window=WINDOW,
+            query_pre_attn_scalar=32,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+            },
+        ),
+    ),  # fmt: skip
+    ("mistral-sliding", lambda: _config("mistral", head_dim=16, sliding_window=WINDOW)),  # every layer slides
+    # Qwen2 with sliding layers from max_window_layers on: layer 0 global, layer 1 sliding.
+    (
+        "qwen2-sliding",
+        lambda: _config("qwen2", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    ),  # fmt: skip
     ("helium", lambda: _config("helium", head_dim=16)),  # interleaved
     ("glm", lambda: _config("glm", head_dim=16)),  # partial and interleaved
     ("glm4", lambda: _config("glm4", head_dim=16)),
@@ -94,8 +126,15 @@ FAMILIES = [
     (
         "opt",
         lambda: AutoConfig.for_model(
-            "opt", vocab_size=TINY_VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-            word_embed_proj_dim=64, max_position_embeddings=512, pad_token_id=0,
+            "opt",
+            vocab_size=TINY_VOCAB,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            max_position_embeddings=512,
+            pad_token_id=0,
         ),  # learned positions (offset by 2), separate k_proj / v_proj
     ),  # fmt: skip
     (
@@ -112,7 +151,9 @@ def _model(build):
     uniform, so wrong rotations would not show in the logits; q/k projections scaled up make every key matter."""
     torch.manual_seed(0)
     config = build()
-    config._attn_implementation = "sdpa"
+    # sdpa where the family has it; eager for those without (Gemma 2: sdpa cannot soft-cap).
+    supports_sdpa = AutoModelForCausalLM._model_mapping[type(config)]._supports_sdpa
+    config._attn_implementation = "sdpa" if supports_sdpa else "eager"
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -160,7 +201,7 @@ def test_full_rank_generation_equals_dynamic_cache(family, build, fast, prompts)
     model = _model(build)
     windows = torch.randint(3, TINY_VOCAB, (4, 24), generator=torch.Generator().manual_seed(2))
     compressor = _full_rank(model, windows)
-    expected_tokens, expected_logits = _generate(model, prompts, dynamic_cache())
+    expected_tokens, expected_logits = _generate(model, prompts, default_cache(model.config))
     wrapper = CompressedKVModelWrapper(model, compressor, fast_decode=fast)
     try:
         tokens, logits = _generate(model, prompts, wrapper)
@@ -229,7 +270,6 @@ REFUSED = [
     ),  # fmt: skip
     ("t5-encoder-decoder", lambda: AutoConfig.for_model("t5"), "encoder-decoder"),
     ("mamba-no-kv-cache", lambda: AutoConfig.for_model("mamba"), "K/V"),
-    ("gemma2-softcapping", lambda: AutoConfig.for_model("gemma2"), "soft-caps"),
     ("bloom-alibi", lambda: AutoConfig.for_model("bloom", hidden_size=64, n_layer=2, n_head=4), "position"),
 ]
 
@@ -274,3 +314,191 @@ def test_rotation_is_the_models_own(family, build):
         torch.testing.assert_close(tracker.unrotate(rotated, positions), keys, atol=1e-5, rtol=0)
     finally:
         tracker.close()
+
+
+# ---------------------------------------------------------------------- soft-capping, rope per layer type, windows
+SLIDING = ["gemma2", "gemma3_text", "mistral-sliding", "qwen2-sliding"]
+
+
+def _mixed_widths(model, windows: torch.Tensor) -> KVCompressor:
+    """A compressor of mixed widths per principal direction (helpers.mixed_widths: 0 to 16 bits) fitted on
+    ``model``'s own K/V, like a Fisher allocation's."""
+    from helpers import mixed_widths
+
+    geometry = kv_geometry(model)
+    config = CompressionConfig.uniform(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, rank=16)
+    for (layer, head), entry in config.per_layer_head.items():
+        entry.pop("rank_k"), entry.pop("rank_v")
+        entry["bits_k"], entry["bits_v"] = mixed_widths(layer, head)
+    reservoir = capture_kv(model, geometry, [windows], capacity=100_000, progress=False)
+    keys, values = reservoir.rows()
+    compressor = KVCompressor(CompressionConfig.from_dict(config.to_dict()), geometry, algo="pca")
+    compressor.fit_statistics([{"keys": keys, "values": values}])
+    return compressor
+
+
+def _wrapped_generation(family: str, fast: bool, prompts, settings: CacheSettings, rank: int | str | None = None):
+    """Greedy generation of ``family``'s tiny model with the model's default cache and with a compressed cache of
+    ``settings`` (full rank unless ``rank``; "widths": mixed widths): ``(expected_tokens, expected_logits, tokens,
+    logits, cache)``."""
+    model = _model(dict(FAMILIES)[family])
+    windows = torch.randint(3, TINY_VOCAB, (4, 24), generator=torch.Generator().manual_seed(2))
+    if rank == "widths":
+        compressor = _mixed_widths(model, windows)
+    else:
+        compressor = _full_rank(model, windows, **({} if rank is None else {"rank": rank}))
+    expected_tokens, expected_logits = _generate(model, prompts, default_cache(model.config))
+    wrapper = CompressedKVModelWrapper(model, compressor, fast_decode=fast)
+    try:
+        cache = CompressedCache(wrapper.compressor, wrapper.tracker, fast=wrapper.fast, settings=settings)
+        tokens, logits = _generate(model, prompts, cache)
+    finally:
+        wrapper.close()
+    return expected_tokens, expected_logits, tokens, logits, cache
+
+
+def test_gemma2_fast_path_fails_without_the_softcap(prompts, monkeypatch):
+    """The soft-capping case is a real check: with the cap skipped in the fast path the logits move well past ATOL
+    (the plain path runs the model's own eager attention, which caps)."""
+    from kvlight.serving import attention
+
+    assert _model(dict(FAMILIES)["gemma2"]).config.attn_logit_softcapping == 1.0
+    monkeypatch.setattr(attention, "apply_softcap", lambda scores, softcap: scores)
+    expected_tokens, expected_logits, tokens, logits, _ = _wrapped_generation(
+        "gemma2", True, prompts, CacheSettings(compress_block=1)
+    )
+    assert (logits - expected_logits).abs().max() > 10 * ATOL
+
+
+#: (recent_window, compress_block) of the window tests: every token compressed as it arrives; an exact recent window
+#: wider than the sliding window (tokens leave exact); a narrow one flushed in blocks (tokens leave from both).
+WINDOW_SETTINGS = [(0, 1), (WINDOW + 2, 1), (2, 4)]
+
+
+@pytest.mark.parametrize("recent,block", WINDOW_SETTINGS, ids=[f"recent{r}-block{b}" for r, b in WINDOW_SETTINGS])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+@pytest.mark.parametrize("family", SLIDING)
+def test_sliding_layers_keep_their_window_and_count_its_bytes(family, fast, recent, block, prompts):
+    """Every layer keeps what the default cache keeps (sliding: the last window - 1 tokens, none compressed once out),
+    generation is the default cache's, and the bytes counted are those of the tokens held."""
+    settings = CacheSettings(recent_window=recent, compress_block=block)
+    expected_tokens, expected_logits, tokens, logits, cache = _wrapped_generation(family, fast, prompts, settings)
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(logits, expected_logits, atol=ATOL, rtol=0)
+    length = PROMPT + NEW_TOKENS - 1  # the last token is generated, not fed back
+    model_windows = cache.tracker.windows if cache.tracker is not None else None
+    assert model_windows == cache.windows and any(w == WINDOW for w in cache.windows)
+    batch, itemsize = prompts.shape[0], 4  # float32
+    latent_bytes = exact_bytes = 0
+    for layer in cache.layers:
+        held = layer.sink_k.shape[2] + layer.num_compressed + layer.keys.shape[2]
+        assert layer.length == length
+        assert held == (length if layer.window is None else WINDOW - 1)
+        assert layer.offset == length - held
+        per_token = batch * layer.keys.shape[1] * layer.keys.shape[3] * itemsize
+        exact_bytes += 2 * (layer.sink_k.shape[2] + layer.keys.shape[2]) * per_token
+        latent_bytes += 2 * layer.num_compressed * per_token  # full rank, unquantized latents: head_dim per head
+    positions = batch * length * 4  # int32, every token's position (shared by the layers)
+    assert cache.stored_bytes() == exact_bytes + latent_bytes + positions
+
+
+#: (id, rank or "widths", latent_bits) of the lossy codecs whose stored latents leave sliding windows.
+LOSSY = [("rank6", 6, None), ("rank6-int8", 6, 8), ("widths", "widths", None)]
+
+
+@pytest.mark.parametrize("codec,rank,bits", LOSSY, ids=[case for case, _, _ in LOSSY])
+@pytest.mark.parametrize("family", ["gemma3_text", "mistral-sliding"])
+def test_sliding_fast_and_plain_paths_agree_below_full_rank(family, codec, rank, bits, prompts):
+    """Below full rank the two decode paths read the same stored codes: their logits agree (tokens leave sliding
+    windows from the latents here, plain, quantized or packed mixed-width codes)."""
+    settings = CacheSettings(recent_window=2, compress_block=1, latent_bits=bits)
+    _, _, fast_tokens, fast_logits, cache = _wrapped_generation(family, True, prompts, settings, rank=rank)
+    _, _, plain_tokens, plain_logits, _ = _wrapped_generation(family, False, prompts, settings, rank=rank)
+    assert max(layer.offset for layer in cache.layers) > 0
+    assert torch.equal(fast_tokens, plain_tokens)
+    torch.testing.assert_close(fast_logits, plain_logits, atol=ATOL, rtol=0)
+
+
+def test_gemma3_layers_rotate_with_their_own_types_tables(prompts):
+    """Gemma 3's sliding and global layers rotate with different rope parameters: the tracker records each type's
+    observed tables, and recomputes each layer's with the layer_type the model passes for it."""
+    from kvlight.serving.positions import PositionTracker
+
+    model = _model(dict(FAMILIES)["gemma3_text"])
+    types = model.config.layer_types
+    sliding, full = types.index("sliding_attention"), types.index("full_attention")
+    tracker = PositionTracker(model)
+    try:
+        assert tracker.layer_types == types
+        with torch.no_grad():
+            model(input_ids=prompts)
+        positions = torch.arange(PROMPT)[None]
+        rotary = tracker.rotary
+        for layer_idx in (sliding, full):
+            own = rotary(torch.empty(0), positions, types[layer_idx])  # what the model rotates that layer with
+            recomputed = tracker.cos_sin(positions, layer_idx)
+            torch.testing.assert_close(recomputed, tuple(t.float() for t in own), atol=0, rtol=0)
+            observed = tracker.observed(prompts.shape[0], layer_idx)
+            pair = tracker.pair_tables(positions, layer_idx)
+            torch.testing.assert_close(observed, tuple(t.unsqueeze(1) for t in pair), atol=1e-6, rtol=0)
+        assert not torch.allclose(tracker.cos_sin(positions, sliding)[0], tracker.cos_sin(positions, full)[0])
+    finally:
+        tracker.close()
+
+
+def test_gemma3_cache_stores_each_layers_own_pre_rope_keys(prompts):
+    """Full rank cannot show a wrong layer type (unrotate and rotate with the same wrong table cancel): the keys a
+    compressed cache stores must be the model's own pre-RoPE keys (after QK-norm) on sliding and global layers, and a
+    capture-time ``observed()`` without a layer reads the running layer's type."""
+    model = _model(dict(FAMILIES)["gemma3_text"])
+    types = model.config.layer_types
+    pre_rope, during = {}, {}
+    windows = torch.randint(3, TINY_VOCAB, (4, 24), generator=torch.Generator().manual_seed(2))
+    wrapper = CompressedKVModelWrapper(model, _full_rank(model, windows), fast_decode=False)
+
+    def keep(index):
+        def hook(module, args, output):
+            pre_rope[index] = output.detach()
+            during[index] = wrapper.tracker.observed(output.shape[0])  # no layer given: the running block's type
+
+        return hook
+
+    blocks = model.model.layers
+    handles = [blocks[i].self_attn.k_norm.register_forward_hook(keep(i)) for i in range(len(blocks))]
+    try:
+        cache = wrapper.new_cache()
+        with torch.no_grad():
+            model(input_ids=prompts[:, : WINDOW - 2], past_key_values=cache, use_cache=True)  # inside the window
+        for index, layer in enumerate(cache.layers):
+            assert layer.num_compressed == WINDOW - 2  # no sinks or recent window: every token compressed
+            stored = layer.codecs["k"].decode(layer.latent_k.read(torch.float32))
+            torch.testing.assert_close(stored, pre_rope[index], atol=1e-4, rtol=0)
+            own = wrapper.tracker.observed(prompts.shape[0], index)
+            assert all(torch.equal(a, b) for a, b in zip(during[index], own, strict=True)), types[index]
+    finally:
+        for handle in handles:
+            handle.remove()
+        wrapper.close()
+
+
+@pytest.mark.parametrize("family", SLIDING + ["llama"])
+def test_default_cache_bytes_match_a_real_default_cache(family, prompts):
+    """default_cache_bytes is what DynamicCache(config=...) holds after the same tokens (a prefill, then decode
+    steps); on the sliding families it is below the full DynamicCache's dynamic_cache_bytes."""
+    from helpers import nbytes
+
+    from kvlight.hf import default_cache_windows
+    from kvlight.serving.cache import default_cache_bytes, dynamic_cache_bytes
+
+    model = _model(dict(FAMILIES)[family])
+    cache = default_cache(model.config)
+    geometry, windows = kv_geometry(model), default_cache_windows(model.config)
+    with torch.no_grad():
+        out = model(input_ids=prompts, past_key_values=cache, use_cache=True)
+        for _ in range(3):
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+    total = PROMPT + 3
+    held = nbytes([t for layer in cache.layers for t in (layer.keys, layer.values)])
+    assert default_cache_bytes(geometry, prompts.shape[0], total, torch.float32, windows) == held
+    full = dynamic_cache_bytes(geometry, prompts.shape[0], total, torch.float32)
+    assert (held < full) == (family != "llama")

@@ -259,3 +259,16 @@ def test_malformed_base_model_record_is_one_line(record, message, tmp_path, fitt
     with pytest.raises(Exception, match=message) as caught:
         load_compressor(tmp_path)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_wrapped_model_can_still_be_deep_copied(arch, tiny_models, tiny_tokenizer, fitted_compressor, wrap):
+    """The position hooks ride along with ``copy.deepcopy(model)`` (an EMA copy, a second replica): the copy is made,
+    generates the bare model's tokens, and closing the wrapper leaves the copy alone."""
+    model = tiny_models[arch]
+    expected = greedy(model.generate, tiny_tokenizer, SYSTEM)
+    wrapper = wrap(arch, fitted_compressor(arch, "pca"))
+    replica = copy.deepcopy(wrapper.model)
+    wrapper.close()
+    assert torch.equal(greedy(replica.generate, tiny_tokenizer, SYSTEM), expected)
+    assert torch.equal(greedy(model.generate, tiny_tokenizer, SYSTEM), expected)
