@@ -276,6 +276,8 @@ class KVCalibrationDataModule(pl.LightningDataModule):
             "rank": rank,
             "world_size": world_size,
             "source": source_fingerprint(hp.dataset),
+            # 2: windows lead with the tokenizer's leading special tokens (a BOS-trained model's captures changed)
+            "windowing": 2,
         }
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
