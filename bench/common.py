@@ -61,13 +61,14 @@ def chunked_perplexity(
     for i in range(0, len(windows), batch):
         x = windows[i : i + batch]
         cache = make_cache() if make_cache else None
-        logits = []
         for s in range(0, x.shape[1], chunk):
             out = model(input_ids=x[:, s : s + chunk], **cache_kwargs(cache))
-            logits.append(out.logits.float())
-        logp = torch.log_softmax(torch.cat(logits, 1)[:, :-1], -1)
-        nll += -logp.gather(-1, x[:, 1:, None]).sum().item()
-        count += x[:, 1:].numel()
+            # Scored chunk by chunk: position p predicts token p + 1 (the last window token predicts nothing). Why
+            # not all logits at once: 4 x 2048 positions of Gemma 3's 262k-token vocabulary are 8.6 GB in float32.
+            targets = x[:, s + 1 : s + chunk + 1]
+            logp = torch.log_softmax(out.logits[:, : targets.shape[1]].float(), -1)
+            nll += -logp.gather(-1, targets[..., None]).sum().item()
+            count += targets.numel()
         caches.append((cache, x.shape[0]))
     return math.exp(nll / count), caches
 
