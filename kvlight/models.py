@@ -206,10 +206,7 @@ def load_tokenizer(name: str | None):
     """The tokenizer of a model (same resolution rules as :func:`load_model`)."""
     from transformers import AutoTokenizer
 
-    path, gguf = resolve_model_path(name)
-    converted = _converted_gguf(path, gguf) if gguf else None
-    if converted is not None and converted.is_dir():  # what an earlier load converted: no GGUF parse
-        path, gguf = str(converted), None
+    path, gguf = _prefer_converted(*resolve_model_path(name))
     try:
         return AutoTokenizer.from_pretrained(path, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -237,10 +234,8 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32) -> n
         converted = _converted_gguf(path, gguf)
         if converted is not None:
             if not (converted / "config.json").is_file():
-                from transformers import AutoConfig as _Config
-
                 try:
-                    check_architecture(_Config.from_pretrained(path, gguf_file=gguf), name)
+                    check_architecture(AutoConfig.from_pretrained(path, gguf_file=gguf), name)
                 except (OSError, ValueError) as exc:
                     raise ModelLoadError(_unreachable_message(name, path, exc)) from None
                 _convert_gguf(Path(path), gguf, converted)
@@ -429,6 +424,15 @@ def _converted_gguf(path: str, gguf: str) -> Path | None:
     return cache_root() / "models" / f"gguf-{source.stem}-{digest}"
 
 
+def _prefer_converted(path: str, gguf: str | None) -> tuple[str, str | None]:
+    """``(path, gguf)``, or the safetensors copy an earlier :func:`load_model` converted the GGUF file to (so
+    tokenizer and config are read without parsing the GGUF again)."""
+    converted = _converted_gguf(path, gguf) if gguf else None
+    if converted is not None and (converted / "config.json").is_file():
+        return str(converted), None
+    return path, gguf
+
+
 def _convert_gguf(directory: Path, gguf_file: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -456,10 +460,7 @@ def geometry_of(name: str | None) -> KVGeometry:
     refused as :func:`load_model` would refuse it (:func:`check_architecture`)."""
     from transformers import AutoConfig
 
-    path, gguf = resolve_model_path(name)
-    converted = _converted_gguf(path, gguf) if gguf else None
-    if converted is not None and (converted / "config.json").is_file():  # what an earlier load converted
-        path, gguf = str(converted), None
+    path, gguf = _prefer_converted(*resolve_model_path(name))
     try:
         config = AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
     except (OSError, ValueError) as exc:
