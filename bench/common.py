@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -35,6 +38,21 @@ def machine() -> str:
         else f"CPU ({name}), {torch.get_num_threads()} threads"
     )
     return f"{device}; torch {torch.__version__}; python {sys.version.split()[0]}"
+
+
+@contextlib.contextmanager
+def results_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a results file while it is read, merged and written.
+
+    Two benchmarks run side by side with ``--merge`` (each fitting its own rows for many minutes) would otherwise
+    both read the old table and the one that writes last would drop the other's rows.
+    """
+    with open(path.with_name(f".{path.name}.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def offline_windows(tokenizer, seq_len: int, skip: int, count: int) -> torch.Tensor:

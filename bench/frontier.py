@@ -50,6 +50,7 @@ from bench.common import (  # noqa: E402
     machine,
     offline_windows,
     quantized_cache_bytes,
+    results_lock,
 )
 from kvlight.analysis.queries import QueryMoments, score_weights  # noqa: E402
 from kvlight.analysis.rank_allocation import budget  # noqa: E402
@@ -569,16 +570,17 @@ def main() -> None:
         dtype=resolve_dtype(args.dtype),
         width_rows=args.width_rows,
     )
-    if args.merge and previous.exists():
-        old = json.loads(previous.read_text())
-        measured = {(r["length"], r["method"], r["setting"]) for r in results["rows"]}
-        kept = [
-            {"command": old["command"], "machine": old["machine"], **row}
-            for row in old["rows"]
-            if (row["length"], row["method"], row["setting"]) not in measured
-        ]
-        results["rows"] = kept + results["rows"]
-    write(results)
+    with results_lock(previous):  # a second run finishing meanwhile must not lose its rows, nor this one
+        if args.merge and previous.exists():
+            old = json.loads(previous.read_text())
+            measured = {(r["length"], r["method"], r["setting"]) for r in results["rows"]}
+            kept = [
+                {"command": old["command"], "machine": old["machine"], **row}
+                for row in old["rows"]
+                if (row["length"], row["method"], row["setting"]) not in measured
+            ]
+            results["rows"] = kept + results["rows"]
+        write(results)
 
 
 if __name__ == "__main__":

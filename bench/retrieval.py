@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import bitrows  # noqa: E402
-from bench.common import captured_rows, embedded_default, machine, offline_windows  # noqa: E402
+from bench.common import captured_rows, embedded_default, machine, offline_windows, results_lock  # noqa: E402
 from kvlight.hf import cache_kwargs, dynamic_cache  # noqa: E402
 from kvlight.serving.attention import LatentAttention  # noqa: E402
 from kvlight.serving.cache import CacheSettings, CompressedCache  # noqa: E402
@@ -284,9 +284,10 @@ def main() -> None:
         if old_dtype != args.dtype:  # rows of two model dtypes in one table would not be comparable
             parser.error(f"--merge: retrieval.json holds {old_dtype} rows; pass --dtype {old_dtype}")
     results = run(args)
-    if args.merge and previous.exists():
-        results = merged(json.loads(previous.read_text()), results)
-    write(results)
+    with results_lock(previous):  # a second run finishing meanwhile must not lose its rows, nor this one
+        if args.merge and previous.exists():
+            results = merged(json.loads(previous.read_text()), results)
+        write(results)
 
 
 def merged(old: dict, new: dict) -> dict:
