@@ -230,7 +230,7 @@ def write(results: dict) -> None:
     lines = [
         "# Retrieval: passkey and long-range copy through the compressed cache",
         "",
-        f"Machine: {results['machine']}  ",
+        f"Machine of the newest run: {results['machine']} (each row's last run in its last column; a row merged from several runs lists each command in the JSON)  ",
         "Commands: "
         + "; ".join(f"`{c}`" for c in dict.fromkeys(c for r in results["rows"] for c in r["command"].split(" ; "))),
         "",
@@ -242,14 +242,14 @@ def write(results: dict) -> None:
         "Copy: 8 passages of 1000 tokens fed twice; perplexity and top-1 accuracy of the second copy. Bytes of each "
         "method: bench/results/frontier.md (the same caches).",
         "",
-        "| method | setting | passkey | " + " | ".join(cells) + " | copy ppl | copy acc |",
-        "|---|---|---|" + "---|" * len(cells) + "---|---|",
+        "| method | setting | passkey | " + " | ".join(cells) + " | copy ppl | copy acc | last run on |",
+        "|---|---|---|" + "---|" * len(cells) + "---|---|---|",
     ]
     for r in results["rows"]:
         per_cell = " | ".join(f"{100 * r['passkey_cells'][c]:.0f}" if c in r["passkey_cells"] else "-" for c in cells)
         lines.append(
             f"| {r['method']} | {r['setting']} | {100 * r['passkey']:.1f} % | {per_cell} | "
-            f"{r['copy_perplexity']:.3f} | {100 * r['copy_accuracy']:.1f} % |"
+            f"{r['copy_perplexity']:.3f} | {100 * r['copy_accuracy']:.1f} % | {r['machine'].split(';')[0]} |"
         )
     (RESULTS / "retrieval.md").write_text("\n".join(lines) + "\n")
 
@@ -306,7 +306,8 @@ def merged(old: dict, new: dict) -> dict:
             rows.append(row)
             continue
         cells = {**row["passkey_cells"], **again["passkey_cells"]}
-        commands = dict.fromkeys([*row.get("command", "").split(" ; "), again["command"]])
+        kept_old = set(row["passkey_cells"]) - set(again["passkey_cells"])  # the old command only if a cell is left
+        commands = dict.fromkeys([*(row.get("command", "").split(" ; ") if kept_old else ()), again["command"]])
         rows.append({**again, "passkey_cells": cells, "passkey": sum(cells.values()) / len(cells),
                      "command": " ; ".join(c for c in commands if c)})  # fmt: skip
     lengths = sorted(set(old.get("lengths", LENGTHS)) | set(new["lengths"]))
