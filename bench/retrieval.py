@@ -230,7 +230,8 @@ def write(results: dict) -> None:
     lines = [
         "# Retrieval: passkey and long-range copy through the compressed cache",
         "",
-        f"Machine of the newest run: {results['machine']} (each row's last run in its last column; a row merged from several runs lists each command in the JSON)  ",
+        f"Machine of the newest run: {results['machine']} (each row's last run in its last column; a row merged "
+        "from several runs lists each command in the JSON)  ",
         "Commands: "
         + "; ".join(f"`{c}`" for c in dict.fromkeys(c for r in results["rows"] for c in r["command"].split(" ; "))),
         "",

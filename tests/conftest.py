@@ -1,6 +1,5 @@
 """Shared fixtures. Data-pipeline fixtures are prefixed ``data_``."""
 
-import importlib
 import importlib.util
 import os
 
