@@ -1,8 +1,9 @@
 """The bits-per-direction rows that bench/frontier.py and bench/retrieval.py share, fitted once and kept on disk.
 
 A row is a byte budget (a fraction of an fp16 cache at the 512-token protocol: the frontier's windows), a
-weighting (uniform widths, MSE-allocated, Fisher-allocated: kvlight.bit_allocation) and whether the projections
-were then KL-distilled through the static codes (kvlight.distill; KVSplice heads from the PCA start, the learned
+weighting (uniform widths, MSE-allocated, Fisher-allocated: kvlight.bit_allocation; or Fisher-allocated in the
+Fisher-whitened basis, KVSplice heads fitted with each head's Fisher: kvlight.analysis.whitening) and whether the
+projections were then KL-distilled through the static codes (kvlight.distill; KVSplice heads from that start, the learned
 latent scale and shift acting as learned steps). Every row keeps 4 sink tokens and a recent window exact; their
 bytes count, so the widths get what is left of the budget at 512 tokens (at 2048 the same compressor stores less).
 
@@ -22,15 +23,16 @@ from pathlib import Path
 
 import torch
 
-from kvlight.analysis.bit_allocation import allocate_bits, fp16_bytes_per_token
+from kvlight.analysis.bit_allocation import WHITENED, allocate_bits, fp16_bytes_per_token
 from kvlight.analysis.metrics_io import metrics_to_json, read_metrics_file
 from kvlight.analysis.sensitivity import measure_sensitivity
+from kvlight.analysis.whitening import fisher_weights
 from kvlight.calibration.distill import distill
 from kvlight.compressors.compressor import KVCompressor, load_compressor
 
 #: byte budgets, as fractions of an fp16 DynamicCache at the protocol length (issue 11's rows).
 BUDGETS = (0.25, 0.1875, 0.125, 0.09375, 0.0625)
-WEIGHTINGS = ("uniform", "mse", "fisher", "fisher-joint")
+WEIGHTINGS = ("uniform", "mse", "fisher", "fisher-joint", "fisher-white")
 PROTOCOL_LENGTH = 512
 SINKS = 4
 #: exact recent tokens per budget: at 512 tokens each costs 1/512 of the fp16 bytes, a large share of a small budget.
@@ -47,6 +49,7 @@ NAMES = {
     "mse": "MSE-allocated widths",
     "fisher": "Fisher-allocated widths",
     "fisher-joint": "joint-Fisher-allocated widths",
+    "fisher-white": "Fisher-whitened basis, Fisher-allocated widths",
 }
 #: bumped whenever what the sensitivity pass measures changes, so cached metrics and rows are measured again.
 METRICS_VERSION = 2
@@ -114,7 +117,11 @@ def sensitivity(model, geometry, calibration: torch.Tensor):
         / f"metrics-{_key(calibration.sum().item(), calibration.shape, SINKS, METRICS_VERSION, dtype, *_model_id(model))}.json"
     )
     if path.exists():
-        return read_metrics_file(path, geometry)
+        metrics = read_metrics_file(path, geometry)
+        # Metrics cached before the whitened basis existed lack its curves; the rest of the pass is unchanged, so the
+        # rows fitted from them stay valid and only the metrics are measured again.
+        if "fgram_k" in metrics.curves:
+            return metrics
     start = time.perf_counter()
     metrics = measure_sensitivity(model, geometry, calibration, 2, 256, SINKS, 0, progress=False)
     print(f"sensitivity analysis {time.perf_counter() - start:.0f}s", flush=True)
@@ -136,16 +143,19 @@ def compressor_for(
         ROW_VERSION,
         str(next(model.parameters()).dtype),  # fitted and distilled through a model of this dtype
         *_model_id(model),
+        # 2: the whitened Fisher scaled to trace D (distillation diverged on the raw scale).
+        *(("whitened", 2) if row.weighting in WHITENED else ()),
     )
     directory = cache_root() / f"row-{key}"
     dtype = next(model.parameters()).dtype
     if (directory / "compressor_config.json").exists():
         return load_compressor(directory, geometry).to(dtype)
     allocation = allocate_bits(metrics, long_context_target(row, geometry), row.weighting)
-    algo = "kvsplice" if row.distilled else "pca"
+    whitened = row.weighting in WHITENED  # its widths index latents only KVSplice heads fitted with the Fisher serve
+    algo = "kvsplice" if row.distilled or whitened else "pca"
     config = allocation.to_config(algo, SINKS, row.recent)
     compressor = KVCompressor(config, geometry)
-    compressor.fit_statistics([rows])
+    compressor.fit_statistics([rows], *(fisher_weights(metrics) if whitened else ()))
     if row.distilled:
         start = time.perf_counter()
         losses = distill(model, compressor, calibration, tracker, steps, DISTILL_LR, DISTILL_BATCH)

@@ -21,7 +21,8 @@ window 512, and evaluated at every length); "budget ranks" rows (unequal K and V
 sensitivity analysis, kvlight analyze's ``budget`` strategy on the same windows, at the memory of a uniform row;
 keys query-weighted); "widths" rows (issue 11: a width per principal direction, uniform, MSE-allocated or
 Fisher-allocated by kvlight.bit_allocation at 25, 18.75, 12.5, 9.4 and 6.25 % of fp16 bytes at 512 tokens, exact
-tokens included, each also KL-distilled through the static codes: bench/bitrows.py). Keys are pre-RoPE.
+tokens included, or per direction of the Fisher-whitened basis (kvlight.analysis.whitening, KVSplice heads), each
+also KL-distilled through the static codes: bench/bitrows.py). Keys are pre-RoPE.
 
     python bench/frontier.py --families quant widths widths-distilled   # issue 11's rows
     python bench/frontier.py --lengths 512   # quicker
@@ -367,7 +368,9 @@ def write(results: dict) -> None:
         "analyze's allocator on the same windows, unequal K and V ranks per head at the memory of a uniform row; "
         "widths: a width per principal direction (uniform, MSE- or Fisher-allocated by kvlight.bit_allocation from "
         "the sensitivity of the same windows) at a budget of fp16 bytes at 512 tokens, 4 sinks and the recent window "
-        "included, PCA bases with static per-direction steps; + KL-distilled: KVSplice from that start trained through "
+        "included, PCA bases with static per-direction steps (Fisher-whitened basis: KVSplice heads at the closed form "
+        "weighted by each head's regularised Fisher, kvlight.analysis.whitening); + KL-distilled: KVSplice from that "
+        "start trained through "
         "the codes, bench/bitrows.py); keys pre-RoPE. Projection weights and static steps (fp16, per model, not per "
         "token) in the last column.",
         "",

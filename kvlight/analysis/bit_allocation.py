@@ -9,7 +9,10 @@ adds ``w_i * D_i(b_i)`` to the predicted loss, with ``D_i(b)`` its measured quan
 - ``fisher-joint``: the cost is ``J_i(b) / 2`` itself, each row's error weighted by its own squared gradient
   (:mod:`kvlight.analysis.distortion`), the same estimate without assuming errors and gradients independent;
 - ``mse``: ``w_i = 1``, plain reconstruction error (a baseline: it ignores that layers differ in scale and use);
-- ``query``: keys by the energy the queries put on the direction, values by the output projection's.
+- ``query``: keys by the energy the queries put on the direction, values by the output projection's;
+- ``fisher-white``: not the principal basis but one in which each head's Fisher is (nearly) white
+  (:mod:`kvlight.analysis.whitening`), its coordinates priced like ``fisher``'s; served by KVSplice heads fitted with
+  that Fisher as their weight (:func:`kvlight.analysis.whitening.fisher_weights`).
 
 :func:`allocate_bits` minimises the summed cost subject to the budget: every direction's (bits, cost) points are
 reduced to their lower convex hull and hull steps are taken across all directions in order of cost saved per bit;
@@ -38,7 +41,10 @@ from kvlight.geometry import KVGeometry
 from kvlight.serving.widths import FIELD_SIZES, FIELDS, padded_bytes_per_token
 
 #: how directions are weighed (see the module docstring); "uniform" ignores the metrics.
-WEIGHTINGS = ("fisher", "fisher-joint", "mse", "query", "uniform")
+WEIGHTINGS = ("fisher", "fisher-joint", "fisher-white", "mse", "query", "uniform")
+#: weightings whose directions are not the principal ones: their widths index latents only KVSplice heads fitted
+#: with the same Fisher serve.
+WHITENED = ("fisher-white",)
 KINDS = ("k", "v")
 
 
@@ -78,12 +84,19 @@ class BitAllocation:
         return float(self.head_losses(metrics).sum())
 
     def head_losses(self, metrics: HeadMetrics) -> np.ndarray:
-        """``[L, H]`` predicted NLL increase of each head's K and V at these widths (Fisher estimate)."""
-        return sum(_costs(metrics, kind, "fisher", self.widths[kind]).sum(-1) for kind in KINDS)
+        """``[L, H]`` predicted NLL increase of each head's K and V at these widths (Fisher estimate, in the basis
+        the widths index)."""
+        basis = "fisher-white" if self.weighting in WHITENED else "fisher"
+        return sum(_costs(metrics, kind, basis, self.widths[kind]).sum(-1) for kind in KINDS)
 
     def to_config(self, algo: str = "pca", sink_tokens: int = 0, recent_window: int = 0) -> CompressionConfig:
         """A compression config listing ``bits_k`` / ``bits_v`` for every head (input for ``kvlight calibrate``)."""
         geometry = self.geometry
+        if self.weighting in WHITENED and algo != "kvsplice":
+            raise ConfigError(
+                f"{self.weighting} widths index a Fisher-whitened basis that only KVSplice heads serve (separate "
+                f"encoder and decoder), not {algo}: use --compressor kvsplice"
+            )
         config = CompressionConfig(
             target_memory_reduction=round(max(self.memory_reduction(), 0.0), 6),
             d_head=geometry.head_dim,
@@ -198,6 +211,13 @@ def _cost_table(metrics: HeadMetrics, kind: str, weighting: str) -> np.ndarray:
                 "metrics lack; measure them with kvlight analyze or use --bits-weighting fisher"
             )
         table = 0.5 * metrics.curves[f"jdist_{kind}"]
+    elif weighting in WHITENED:
+        if "wdist_k" not in metrics.curves:
+            raise ConfigError(
+                "--bits-weighting fisher-white needs the whitened distortions (wdist_k/wdist_v), which these metrics "
+                "lack; measure them with kvlight analyze (without --metrics-file) or use --bits-weighting fisher-joint"
+            )
+        table = 0.5 * metrics.curves[f"wfisher_{kind}"][..., None] * metrics.curves[f"wdist_{kind}"]
     else:
         table = direction_weights(metrics, weighting)[kind][..., None] * metrics.curves[f"dist_{kind}"]
     return table.reshape(-1, len(WIDTHS))

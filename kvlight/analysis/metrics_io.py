@@ -37,8 +37,17 @@ CURVES = ("eig_k", "eig_v", "fisher_k", "fisher_v", "loss_k", "loss_v")
 #: Optional per-direction arrays, in pairs (K and V): ``dist_*`` ``[D, len(WIDTHS)]`` the measured quantisation error
 #: of each direction at each width (kvlight.analysis.distortion; the bits allocator needs them), ``jdist_*`` (the same,
 #: weighted row by row by the squared loss gradient: the "fisher-joint" weighting) and ``qweight_*`` ``[D]`` the
-#: query / output-projection energy of each direction (the allocator's "query" weighting).
-OPTIONAL_CURVES = (("dist_k", "dist_v"), ("jdist_k", "jdist_v"), ("qweight_k", "qweight_v"))
+#: query / output-projection energy of each direction (the allocator's "query" weighting). The "fisher-white"
+#: weighting (kvlight.analysis.whitening) reads ``fgram_*`` ``[D, D]`` (each head's K/V Fisher matrix), ``wdist_*``
+#: ``[D, len(WIDTHS)]`` and ``wfisher_*`` ``[D]`` (distortion and Fisher of the whitened coordinates).
+OPTIONAL_CURVES = (
+    ("dist_k", "dist_v"),
+    ("jdist_k", "jdist_v"),
+    ("qweight_k", "qweight_v"),
+    ("fgram_k", "fgram_v"),
+    ("wdist_k", "wdist_v"),
+    ("wfisher_k", "wfisher_v"),
+)
 FORMAT = "kvlight-metrics/1"
 _UPSTREAM_KEY = re.compile(r"^fisher/layer(\d+)/head(\d+)/(\w+)$")
 
@@ -207,8 +216,9 @@ def metrics_from_rows(
         if present and len(present) != len(pair):
             raise MetricsError(f"{where} has {present[0]} but lacks {[n for n in pair if n not in present][0]}")
         for name in present:
-            if "dist" in name:
-                curves[name] = np.zeros((num_layers, num_heads, head_dim, len(WIDTHS)))
+            if "dist" in name or name.startswith("fgram"):
+                columns_of = head_dim if name.startswith("fgram") else len(WIDTHS)
+                curves[name] = np.zeros((num_layers, num_heads, head_dim, columns_of))
                 matrices.append(name)
             else:
                 curves[name] = np.zeros((num_layers, num_heads, head_dim))
@@ -227,10 +237,10 @@ def metrics_from_rows(
         for name in curve_names:
             curves[name][layer, head] = _curve(row.get(name), name, curves[name].shape[-1], label, where)
         for name in matrices:
-            value = row.get(name)
+            value, columns_of = row.get(name), curves[name].shape[-1]
             if not isinstance(value, list) or len(value) != head_dim:
-                raise MetricsError(f"{where}: {name} of {label} must be {head_dim} lists of {len(WIDTHS)} numbers")
-            curves[name][layer, head] = [_curve(line, name, len(WIDTHS), label, where) for line in value]
+                raise MetricsError(f"{where}: {name} of {label} must be {head_dim} lists of {columns_of} numbers")
+            curves[name][layer, head] = [_curve(line, name, columns_of, label, where) for line in value]
     absent = [(layer, head) for layer, head in _heads(geometry) if (layer, head) not in seen]
     if absent:
         layer, head = absent[0]

@@ -24,6 +24,10 @@ Two passes over the same windows ``[N, T]``:
    tokens have both large, atypical keys and large gradients). Positions below ``sink_tokens`` (kept
    exact by the cache) are left out of both sums.
 
+The pass also sums each head's Fisher matrix ``G = sum_t g_t g_t^T / n`` (``fgram_*``, original coordinates) and keeps
+an even sample of rows and gradients, on which the coordinates of the Fisher-whitened basis get their distortions
+and weights (``wdist_*``, ``wfisher_*``: :mod:`kvlight.analysis.whitening`).
+
 The same pass also returns the attention probabilities and accumulates the upstream design's attention Fisher
 ``F = mean_{b,i}(diag(p_i) - p_i p_i^T)`` over the first ``attention_tokens`` positions (causal
 attention makes that prefix exact). Query heads sharing a KV head (GQA) are averaged into it. Metrics:
@@ -45,6 +49,7 @@ from tqdm.auto import tqdm
 from kvlight.analysis.distortion import DistortionMeter, direction_energy
 from kvlight.analysis.metrics_io import HeadMetrics
 from kvlight.analysis.queries import QueryMoments, score_weights
+from kvlight.analysis.whitening import WHITEN_EPS, WhitenedSample
 from kvlight.compressors.statistics import RunningMoments
 from kvlight.compressors.weighting import output_weights
 from kvlight.errors import CaptureError, KVLightError
@@ -108,9 +113,16 @@ class AttentionFisher:
 class KVSensitivity:
     """Per-direction sums ``sum_t gamma_t^2`` and ``sum_t c_t^2 gamma_t^2`` for every layer, kind and head."""
 
-    def __init__(self, means: dict, bases: dict, sink_tokens: int, distortion: DistortionMeter | None = None) -> None:
+    def __init__(
+        self,
+        means: dict,
+        bases: dict,
+        sink_tokens: int,
+        distortion: DistortionMeter | None = None,
+        whitened: WhitenedSample | None = None,
+    ) -> None:
         self.means, self.bases, self.sink_tokens = means, bases, sink_tokens
-        self.distortion = distortion
+        self.distortion, self.whitened = distortion, whitened
         self.fisher = {key: torch.zeros_like(mean) for key, mean in means.items()}  # [H, D]
         self.joint = {key: torch.zeros_like(mean) for key, mean in means.items()}
 
@@ -118,12 +130,15 @@ class KVSensitivity:
         """``rows, grads [B, H, T, D]``: one layer's K (or V) and the loss gradient with respect to it."""
         mean, basis = self.means[(layer, kind)], self.bases[(layer, kind)]  # [H, D], [H, D, D]
         rows, grads = rows[:, :, self.sink_tokens :].double(), grads[:, :, self.sink_tokens :].double()
-        coords = torch.einsum("bhtd,hde->bhte", rows - mean[None, :, None], basis)
+        centred = rows - mean[None, :, None]
+        coords = torch.einsum("bhtd,hde->bhte", centred, basis)
         gamma = torch.einsum("bhtd,hde->bhte", grads, basis)
         self.fisher[(layer, kind)] += (gamma * gamma).sum(dim=(0, 2))
         self.joint[(layer, kind)] += (coords * coords * gamma * gamma).sum(dim=(0, 2))
         if self.distortion is not None:
             self.distortion.add((layer, kind), coords, gamma)
+        if self.whitened is not None:
+            self.whitened.add((layer, kind), centred, grads)
 
 
 def _batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -188,7 +203,7 @@ def measure_sensitivity(
         raise ValueError(f"need windows [N >= 1, T >= 2], got {tuple(windows.shape)}")
     queries = QueryMoments(geometry)  # captured where attention reads them: every served family has queries
     means, bases, variances = principal_statistics(model, geometry, windows, batch_size, progress, queries)
-    sensitivity = KVSensitivity(means, bases, sink_tokens, DistortionMeter(variances))
+    sensitivity = KVSensitivity(means, bases, sink_tokens, DistortionMeter(variances), WhitenedSample())
     attention = AttentionFisher(geometry.num_layers, geometry.num_kv_heads, min(attention_tokens, windows.shape[1]))
     generator = torch.Generator().manual_seed(seed)
     predicted = 0
@@ -217,6 +232,8 @@ def measure_sensitivity(
         curves[f"dist_{kind}"] = torch.stack([plain for plain, _ in tables]).numpy()
         # The joint curve is per predicted token like fisher_* (rows were subsampled evenly, so their mean stands in).
         curves[f"jdist_{kind}"] = torch.stack([joint for _, joint in tables]).numpy()
+    covariances = {key: torch.einsum("hdi,hi,hei->hde", bases[key], variances[key], bases[key]) for key in bases}
+    curves.update(sensitivity.whitened.curves(covariances, predicted, geometry.num_layers, WHITEN_EPS))
     if queries is not None:
         curves.update(_query_weights(model, geometry, queries, bases, windows.shape[1]))
     info = {
@@ -226,6 +243,7 @@ def measure_sensitivity(
         "attention_tokens": attention.tokens,
         "sink_tokens": sink_tokens,
         "seed": seed,
+        "whiten_eps": WHITEN_EPS,
         "loss_unit": "nats per predicted token (second-order, diagonal in each head's principal basis)",
         "cond": "eigmax / smallest eigenvalue orthogonal to the all-ones null direction, floored at 1e-12 eigmax",
     }

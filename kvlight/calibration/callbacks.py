@@ -21,8 +21,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from kvlight.analysis.bit_allocation import allocate_bits
+from kvlight.analysis.bit_allocation import WHITENED, allocate_bits
 from kvlight.analysis.sensitivity import measure_sensitivity
+from kvlight.analysis.whitening import fisher_weights
 from kvlight.calibration import checkpoints
 from kvlight.calibration.capture import CapturePlan, capture_to_shards, load_query_moments
 from kvlight.calibration.frozen import same_forward_count
@@ -105,6 +106,7 @@ class AllocateWidths(pl.Callback):
                 "kvlight analyze --strategy bits first and pass its compression config"
             )
         options, start, config, metrics = pl_module.compression_options, time.perf_counter(), None, None
+        weights = None
         if trainer.global_rank == 0:
             windows = _datamodule(trainer).all_calibration_windows()[: options.sensitivity_samples]
             if len(windows) == 0:
@@ -117,9 +119,12 @@ class AllocateWidths(pl.Callback):
             target = RECOMMENDED["target_memory_reduction"] if target is None else target
             allocation = allocate_bits(metrics, target, options.bits_weighting)
             sinks, recent = provisional.sink_tokens, provisional.recent_window
-            config = allocation.to_config(provisional.algo_default, sinks, recent).to_dict()
-        config = trainer.strategy.broadcast(config, src=0)
-        pl_module.install_allocation(config, metrics, time.perf_counter() - start)
+            whitened = options.bits_weighting in WHITENED  # served by KVSplice heads fitted with the Fisher
+            algo = "kvsplice" if whitened else provisional.algo_default
+            config = allocation.to_config(algo, sinks, recent).to_dict()
+            weights = fisher_weights(metrics) if whitened else None
+        config, weights = trainer.strategy.broadcast((config, weights), src=0)
+        pl_module.install_allocation(config, metrics, time.perf_counter() - start, weights)
 
 
 class CaptureKV(pl.Callback):

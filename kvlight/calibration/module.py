@@ -23,6 +23,7 @@ from kvlight.calibration.divergence import DivergedError, check_finite, first_ba
 from kvlight.calibration.frozen import shard
 from kvlight.calibration.objectives import (
     check_objectives,
+    check_whitened,
     key_weights,
     reconstruction_loss,
     resolve_config,
@@ -92,6 +93,7 @@ class KVCalibrationModule(pl.LightningModule):
         self.allocation_pending = self.compression_options.allocates
         self.allocation_metrics = None  # the sensitivity metrics an allocation used (kvlight.analysis.metrics_io)
         self.allocation_seconds = 0.0
+        check_whitened(self.compression_options, self.objective_options)
         self._install(resolve_config(self.compression_options, self.geometry))
         self._key_weights: torch.Tensor | None = None
         self._value_weights: torch.Tensor | None = None
@@ -118,13 +120,20 @@ class KVCalibrationModule(pl.LightningModule):
         self.compressor = KVCompressor(config, self.geometry, algo=algo, options=self.backend_options)
         check_objectives(self.compressor, self.objective_options)
 
-    def install_allocation(self, config: dict, metrics, seconds: float) -> None:
+    def install_allocation(self, config: dict, metrics, seconds: float, fisher_weights=None) -> None:
         """Install allocated widths (kvlight.calibration.callbacks.AllocateWidths); the checkpoint then describes
-        the allocated config alone, so ``validate --ckpt_path`` rebuilds it as it is."""
+        the allocated config alone, so ``validate --ckpt_path`` rebuilds it as it is.
+
+        ``fisher_weights``: ``(key, value)`` ``[L, H, D, D]`` regularised Fishers of a "fisher-white" allocation
+        (kvlight.analysis.whitening): the statistics pass fits the whitened basis with them and the reconstruction
+        epochs weigh errors by them. None keeps the weights already installed.
+        """
         self._install(CompressionConfig.from_dict(config).validate(*self._shape()))
         self.allocation_pending = False
         self.hparams["compression"]["target_memory_reduction"] = None
         self.allocation_metrics, self.allocation_seconds = metrics, seconds
+        if fisher_weights is not None:
+            self._key_weights, self._value_weights = fisher_weights
 
     def configure_callbacks(self):
         # Stateless, so the ones a fit attached serve a later validate on the same Trainer (returned again, Lightning

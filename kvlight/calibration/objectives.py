@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kvlight.analysis.bit_allocation import check_bits_target, uniform_bits
+from kvlight.analysis.bit_allocation import WHITENED, check_bits_target, uniform_bits
 from kvlight.analysis.queries import score_weights
 from kvlight.calibration.options import CompressionOptions, ObjectiveOptions
 from kvlight.compressors.registry import backend
@@ -86,6 +86,23 @@ def check_objectives(compressor, objective: ObjectiveOptions) -> None:
             )
     if objective.objective == "kl" and not compressor.trainable:
         raise ConfigError("objective kl trains KVSplice heads and this config has none: use --compressor kvsplice")
+
+
+def check_whitened(compression: CompressionOptions, objective: ObjectiveOptions) -> None:
+    """A "fisher-white" allocation is served by KVSplice heads fitted and trained with the Fisher as their weight:
+    refuse another backend, or key/value objectives that would replace that weight."""
+    if not (compression.allocates and compression.bits_weighting in WHITENED):
+        return
+    if compression.compressor not in (None, "kvsplice"):
+        raise ConfigError(
+            f"bits_weighting {compression.bits_weighting} widths index a Fisher-whitened basis that only KVSplice "
+            f"heads serve, not {compression.compressor}: use --compressor kvsplice (or leave it out)"
+        )
+    if objective.key_objective != "mse" or objective.value_objective != "mse":
+        raise ConfigError(
+            f"bits_weighting {compression.bits_weighting} weighs key and value errors by the model's Fisher; it does "
+            "not combine with --key-objective query or --value-objective output (leave them at mse)"
+        )
 
 
 def key_weights(query_moments: dict, model: torch.nn.Module, window: int, reduce=None) -> torch.Tensor:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvlight.analysis.bit_allocation import allocate_bits, check_bits_target
+from kvlight.analysis.bit_allocation import WHITENED, allocate_bits, check_bits_target
 from kvlight.analysis.metrics_io import (
     HeadMetrics,
     fetch_wandb_metrics,
@@ -282,6 +282,12 @@ def run_analyze(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> _Plan:
     """Flag combinations, target, rank step and budget feasibility: everything checkable from the model config."""
     geometry = geometry_of(args.model)
+    if args.strategy == "bits" and args.bits_weighting in WHITENED:
+        raise ConfigError(
+            f"--bits-weighting {args.bits_weighting} widths index a basis fitted from the Fisher matrices of the "
+            f"sensitivity pass, which a compression config cannot carry: run kvlight calibrate --bits-weighting "
+            f"{args.bits_weighting} (it measures, allocates and fits in one command)"
+        )
     if args.strategy == "bits":
         target = check_bits_target(args.target_memory_reduction, geometry)
         args.generate_compression_config = True  # the widths exist only to be written into a config

@@ -183,7 +183,8 @@ class KVCompressor(nn.Module):
                             f"need KVSplice heads or another backend with separate encoder and decoder (layer {layer}, "
                             f"head {head} is {projection.algo}): use --compressor kvsplice"
                         )
-                    projection.init_from_statistics(mean[head], covariance[head], score_weight=weights[layer, head])
+                    weight = weights[layer, head].to(covariance.device)  # weights are built on the CPU
+                    projection.init_from_statistics(mean[head], covariance[head], score_weight=weight)
                 else:
                     projection.init_from_statistics(mean[head], covariance[head])
         self._moments = None
