@@ -7,9 +7,9 @@ transform that minimises ``E[e^T W e]`` at any rank is the closed form of :func:
 weighted_projection` with ``W`` the Fisher: whiten with ``S = W^(1/2)``, take the principal directions ``V`` of
 ``S C S`` (``C`` the row covariance), encode ``z = V^T S (x - mean)`` and decode ``x_hat = S^-1 V z + mean``.
 
-``W = G + eps * tr(G) / D * I`` (:data:`WHITEN_EPS` ``= 0.3``, scaled to trace ``D``): the Fisher is estimated from one sampled label
-per token, so its small eigenvalues are noise, and the ridge keeps the decoder ``S^-1`` from amplifying coding
-error along them. Measured on the embedded default (8 x 512-token windows, the protocol of
+``W = G + eps * tr(G) / D * I`` (:data:`WHITEN_EPS` ``= 0.3``, scaled to trace ``D``): the Fisher is estimated
+from one sampled label per token, so its small eigenvalues are noise, and the ridge keeps the decoder ``S^-1`` from
+amplifying coding error along them. Measured on the embedded default (8 x 512-token windows, the protocol of
 ``shared/anchors/bitalloc.py``, widths allocated by the Fisher of each basis): ppl +1.28 / +18.98 / +112.6 % at
 4 / 2 / 1 bits per element in the PCA basis, +1.23 / +13.54 / +81.4 % in this one with ``eps = 0.3`` (``eps =
 1e-3``: +2.00 / +14.89 / +84.3 %; ``3e-2``: +1.85 / +15.42 / +83.2 %); most of the gain comes from the keys.
