@@ -201,6 +201,8 @@ def run(
     distilled_rows: list[tuple] = DISTILLED_ROWS,
     dtype: torch.dtype | None = None,
     width_rows: list | None = None,
+    width_distill_steps: int = bitrows.DISTILL_STEPS,
+    width_distill_windows: int = bitrows.CALIBRATION_WINDOWS,
 ) -> dict:
     """The rows of ``families`` (see :data:`FAMILIES`; ``kvlight_rows`` are the PCA ones) at every length."""
     from transformers.cache_utils import QuantizedCache
@@ -211,7 +213,17 @@ def run(
     longest = max(length * eval_windows[length] for length in lengths)
     # After every evaluation text, and never before the default run's (4 x 2048 tokens), so that a run over fewer
     # lengths calibrates on the same windows (and reuses the compressors cached on disk).
-    calibration = offline_windows(tokenizer, 512, skip=max(16, -(-longest // 512)), count=16)
+    skip = max(16, -(-longest // 512))
+    calibration = offline_windows(tokenizer, 512, skip=skip, count=bitrows.CALIBRATION_WINDOWS)
+    # Widths rows distilled on more windows: the calibration windows and the ones after them (still after the text).
+    distill_windows = None
+    if width_distill_windows != bitrows.CALIBRATION_WINDOWS:
+        distill_windows = offline_windows(tokenizer, 512, skip=skip, count=width_distill_windows)
+        if distill_windows.shape[0] < width_distill_windows:
+            raise SystemExit(
+                f"--width-distill-windows {width_distill_windows}: the corpus holds only {distill_windows.shape[0]} "
+                "windows of 512 after the evaluation text; ask for fewer"
+            )
     queries = QueryMoments(geometry)
     rows = captured_rows(model, geometry, calibration, queries=queries)
     tracker = PositionTracker(model)
@@ -271,7 +283,9 @@ def run(
     if selected:
         metrics = bitrows.sensitivity(model, geometry, calibration)
         for row in selected:
-            compressor = bitrows.compressor_for(row, model, geometry, calibration, rows, metrics, tracker)
+            compressor = bitrows.compressor_for(
+                row, model, geometry, calibration, rows, metrics, tracker, width_distill_steps, distill_windows
+            )
             compressors[("widths", None, row)] = (compressor, None)
     for length in lengths:
         windows = offline_windows(tokenizer, length, skip=0, count=eval_windows[length])
@@ -326,7 +340,11 @@ def run(
         for (family, fitted_for, spec), (compressor, config) in compressors.items():
             if fitted_for not in (None, length):
                 continue  # weighted for another context length
-            method, setting = spec.label() if family == "widths" else label(family, spec, config, distill_steps)
+            method, setting = (
+                spec.label(width_distill_steps, width_distill_windows)
+                if family == "widths"
+                else label(family, spec, config, distill_steps)
+            )
             weights = sum(t.numel() for t in compressor.state_dict().values()) * 2  # fp16
             record(
                 method,
@@ -519,7 +537,20 @@ def main() -> None:
         metavar="K,V,BITS,SINKS,RECENT",
         help="the distilled rows to fit, e.g. 40,64,4,4,8 (default: all of DISTILLED_ROWS)",
     )
-    parser.add_argument("--distill-steps", type=int, default=DISTILL_STEPS, help="KL steps of the distilled rows")
+    parser.add_argument("--distill-steps", type=int, default=DISTILL_STEPS, help="KL steps of the distilled rank rows")
+    parser.add_argument(
+        "--width-distill-steps",
+        type=int,
+        default=bitrows.DISTILL_STEPS,
+        help=f"KL steps of the distilled widths rows (default {bitrows.DISTILL_STEPS}; a new count is a new row)",
+    )
+    parser.add_argument(
+        "--width-distill-windows",
+        type=int,
+        default=bitrows.CALIBRATION_WINDOWS,
+        help=f"windows of 512 the widths rows are distilled on (default the {bitrows.CALIBRATION_WINDOWS} "
+        "calibration windows; more: those and the ones after them)",
+    )
     parser.add_argument("--rewrite", action="store_true", help="only rewrite frontier.md/png from frontier.json")
     parser.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="model dtype (auto: bf16 where native)"
@@ -542,6 +573,10 @@ def main() -> None:
         write(json.loads((RESULTS / f"{TARGET['name']}.json").read_text()))
         return
     known = [row_id(row) for row in bitrows.all_rows()]
+    if args.width_distill_steps < 1:
+        parser.error(f"--width-distill-steps must be at least 1, got {args.width_distill_steps}")
+    if args.width_distill_windows < 1:
+        parser.error(f"--width-distill-windows must be at least 1, got {args.width_distill_windows}")
     unknown = [name for name in args.width_rows or () if name not in known]
     if unknown:  # a row id that names no row would run nothing and say nothing
         parser.error(f"unknown --width-rows {' '.join(unknown)}; the rows are: {' '.join(known)}")
@@ -572,6 +607,8 @@ def main() -> None:
         distilled_rows=distilled,
         dtype=resolve_dtype(args.dtype),
         width_rows=args.width_rows,
+        width_distill_steps=args.width_distill_steps,
+        width_distill_windows=args.width_distill_windows,
     )
     with results_lock(previous):  # a second run finishing meanwhile must not lose its rows, nor this one
         if args.merge and previous.exists():
