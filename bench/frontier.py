@@ -220,10 +220,12 @@ def run(
     if width_distill_windows != bitrows.CALIBRATION_WINDOWS:
         distill_windows = offline_windows(tokenizer, 512, skip=skip, count=width_distill_windows)
         if distill_windows.shape[0] < width_distill_windows:
-            raise SystemExit(
-                f"--width-distill-windows {width_distill_windows}: the corpus holds only {distill_windows.shape[0]} "
-                "windows of 512 after the evaluation text; ask for fewer"
+            print(
+                f"frontier.py: error: --width-distill-windows {width_distill_windows}: the corpus holds only "
+                f"{distill_windows.shape[0]} windows of 512 after the evaluation text; ask for fewer",
+                file=sys.stderr,
             )
+            raise SystemExit(2)  # bad input, as argparse exits
     queries = QueryMoments(geometry)
     rows = captured_rows(model, geometry, calibration, queries=queries)
     tracker = PositionTracker(model)

@@ -185,6 +185,13 @@ def run(args) -> dict:
         distill_windows = None  # as bench/frontier.py --width-distill-windows picks them
         if args.distill_windows != bitrows.CALIBRATION_WINDOWS:
             distill_windows = offline_windows(tokenizer, 512, skip=16, count=args.distill_windows)
+            if distill_windows.shape[0] < args.distill_windows:
+                print(
+                    f"retrieval.py: error: --distill-windows {args.distill_windows}: the corpus holds only "
+                    f"{distill_windows.shape[0]} windows of 512 after the frontier's evaluation text; ask for fewer",
+                    file=sys.stderr,
+                )
+                raise SystemExit(2)  # bad input, as argparse exits
         rows = captured_rows(model, geometry, calibration)
         metrics = bitrows.sensitivity(model, geometry, calibration)
         for row in selected:
