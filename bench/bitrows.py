@@ -14,15 +14,18 @@ determines them, and loaded back by the next benchmark.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from bench.common import offline_windows
 from kvlight.analysis.bit_allocation import WHITENED, allocate_bits, fp16_bytes_per_token
 from kvlight.analysis.metrics_io import metrics_to_json, read_metrics_file
 from kvlight.analysis.sensitivity import measure_sensitivity
@@ -131,6 +134,52 @@ def sensitivity(model, geometry, calibration: torch.Tensor):
     print(f"sensitivity analysis {time.perf_counter() - start:.0f}s", flush=True)
     path.write_text(metrics_to_json(metrics))
     return metrics
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a step or window count: bad values exit 2 with argparse's one-line error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_distill_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """``--{prefix}distill-steps`` and ``--{prefix}distill-windows``: how long the distilled widths rows train, on
+    how many windows of 512 (a new pair is a new row, from its own disk-cache entry)."""
+    parser.add_argument(
+        f"--{prefix}distill-steps",
+        type=positive_int,
+        default=DISTILL_STEPS,
+        help=f"KL steps of the distilled widths rows (default {DISTILL_STEPS})",
+    )
+    parser.add_argument(
+        f"--{prefix}distill-windows",
+        type=positive_int,
+        default=CALIBRATION_WINDOWS,
+        help=f"windows of 512 the distilled widths rows train on (default the {CALIBRATION_WINDOWS} calibration "
+        "windows; more: those and the ones after them)",
+    )
+
+
+def distillation_windows(tokenizer, skip: int, count: int, option: str) -> torch.Tensor | None:
+    """The ``count`` windows of 512 after ``skip`` (the calibration windows first) that widths rows distil on, or None
+    for the calibration windows themselves (the default, which keeps the rows' cache keys). A corpus too short exits 2
+    with one line naming ``option``, before anything is fitted or written."""
+    if count == CALIBRATION_WINDOWS:
+        return None
+    windows = offline_windows(tokenizer, 512, skip=skip, count=count)
+    if windows.shape[0] < count:
+        print(
+            f"error: {option} {count}: the corpus holds only {windows.shape[0]} windows of 512 after the evaluation "
+            "text; ask for fewer",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)  # bad input, as argparse exits
+    return windows
 
 
 def compressor_for(

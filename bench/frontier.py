@@ -216,16 +216,7 @@ def run(
     skip = max(16, -(-longest // 512))
     calibration = offline_windows(tokenizer, 512, skip=skip, count=bitrows.CALIBRATION_WINDOWS)
     # Widths rows distilled on more windows: the calibration windows and the ones after them (still after the text).
-    distill_windows = None
-    if width_distill_windows != bitrows.CALIBRATION_WINDOWS:
-        distill_windows = offline_windows(tokenizer, 512, skip=skip, count=width_distill_windows)
-        if distill_windows.shape[0] < width_distill_windows:
-            print(
-                f"frontier.py: error: --width-distill-windows {width_distill_windows}: the corpus holds only "
-                f"{distill_windows.shape[0]} windows of 512 after the evaluation text; ask for fewer",
-                file=sys.stderr,
-            )
-            raise SystemExit(2)  # bad input, as argparse exits
+    distill_windows = bitrows.distillation_windows(tokenizer, skip, width_distill_windows, "--width-distill-windows")
     queries = QueryMoments(geometry)
     rows = captured_rows(model, geometry, calibration, queries=queries)
     tracker = PositionTracker(model)
@@ -540,19 +531,7 @@ def main() -> None:
         help="the distilled rows to fit, e.g. 40,64,4,4,8 (default: all of DISTILLED_ROWS)",
     )
     parser.add_argument("--distill-steps", type=int, default=DISTILL_STEPS, help="KL steps of the distilled rank rows")
-    parser.add_argument(
-        "--width-distill-steps",
-        type=int,
-        default=bitrows.DISTILL_STEPS,
-        help=f"KL steps of the distilled widths rows (default {bitrows.DISTILL_STEPS}; a new count is a new row)",
-    )
-    parser.add_argument(
-        "--width-distill-windows",
-        type=int,
-        default=bitrows.CALIBRATION_WINDOWS,
-        help=f"windows of 512 the widths rows are distilled on (default the {bitrows.CALIBRATION_WINDOWS} "
-        "calibration windows; more: those and the ones after them)",
-    )
+    bitrows.add_distill_options(parser, prefix="width-")
     parser.add_argument("--rewrite", action="store_true", help="only rewrite frontier.md/png from frontier.json")
     parser.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="model dtype (auto: bf16 where native)"
@@ -575,10 +554,6 @@ def main() -> None:
         write(json.loads((RESULTS / f"{TARGET['name']}.json").read_text()))
         return
     known = [row_id(row) for row in bitrows.all_rows()]
-    if args.width_distill_steps < 1:
-        parser.error(f"--width-distill-steps must be at least 1, got {args.width_distill_steps}")
-    if args.width_distill_windows < 1:
-        parser.error(f"--width-distill-windows must be at least 1, got {args.width_distill_windows}")
     unknown = [name for name in args.width_rows or () if name not in known]
     if unknown:  # a row id that names no row would run nothing and say nothing
         parser.error(f"unknown --width-rows {' '.join(unknown)}; the rows are: {' '.join(known)}")

@@ -182,16 +182,7 @@ def run(args) -> dict:
     if selected:
         # The frontier's calibration: 16 windows of 512 after its longest evaluation text (4 x 2048 tokens).
         calibration = offline_windows(tokenizer, 512, skip=16, count=bitrows.CALIBRATION_WINDOWS)
-        distill_windows = None  # as bench/frontier.py --width-distill-windows picks them
-        if args.distill_windows != bitrows.CALIBRATION_WINDOWS:
-            distill_windows = offline_windows(tokenizer, 512, skip=16, count=args.distill_windows)
-            if distill_windows.shape[0] < args.distill_windows:
-                print(
-                    f"retrieval.py: error: --distill-windows {args.distill_windows}: the corpus holds only "
-                    f"{distill_windows.shape[0]} windows of 512 after the frontier's evaluation text; ask for fewer",
-                    file=sys.stderr,
-                )
-                raise SystemExit(2)  # bad input, as argparse exits
+        distill_windows = bitrows.distillation_windows(tokenizer, 16, args.distill_windows, "--distill-windows")
         rows = captured_rows(model, geometry, calibration)
         metrics = bitrows.sensitivity(model, geometry, calibration)
         for row in selected:
@@ -280,18 +271,7 @@ def main() -> None:
         choices=[f"{b}-{n}" for b, n in QUANT_ROWS],
         help="HF QuantizedCache rows",
     )
-    parser.add_argument(
-        "--distill-steps",
-        type=int,
-        default=bitrows.DISTILL_STEPS,
-        help=f"KL steps of the distilled rows (default {bitrows.DISTILL_STEPS}, as bench/frontier.py distils them)",
-    )
-    parser.add_argument(
-        "--distill-windows",
-        type=int,
-        default=bitrows.CALIBRATION_WINDOWS,
-        help="windows of 512 the distilled rows are distilled on (as bench/frontier.py --width-distill-windows)",
-    )
+    bitrows.add_distill_options(parser)
     parser.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip DynamicCache and HF rows")
     parser.add_argument("--merge", action="store_true", help="keep the rows of retrieval.json not measured again")
     parser.add_argument("--rewrite", action="store_true", help="only rewrite retrieval.md from retrieval.json")
@@ -299,10 +279,6 @@ def main() -> None:
     if args.rewrite:
         write(json.loads((RESULTS / "retrieval.json").read_text()))
         return
-    if args.distill_steps < 1:
-        parser.error(f"--distill-steps must be at least 1, got {args.distill_steps}")
-    if args.distill_windows < 1:
-        parser.error(f"--distill-windows must be at least 1, got {args.distill_windows}")
     known = [row_id(row) for row in bitrows.all_rows()]
     unknown = [name for name in args.rows or () if name not in known]
     if unknown:  # a row id that names no row would run nothing and say nothing
