@@ -65,8 +65,8 @@ def simulate(
     codec = compressor.codec(layer, kind)
     tail = x[:, :, sink_tokens:].float()
     z = codec.encode(tail)  # [B, T', R]
-    if isinstance(quantizer, DirectionQuantizer):  # static mixed-width codes; dropped directions get no gradient
-        z = quantizer.fake_quantize(z)
+    if isinstance(quantizer, DirectionQuantizer):  # static mixed-width codes, their steps learned with the codec
+        z = quantizer.fake_quantize(z, *codec.quantizer_steps())
     elif quantizer is not None:
         rounded = quantizer.dequantize(quantizer.quantize(z.detach()), torch.float32)
         z = z + (rounded - z).detach()
@@ -118,6 +118,28 @@ def distillation_loss(
     return token_kl(teacher_logits, student_logits)
 
 
+#: learning-rate multiple of the learned step corrections (``code_log_gain``, ``code_shift``). Why: Adam moves every
+#: parameter by about ``lr`` per step; the projections' entries are ~0.1, but a log-gain must move by ~0.1-0.5 to
+#: matter, which 3e-4 per step would take thousands of steps to do.
+STEP_LR_SCALE = 30.0
+STEP_CORRECTIONS = ("code_log_gain", "code_shift")
+
+
+def compressor_optimizer(compressor: nn.Module, lr: float) -> torch.optim.Adam | None:
+    """Adam over the compressor's trainable parameters: the projections at ``lr``, the learned step corrections at
+    ``lr * STEP_LR_SCALE``; None when nothing is trainable."""
+    groups: dict[bool, list[nn.Parameter]] = {False: [], True: []}
+    for name, parameter in compressor.named_parameters():
+        if parameter.requires_grad:
+            groups[name.rsplit(".", 1)[-1] in STEP_CORRECTIONS].append(parameter)
+    if not groups[False] and not groups[True]:
+        return None
+    params = [{"params": groups[False], "lr": lr}]
+    if groups[True]:
+        params.append({"params": groups[True], "lr": lr * STEP_LR_SCALE})
+    return torch.optim.Adam(params, lr=lr)
+
+
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, steps: int, warmup: float = 0.1
 ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -152,10 +174,9 @@ def distill(
     The plain-PyTorch loop behind ``objective="kl"`` (the LightningModule runs the same step and schedule), for
     scripts and benchmarks. The compressor must have trainable heads (KVSplice).
     """
-    params = [p for p in compressor.parameters() if p.requires_grad]
-    if not params:
+    optimizer = compressor_optimizer(compressor, lr)
+    if optimizer is None:
         raise ValueError("the compressor has nothing to train: distillation needs KVSplice heads")
-    optimizer = torch.optim.Adam(params, lr=lr)
     scheduler = warmup_cosine(optimizer, steps)
     quantizers = latent_quantizers(compressor, next(model.parameters()).dtype)
     device = next(model.parameters()).device

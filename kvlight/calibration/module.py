@@ -18,7 +18,7 @@ import torch
 from torchmetrics import SumMetric
 
 from kvlight.calibration.callbacks import AllocateWidths, Capture, CaptureKV, SafeCheckpoints
-from kvlight.calibration.distill import distillation_loss, latent_quantizers, warmup_cosine
+from kvlight.calibration.distill import compressor_optimizer, distillation_loss, latent_quantizers, warmup_cosine
 from kvlight.calibration.divergence import DivergedError, check_finite, first_bad_head
 from kvlight.calibration.frozen import shard
 from kvlight.calibration.objectives import (
@@ -231,11 +231,11 @@ class KVCalibrationModule(pl.LightningModule):
             )
 
     def configure_optimizers(self):
-        params = [p for p in self.compressor.parameters() if p.requires_grad]
-        if not params:  # PCA only: a dummy optimizer keeps Lightning's manual loop happy
+        optimizer = compressor_optimizer(self.compressor, self.objective_options.lr)
+        if optimizer is None:  # PCA only: a dummy optimizer keeps Lightning's manual loop happy
             anchor = getattr(self, "_ddp_anchor", None)
             params = [anchor if anchor is not None else torch.nn.Parameter(torch.zeros(1, device=self.device))]
-        optimizer = torch.optim.Adam(params, lr=self.objective_options.lr)
+            optimizer = torch.optim.Adam(params, lr=self.objective_options.lr)
         if self.objective_options.objective != "kl":
             return optimizer
         # Distillation warms up and decays over the fit's steps (trainer.max_steps; `kvlight calibrate` sets it).

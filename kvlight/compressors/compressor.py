@@ -291,7 +291,8 @@ class KVCompressor(nn.Module):
                 x = rows[:, layer].unsqueeze(2).transpose(0, 2)  # [1, H, N, D]: the cache layout, N as time
                 codec = self.codec(layer, kind)
                 if (layer, kind) in quantizers:  # static codes: train through the rounding (straight-through)
-                    error = codec.decode(quantizers[(layer, kind)].fake_quantize(codec.encode(x.float()))) - x
+                    fake = quantizers[(layer, kind)].fake_quantize(codec.encode(x.float()), *codec.quantizer_steps())
+                    error = codec.decode(fake) - x
                 else:
                     error = codec.reconstruct(x) - x
                 weights = key_weights if kind == "k" else value_weights

@@ -44,6 +44,8 @@ class KVSpliceOptions:
 class KVSpliceProjection(HeadProjection):
     """Learned ``compress [r, D]`` and ``expand [D, r]`` with an optional latent affine map."""
 
+    learns_steps = True  # the static steps of mixed-width codes train with the projections
+
     def __init__(self, head_dim: int, rank: int, latent_affine: bool = True, init: str = "pca") -> None:
         super().__init__(head_dim, rank)
         KVSpliceOptions(latent_affine, init)  # checks them

@@ -213,11 +213,22 @@ class DirectionQuantizer:
         out[..., self.exact_index] = packed.exact.float()
         return out.to(dtype)
 
-    def fake_quantize(self, z: torch.Tensor) -> torch.Tensor:
-        """``z [..., R]`` (float) -> the values :meth:`dequantize` would return, with a straight-through gradient for
-        coded and exact channels (rounding passes as the identity); dropped channels are constants (no gradient)."""
-        code = torch.minimum(torch.round((z.detach() - self.offset) / self._safe_step).clamp_min(0.0), self.levels)
-        coded = z + (self.offset + self._safe_step * code - z).detach()
+    def fake_quantize(
+        self, z: torch.Tensor, step: torch.Tensor | None = None, offset: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``z [..., R]`` (float) -> the values :meth:`dequantize` would return, differentiably.
+
+        Rounding passes the gradient as the identity (straight-through) and clipping stops it (a latent beyond the
+        grid moves nothing), exact channels pass it through, dropped channels are constants. ``step`` and
+        ``offset`` (``[R]``, e.g. a codec's :meth:`~kvlight.compressors.base.LayerCodec.quantizer_steps`) replace
+        the snapshot's and get the gradient of learned step sizes (LSQ): ``code - (z - offset) / step`` in the grid.
+        """
+        step = self._safe_step if step is None else torch.where(self._coded_mask, step, torch.ones_like(step))
+        offset = self.offset if offset is None else offset
+        scaled = (z - offset) / step
+        code = scaled + (torch.round(scaled) - scaled).detach()
+        code = code.clamp(torch.zeros_like(self.levels), self.levels)  # bounds inclusive: a code on them still learns
+        coded = offset + step * code
         exact = z + (z.detach().to(self.exact_dtype).to(z.dtype) - z.detach())
         constant = self._constant.to(z.dtype).expand_as(z)
         return torch.where(self._coded_mask, coded, torch.where(self._exact_mask, exact, constant))

@@ -2,7 +2,8 @@
 
 On the tiny models: the simulated cache is exact at full rank without quantization (zero KL), keeps sink
 positions exact, lets gradients through rounding (straight-through), the KL grows as the rank falls, training on
-it lowers it on held-out windows, and ``kvlight calibrate --objective kl`` does the same through Lightning.
+it lowers it on held-out windows, mixed-width codes learn their static steps (and serving reads the learned ones),
+and ``kvlight calibrate --objective kl`` does the same through Lightning.
 Output-weighted values: ``M_g`` is the output projection's view of a value error, and the closed form trades plain
 error for that error on held-out rows.
 """
@@ -11,12 +12,20 @@ import json
 
 import pytest
 import torch
-from helpers import HEAD_DIM
+from helpers import HEAD_DIM, mixed_widths
 
-from kvlight.calibration.distill import distill, distillation_loss, latent_quantizers, simulate, warmup_cosine
+from kvlight.calibration.distill import (
+    STEP_LR_SCALE,
+    compressor_optimizer,
+    distill,
+    distillation_loss,
+    latent_quantizers,
+    simulate,
+    warmup_cosine,
+)
 from kvlight.calibration.options import grouped
 from kvlight.compressors.base import principal_basis
-from kvlight.compressors.compressor import KVCompressor
+from kvlight.compressors.compressor import KVCompressor, load_compressor
 from kvlight.compressors.weighting import output_weight, weighted_projection
 from kvlight.config import CompressionConfig
 from kvlight.errors import ConfigError
@@ -118,6 +127,72 @@ def test_distillation_lowers_heldout_kl(arch, bits, tiny_models, tiny_rows, tiny
     assert after < 0.9 * before, (before, after)
     for name, p in model.named_parameters():  # the frozen model is untouched
         assert p.grad is None and torch.equal(p, frozen[name]), name
+
+
+def _widths_compressor(tiny_models, tiny_rows, arch: str) -> KVCompressor:
+    """A KVSplice compressor storing mixed-width codes (helpers.mixed_widths), steps calibrated on the rows."""
+    geometry = kv_geometry(tiny_models[arch])
+    config = CompressionConfig.uniform(geometry.num_layers, geometry.num_kv_heads, HEAD_DIM, rank=HEAD_DIM)
+    for (layer, head), entry in config.per_layer_head.items():
+        entry.pop("rank_k"), entry.pop("rank_v")
+        entry["bits_k"], entry["bits_v"] = mixed_widths(layer, head)
+    config = CompressionConfig.from_dict(config.to_dict())
+    compressor = KVCompressor(config, geometry, algo="kvsplice")
+    keys, values = tiny_rows[arch]["calib"]
+    compressor.fit_statistics([{"keys": keys, "values": values}])
+    return compressor
+
+
+def test_distillation_learns_the_static_steps_and_serving_uses_them(tiny_models, tiny_rows, tiny_windows, tmp_path):
+    """Mixed-width codes: the step corrections train with the projections (the KL falls), the quantizer the
+    cache builds reads the learned steps, save/load keeps them, and an artefact saved without them loads as zero
+    corrections (the calibrated steps)."""
+    model = tiny_models["llama"]
+    compressor = _widths_compressor(tiny_models, tiny_rows, "llama")
+    calibrated = {key: compressor.codec(*key).code_step.clone() for key in compressor.width_codecs()}
+    tracker = _tracker(model)
+    try:
+        losses = distill(model, compressor, tiny_windows["calib"], tracker, steps=30, lr=3e-3, batch_size=4)
+    finally:
+        tracker.close()
+    assert sum(losses[-4:]) < sum(losses[:4]), losses
+    gains = torch.cat([p.detach() for n, p in compressor.named_parameters() if n.endswith("code_log_gain")])
+    assert gains.abs().max() > 1e-3  # the steps moved
+    for key, step in calibrated.items():
+        codec = compressor.codec(*key)
+        learned_step, learned_offset = (t.detach() for t in codec.quantizer_steps())
+        snapshot = latent_quantizers(compressor)[key]  # what the cache and the fast path build
+        assert torch.equal(snapshot.step, learned_step) and torch.equal(snapshot.offset, learned_offset)
+        coded = (codec.widths > 0) & (codec.widths < 16)
+        assert not torch.equal(learned_step[coded], step[coded])
+    compressor.save_pretrained(tmp_path / "learned")
+    loaded = load_compressor(tmp_path / "learned")
+    for key in calibrated:
+        assert torch.equal(loaded.codec(*key).code_step, compressor.codec(*key).code_step)
+    state = {n: t for n, t in compressor.state_dict().items() if not n.endswith(("code_log_gain", "code_shift"))}
+    old = KVCompressor(compressor.config, compressor.geometry, algo="kvsplice")
+    old.load_state_dict(state)  # an artefact from before the corrections existed
+    for key in calibrated:  # the stored steps without corrections
+        assert torch.equal(old.codec(*key).code_step, torch.cat([p.code_step for p in compressor.codec(*key).heads]))
+    compressor.calibrate_steps([{"keys": tiny_rows["llama"]["calib"][0], "values": tiny_rows["llama"]["calib"][1]}])
+    gains = torch.cat([p.detach() for n, p in compressor.named_parameters() if n.endswith("code_log_gain")])
+    assert not gains.any()  # a step calibration starts the corrections again from zero
+
+
+def test_the_optimizer_gives_step_corrections_their_own_learning_rate(tiny_models, tiny_rows):
+    """Projections at lr, the learned step corrections at STEP_LR_SCALE x lr; nothing trainable: None."""
+    compressor = _widths_compressor(tiny_models, tiny_rows, "llama")
+    optimizer = compressor_optimizer(compressor, 1e-3)
+    names = {id(p): n.rsplit(".", 1)[-1] for n, p in compressor.named_parameters()}
+    (weights, steps) = optimizer.param_groups
+    assert weights["lr"] == 1e-3 and steps["lr"] == pytest.approx(1e-3 * STEP_LR_SCALE)
+    assert {names[id(p)] for p in steps["params"]} == {"code_log_gain", "code_shift"}
+    assert not {names[id(p)] for p in weights["params"]} & {"code_log_gain", "code_shift"}
+    assert len(weights["params"]) + len(steps["params"]) == len(list(compressor.parameters()))
+    geometry = kv_geometry(tiny_models["gpt2"])
+    config = CompressionConfig.uniform(geometry.num_layers, geometry.num_kv_heads, HEAD_DIM, rank=4, algo="pca")
+    pca = KVCompressor(config, geometry)
+    assert compressor_optimizer(pca, 1e-3) is None
 
 
 def test_distill_needs_trainable_heads(tiny_models, tiny_rows, tiny_windows):

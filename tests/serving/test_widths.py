@@ -1,8 +1,8 @@
 """Bits per principal direction (kvlight.widths): packed codes, static steps, and the cache that stores them.
 
 What must hold: every width packs and unpacks exactly; the bytes held are the bytes counted; the straight-through
-fake quantizer gives the stored values; widths of only 16 and 0 are PCA at that rank, bit for bit; 8 bits
-everywhere costs (almost) nothing; fitted steps beat the Gaussian rule on heavy-tailed latents; configs with
+fake quantizer gives the stored values (and learned steps their LSQ gradient); widths of only 16 and 0 are PCA at
+that rank, bit for bit; 8 bits everywhere costs (almost) nothing; fitted steps beat the Gaussian rule on heavy-tailed latents; configs with
 widths round-trip through JSON and save_pretrained, and bad widths are one-line errors naming the key.
 """
 
@@ -102,17 +102,43 @@ def test_the_per_head_operand_holds_each_heads_codes_in_order(splits, widths):
         start += rank
 
 
-def test_fake_quantize_gives_the_stored_values_and_passes_gradients_where_stored():
+def test_fake_quantize_gives_the_stored_values_and_passes_gradients_inside_the_grid():
     widths = [16, 8, 4, 3, 1, 0, 0]
     quantizer, center, sigma = quantizer_for(widths, exact_dtype=torch.bfloat16)
-    z = (center + sigma * torch.randn(3, 9, len(widths))).requires_grad_(True)
+    z = (center + 2 * sigma * torch.randn(3, 9, len(widths))).requires_grad_(True)  # wide: some codes clip
     fake = quantizer.fake_quantize(z)
     stored = quantizer.dequantize(quantizer.quantize(z.detach()), torch.float32)
     torch.testing.assert_close(fake.detach(), stored, rtol=0, atol=1e-6)
     fake.sum().backward()
-    stored_channels = torch.tensor([w > 0 for w in widths])
-    assert torch.equal(z.grad[..., stored_channels], torch.ones_like(z.grad[..., stored_channels]))
-    assert torch.equal(z.grad[..., ~stored_channels], torch.zeros_like(z.grad[..., ~stored_channels]))
+    widths_t = torch.tensor(widths)
+    scaled = (z.detach() - quantizer.offset) / quantizer._safe_step
+    inside = (scaled.round() >= 0) & (scaled.round() <= quantizer.levels)  # where rounding stays in the grid
+    coded = (widths_t > 0) & (widths_t < 16)
+    expected = torch.where(widths_t == 16, 1.0, torch.where(coded, inside.float(), 0.0))
+    assert (inside | ~coded).logical_not().any()  # the test clips something
+    assert torch.equal(z.grad, expected)
+
+
+def test_fake_quantize_gives_learned_steps_the_lsq_gradient():
+    """With live steps, d(z_hat)/d(step) is code - (z - offset) / step inside the grid and the code where it clips;
+    d(z_hat)/d(offset) is 0 inside and 1 where it clips."""
+    widths = [4, 2, 1, 16, 0]
+    quantizer, center, sigma = quantizer_for(widths)
+    step = quantizer.step.clone().requires_grad_(True)
+    offset = quantizer.offset.clone().requires_grad_(True)
+    z = center + 2 * sigma * torch.randn(50, len(widths))
+    fake = quantizer.fake_quantize(z, step, offset)
+    torch.testing.assert_close(fake, quantizer.fake_quantize(z), rtol=0, atol=1e-6)
+    fake.sum().backward()
+    scaled = (z - quantizer.offset) / quantizer._safe_step
+    code = scaled.round().clamp_min(0).minimum(quantizer.levels)
+    inside = (scaled.round() >= 0) & (scaled.round() <= quantizer.levels)
+    coded = torch.tensor([True, True, True, False, False])
+    expected_step = torch.where(inside, code - scaled, code).sum(0)
+    expected_offset = (~inside).float().sum(0)
+    torch.testing.assert_close(step.grad[coded], expected_step[coded], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(offset.grad[coded], expected_offset[coded])
+    assert not step.grad[~coded].any()
 
 
 def test_fitted_steps_beat_the_gaussian_rule_on_heavy_tailed_latents():
