@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 from torchmetrics import SumMetric
 
+from kvlight.analysis.bit_allocation import WHITENED
 from kvlight.calibration.callbacks import AllocateWidths, Capture, CaptureKV, SafeCheckpoints
 from kvlight.calibration.distill import compressor_optimizer, distillation_loss, latent_quantizers, warmup_cosine
 from kvlight.calibration.divergence import DivergedError, check_finite, first_bad_head
@@ -119,6 +120,14 @@ class KVCalibrationModule(pl.LightningModule):
         algo = self.compression_options.compressor
         self.compressor = KVCompressor(config, self.geometry, algo=algo, options=self.backend_options)
         check_objectives(self.compressor, self.objective_options)
+
+    @property
+    def trains(self) -> bool:
+        """Whether fit trains after the statistics pass: the compressor has trainable heads, or will have once a
+        pending allocation is installed (a ``fisher-white`` one installs KVSplice heads over a provisional PCA
+        config, so the provisional compressor alone would say no)."""
+        pending_white = self.allocation_pending and self.compression_options.bits_weighting in WHITENED
+        return self.compressor.trainable or pending_white
 
     def install_allocation(self, config: dict, metrics, seconds: float, fisher_weights=None) -> None:
         """Install allocated widths (kvlight.calibration.callbacks.AllocateWidths); the checkpoint then describes

@@ -124,7 +124,7 @@ def _calibrate(source, config, run: CalibrateRun, output: Path, outputs: OutputS
     data.setup("fit")
     with trainer_errors("--"):
         trainer = _trainer(vars(config.trainer), output)
-    epochs = 1 + (run.epochs if module.compressor.trainable else 0)
+    epochs = 1 + (run.epochs if module.trains else 0)
     trainer.fit_loop.max_epochs = epochs
     objective = module.objective_options
     if objective.objective == "kl":

@@ -164,6 +164,10 @@ def test_calibrate_fisher_white_fits_kvsplice_heads_in_the_whitened_basis(
     from kvlight.calibration.module import KVCalibrationModule
 
     module = KVCalibrationModule.load_from_checkpoint(output / "checkpoints" / "last.ckpt")
+    # ... and trained after the statistics epoch (the provisional config before the allocation is PCA, which once
+    # made calibrate stop after the statistics epoch).
+    checkpoint = torch.load(output / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["epoch"] >= 1 and checkpoint["global_step"] > 0, (checkpoint["epoch"], checkpoint["global_step"])
     head = module.compressor.codec(0, "k").heads[0]
     gram = head.expand.detach().double().T @ head.expand.detach().double()
     assert not torch.allclose(gram, torch.eye(gram.shape[0], dtype=torch.float64), atol=1e-3)
