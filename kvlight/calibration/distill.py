@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvlight.compressors.base import STEP_CORRECTIONS
 from kvlight.compressors.compressor import KVCompressor
 from kvlight.hf import cache_kwargs
 from kvlight.serving.capture_cache import CaptureCache
@@ -122,7 +123,6 @@ def distillation_loss(
 #: parameter by about ``lr`` per step; the projections' entries are ~0.1, but a log-gain must move by ~0.1-0.5 to
 #: matter, which 3e-4 per step would take thousands of steps to do.
 STEP_LR_SCALE = 30.0
-STEP_CORRECTIONS = ("code_log_gain", "code_shift")
 
 
 def compressor_optimizer(compressor: nn.Module, lr: float) -> torch.optim.Adam | None:

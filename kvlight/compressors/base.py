@@ -18,6 +18,9 @@ from torch import nn
 from kvlight.compressors.statistics import levels_of, step_offset
 from kvlight.compressors.widths import EXACT, check_widths
 
+#: the learned corrections of static steps a head that ``learns_steps`` holds (see HeadProjection.set_widths).
+STEP_CORRECTIONS = ("code_log_gain", "code_shift")
+
 
 class HeadProjection(nn.Module):
     """Compress one head's K or V rows to ``rank`` dims and expand them back.
@@ -63,19 +66,22 @@ class HeadProjection(nn.Module):
         if self.learns_steps:
             self.code_log_gain = nn.Parameter(torch.zeros(self.rank))
             self.code_shift = nn.Parameter(torch.zeros(self.rank))
+            # Derived from the widths once, not on every training forward: which channels are coded, and half
+            # their level count (a step's span around the centre is step * levels / 2).
+            widths_t = torch.tensor(self.widths)
+            self.register_buffer("_coded", (widths_t > 0) & (widths_t < EXACT), persistent=False)
+            self.register_buffer("_half_levels", levels_of(widths_t) / 2, persistent=False)
 
     def quantizer_steps(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(step, offset)`` ``[r]`` the static codes use: the calibrated ones with the learned corrections (see
         :meth:`set_widths`), differentiable with respect to those."""
         if not hasattr(self, "code_log_gain"):
             return self.code_step, self.code_offset
-        widths = torch.tensor(self.widths, device=self.code_step.device)
-        coded = (widths > 0) & (widths < EXACT)
         gain = torch.exp(self.code_log_gain)
-        half_span = self.code_step * levels_of(widths).to(self.code_step) / 2  # centre - offset
-        step = torch.where(coded, self.code_step * gain, self.code_step)
+        half_span = self.code_step * self._half_levels  # centre - offset
+        step = torch.where(self._coded, self.code_step * gain, self.code_step)
         offset = self.code_offset + half_span * (1 - gain) + self.code_shift * self.code_step
-        return step, torch.where(coded, offset, self.code_offset)
+        return step, torch.where(self._coded, offset, self.code_offset)
 
     def set_steps(self, step: torch.Tensor, offset: torch.Tensor) -> None:
         """Write calibrated static ``step`` / ``offset`` (``[r]``) and clear the learned corrections."""
@@ -88,7 +94,7 @@ class HeadProjection(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Artefacts saved before heads learned their steps hold no corrections: theirs are zero.
-        for name in ("code_log_gain", "code_shift"):
+        for name in STEP_CORRECTIONS:
             if hasattr(self, name) and prefix + name not in state_dict:
                 state_dict[prefix + name] = torch.zeros(self.rank)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
