@@ -45,6 +45,9 @@ RECENT = dict.fromkeys(BUDGETS, 0)
 #: distillation of the distilled rows: steps x windows of 512, peak learning rate (warm-up + cosine). 48 steps, not the
 #: rank rows' 96: on a 2-core AVX2 CPU in float32 a step takes ~17 s.
 DISTILL_STEPS, DISTILL_BATCH, DISTILL_LR = 48, 2, 3e-4
+#: tokens per distillation window by default; longer windows train with ``DISTILL_BATCH * 512 // length`` per step (at
+#: least 1), so a step sees about as many tokens whatever the length.
+DISTILL_LENGTH = 512
 #: the calibration windows of 512 every row is fitted (and by default distilled) on.
 CALIBRATION_WINDOWS = 16
 #: the distilled rows: every weighting at every budget (issue 11's grid, plus the joint-Fisher variant).
@@ -73,17 +76,49 @@ class BitRow:
     def recent(self) -> int:
         return RECENT[self.budget]
 
-    def label(self, steps: int = DISTILL_STEPS, windows: int = CALIBRATION_WINDOWS) -> tuple[str, str]:
-        """(method, setting) columns of the row (distilled ``steps`` steps on ``windows`` windows of 512)."""
+    def label(self, plan: Distillation | None = None) -> tuple[str, str]:
+        """(method, setting) columns of the row (distilled as ``plan`` says; None: the default plan)."""
         method = f"kvlight {NAMES[self.weighting]}" + (" + KL-distilled" if self.distilled else "")
         setting = f"budget {100 * self.budget:g} % at 512, sinks {SINKS}, recent {self.recent}"
         if self.distilled:
-            setting += f", {steps} steps x {DISTILL_BATCH} windows of 512"
-            if windows != CALIBRATION_WINDOWS:
-                setting += f" from {windows}"
-            # Since ROW_VERSION 4 the static steps train with the projections (rows without this ran with them fixed).
-            setting += ", steps learned"
+            setting += ", " + (plan or Distillation()).setting()
         return method, setting
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """How the distilled widths rows train: Adam ``steps`` over ``windows`` windows of ``length`` tokens at peak
+    learning rate ``lr`` (warm-up + cosine). Each step takes :attr:`batch` windows."""
+
+    steps: int = DISTILL_STEPS
+    windows: int = CALIBRATION_WINDOWS
+    length: int = DISTILL_LENGTH
+    lr: float = DISTILL_LR
+
+    @property
+    def batch(self) -> int:
+        """Windows per step: ``DISTILL_BATCH`` windows of 512's tokens, at least one."""
+        return max(1, DISTILL_BATCH * DISTILL_LENGTH // self.length)
+
+    @property
+    def own_windows(self) -> bool:
+        """Whether it trains on windows of its own, not the calibration windows."""
+        return self.windows != CALIBRATION_WINDOWS or self.length != DISTILL_LENGTH
+
+    def setting(self) -> str:
+        text = f"{self.steps} steps x {self.batch} windows of {self.length}"
+        if self.own_windows:
+            text += f" from {self.windows}"
+        if self.lr != DISTILL_LR:
+            text += f", lr {self.lr:g}"
+        # Since ROW_VERSION 4 the static steps train with the projections (rows without this ran with them fixed).
+        return text + ", steps learned"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, prefix: str = "") -> Distillation:
+        """The plan of the options :func:`add_distill_options` added with ``prefix``."""
+        name = prefix.replace("-", "_") + "distill_"
+        return cls(*(getattr(args, name + field) for field in ("steps", "windows", "length", "lr")))
 
 
 def all_rows(distilled: bool = True) -> list[BitRow]:
@@ -139,6 +174,17 @@ def sensitivity(model, geometry, calibration: torch.Tensor):
     return metrics
 
 
+def positive_float(text: str) -> float:
+    """argparse type of a learning rate: bad values exit 2 with argparse's one-line error."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type of a step or window count: bad values exit 2 with argparse's one-line error."""
     try:
@@ -151,8 +197,8 @@ def positive_int(text: str) -> int:
 
 
 def add_distill_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
-    """``--{prefix}distill-steps`` and ``--{prefix}distill-windows``: how long the distilled widths rows train, on
-    how many windows of 512 (a new pair is a new row, from its own disk-cache entry)."""
+    """``--{prefix}distill-steps``, ``-windows``, ``-length`` and ``-lr``: how the distilled widths rows train
+    (:class:`Distillation`; a new plan is a new row, from its own disk-cache entry)."""
     parser.add_argument(
         f"--{prefix}distill-steps",
         type=positive_int,
@@ -163,22 +209,38 @@ def add_distill_options(parser: argparse.ArgumentParser, prefix: str = "") -> No
         f"--{prefix}distill-windows",
         type=positive_int,
         default=CALIBRATION_WINDOWS,
-        help=f"windows of 512 the distilled widths rows train on (default the {CALIBRATION_WINDOWS} calibration "
+        help=f"windows the distilled widths rows train on (default the {CALIBRATION_WINDOWS} calibration "
         "windows; more: those and the ones after them)",
+    )
+    parser.add_argument(
+        f"--{prefix}distill-length",
+        type=positive_int,
+        default=DISTILL_LENGTH,
+        help=f"tokens per distillation window (default {DISTILL_LENGTH}; longer windows start where the calibration "
+        "text does and teach the codes to survive attention over longer contexts)",
+    )
+    parser.add_argument(
+        f"--{prefix}distill-lr",
+        type=positive_float,
+        default=DISTILL_LR,
+        help=f"peak learning rate of the distilled widths rows (default {DISTILL_LR:g})",
     )
 
 
-def distillation_windows(tokenizer, skip: int, count: int, option: str) -> torch.Tensor | None:
-    """The ``count`` windows of 512 after ``skip`` (the calibration windows first) that widths rows distil on, or None
-    for the calibration windows themselves (the default, which keeps the rows' cache keys). A corpus too short exits 2
-    with one line naming ``option``, before anything is fitted or written."""
-    if count == CALIBRATION_WINDOWS:
+def distillation_windows(tokenizer, skip: int, plan: Distillation, option: str) -> torch.Tensor | None:
+    """The ``plan.windows`` windows of ``plan.length`` tokens from the ``skip``-th window of 512 on (the calibration
+    text first) that widths rows distil on, or None for the calibration windows themselves (the default, which keeps
+    the rows' cache keys). A corpus too short exits 2 with one line naming ``option``, before anything is fitted or
+    written."""
+    if not plan.own_windows:
         return None
-    windows = offline_windows(tokenizer, 512, skip=skip, count=count)
+    # The evaluation text ends at token skip * 512; a longer window starts at the first of its length after it.
+    count, length = plan.windows, plan.length
+    windows = offline_windows(tokenizer, length, skip=-(-skip * DISTILL_LENGTH // length), count=count)
     if windows.shape[0] < count:
         print(
-            f"error: {option} {count}: the corpus holds only {windows.shape[0]} windows of 512 after the evaluation "
-            "text; ask for fewer",
+            f"error: {option} {count}: the corpus holds only {windows.shape[0]} windows of {length} after the "
+            "evaluation text; ask for fewer",
             file=sys.stderr,
         )
         raise SystemExit(2)  # bad input, as argparse exits
@@ -193,23 +255,24 @@ def compressor_for(
     rows,
     metrics,
     tracker,
-    steps: int = DISTILL_STEPS,
+    plan: Distillation | None = None,
     distill_windows: torch.Tensor | None = None,
 ) -> KVCompressor:
     """The fitted (and, for distilled rows, distilled) compressor of ``row``, from the disk cache when it is there.
 
-    Fitted on ``calibration``; distilled on ``distill_windows [N, 512]`` (None: the calibration windows). 144 steps on
+    Fitted on ``calibration``; distilled on ``distill_windows [N, T]`` (None: the calibration windows). 144 steps on
     the 16 calibration windows overfit them (fisher-white at 12.5 %: KL 0.053 -> 0.033 on them, perplexity +6.26 ->
     +6.17 %); the same steps on 64 windows gave +3.45 %: longer distillations need more windows (+2.33 % with the
     steps learned too, ROW_VERSION 4).
     """
+    plan = plan or Distillation()
     distill_on = calibration if distill_windows is None else distill_windows
     key = _key(
         row,
-        steps if row.distilled else 0,
+        plan.steps if row.distilled else 0,
         calibration.sum().item(),
         calibration.shape,
-        DISTILL_LR,
+        plan.lr,
         METRICS_VERSION,
         ROW_VERSION,
         str(next(model.parameters()).dtype),  # fitted and distilled through a model of this dtype
@@ -231,7 +294,7 @@ def compressor_for(
     compressor.fit_statistics([rows], *(fisher_weights(metrics) if whitened else ()))
     if row.distilled:
         start = time.perf_counter()
-        losses = distill(model, compressor, distill_on, tracker, steps, DISTILL_LR, DISTILL_BATCH)
+        losses = distill(model, compressor, distill_on, tracker, plan.steps, plan.lr, plan.batch)
         print(
             f"distilled {row} in {time.perf_counter() - start:.0f}s: KL {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True
         )

@@ -201,8 +201,7 @@ def run(
     distilled_rows: list[tuple] = DISTILLED_ROWS,
     dtype: torch.dtype | None = None,
     width_rows: list | None = None,
-    width_distill_steps: int = bitrows.DISTILL_STEPS,
-    width_distill_windows: int = bitrows.CALIBRATION_WINDOWS,
+    width_distill: bitrows.Distillation | None = None,
 ) -> dict:
     """The rows of ``families`` (see :data:`FAMILIES`; ``kvlight_rows`` are the PCA ones) at every length."""
     from transformers.cache_utils import QuantizedCache
@@ -216,7 +215,8 @@ def run(
     skip = max(16, -(-longest // 512))
     calibration = offline_windows(tokenizer, 512, skip=skip, count=bitrows.CALIBRATION_WINDOWS)
     # Widths rows distilled on more windows: the calibration windows and the ones after them (still after the text).
-    distill_windows = bitrows.distillation_windows(tokenizer, skip, width_distill_windows, "--width-distill-windows")
+    width_distill = width_distill or bitrows.Distillation()
+    distill_windows = bitrows.distillation_windows(tokenizer, skip, width_distill, "--width-distill-windows")
     queries = QueryMoments(geometry)
     rows = captured_rows(model, geometry, calibration, queries=queries)
     tracker = PositionTracker(model)
@@ -277,7 +277,7 @@ def run(
         metrics = bitrows.sensitivity(model, geometry, calibration)
         for row in selected:
             compressor = bitrows.compressor_for(
-                row, model, geometry, calibration, rows, metrics, tracker, width_distill_steps, distill_windows
+                row, model, geometry, calibration, rows, metrics, tracker, width_distill, distill_windows
             )
             compressors[("widths", None, row)] = (compressor, None)
     for length in lengths:
@@ -334,9 +334,7 @@ def run(
             if fitted_for not in (None, length):
                 continue  # weighted for another context length
             method, setting = (
-                spec.label(width_distill_steps, width_distill_windows)
-                if family == "widths"
-                else label(family, spec, config, distill_steps)
+                spec.label(width_distill) if family == "widths" else label(family, spec, config, distill_steps)
             )
             weights = sum(t.numel() for t in compressor.state_dict().values()) * 2  # fp16
             record(
@@ -584,8 +582,7 @@ def main() -> None:
         distilled_rows=distilled,
         dtype=resolve_dtype(args.dtype),
         width_rows=args.width_rows,
-        width_distill_steps=args.width_distill_steps,
-        width_distill_windows=args.width_distill_windows,
+        width_distill=bitrows.Distillation.from_args(args, prefix="width-"),
     )
     with results_lock(previous):  # a second run finishing meanwhile must not lose its rows, nor this one
         if args.merge and previous.exists():

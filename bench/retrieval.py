@@ -178,16 +178,17 @@ def run(args) -> dict:
     fast = LatentAttention(model)  # decode steps read the stored latents in place, as CompressedKVModelWrapper does
     tracker = PositionTracker(model)
     selected = [row for row in bitrows.all_rows() if args.rows is None or row_id(row) in args.rows]
+    plan = bitrows.Distillation.from_args(args)
     compressors = {}
     if selected:
         # The frontier's calibration: 16 windows of 512 after its longest evaluation text (4 x 2048 tokens).
         calibration = offline_windows(tokenizer, 512, skip=16, count=bitrows.CALIBRATION_WINDOWS)
-        distill_windows = bitrows.distillation_windows(tokenizer, 16, args.distill_windows, "--distill-windows")
+        distill_windows = bitrows.distillation_windows(tokenizer, 16, plan, "--distill-windows")
         rows = captured_rows(model, geometry, calibration)
         metrics = bitrows.sensitivity(model, geometry, calibration)
         for row in selected:
             compressors[row] = bitrows.compressor_for(
-                row, model, geometry, calibration, rows, metrics, tracker, args.distill_steps, distill_windows
+                row, model, geometry, calibration, rows, metrics, tracker, plan, distill_windows
             )
 
     def record(method: str, setting: str, make_cache) -> None:
@@ -213,7 +214,7 @@ def run(args) -> dict:
     for row, compressor in compressors.items():
         storage = torch.bfloat16 if dtype == torch.float32 else None  # exact tokens in 16 bits, as deployed
         record(
-            *row.label(args.distill_steps, args.distill_windows),
+            *row.label(plan),
             lambda c=compressor: CompressedCache(c, tracker, fast=fast, settings=CacheSettings(storage_dtype=storage)),
         )
     fast.close()
