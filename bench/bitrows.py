@@ -45,8 +45,8 @@ RECENT = dict.fromkeys(BUDGETS, 0)
 #: distillation of the distilled rows: steps x windows of 512, peak learning rate (warm-up + cosine). 48 steps, not the
 #: rank rows' 96: on a 2-core AVX2 CPU in float32 a step takes ~17 s.
 DISTILL_STEPS, DISTILL_BATCH, DISTILL_LR = 48, 2, 3e-4
-#: tokens per distillation window by default; longer windows train with ``DISTILL_BATCH * 512 // length`` per step (at
-#: least 1), so a step sees about as many tokens whatever the length.
+#: tokens per distillation window by default; longer windows train ``DISTILL_BATCH * 512 // length`` to a step, at
+#: least one (so from 1024 tokens on a step is one window, and a step of 2048 or 4096 holds 2 or 4 times the tokens).
 DISTILL_LENGTH = 512
 #: the calibration windows of 512 every row is fitted (and by default distilled) on.
 CALIBRATION_WINDOWS = 16
@@ -239,8 +239,8 @@ def distillation_windows(tokenizer, skip: int, plan: Distillation, option: str) 
     windows = offline_windows(tokenizer, length, skip=-(-skip * DISTILL_LENGTH // length), count=count)
     if windows.shape[0] < count:
         print(
-            f"error: {option} {count}: the corpus holds only {windows.shape[0]} windows of {length} after the "
-            "evaluation text; ask for fewer",
+            f"error: {option} {count}: the corpus holds only {windows.shape[0]} windows of {length} tokens after the "
+            "evaluation text; ask for fewer or shorter ones",
             file=sys.stderr,
         )
         raise SystemExit(2)  # bad input, as argparse exits
