@@ -496,9 +496,11 @@ def plot(results: dict) -> None:
         ax.set_xlabel("stored bytes, % of fp16 DynamicCache")
         ax.set_ylabel("perplexity change, % (symlog)")
         ax.set_yscale("symlog", linthresh=1)
-        ax.set_title(f"{results.get('model', 'SmolLM2-135M')}, {length}-token windows, chunks of 64")
+        ax.set_title(f"{length}-token windows, chunks of 64", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="upper right")
+    # The model names the figure once: a long name in every panel's title ran into the next panel's.
+    fig.suptitle(results.get("model", "SmolLM2-135M"), fontsize=11)
     fig.tight_layout()
     fig.savefig(RESULTS / f"{TARGET['name']}.png", dpi=110)
 
