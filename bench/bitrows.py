@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import offline_windows
+from bench.common import captured_rows, offline_windows
 from kvlight.analysis.bit_allocation import WHITENED, allocate_bits, fp16_bytes_per_token
 from kvlight.analysis.metrics_io import metrics_to_json, read_metrics_file
 from kvlight.analysis.sensitivity import measure_sensitivity
@@ -42,6 +42,8 @@ SINKS = 4
 #: Measured (Fisher widths, 512 tokens): at 25 % of fp16 bytes +2.25 / +1.69 / +1.58 / +1.50 % with 16 / 8 / 4 / 0
 #: recent tokens, at 12.5 % +39.3 / +29.7 / +25.4 / +21.6 %: the bits are worth more than the window at every budget.
 RECENT = dict.fromkeys(BUDGETS, 0)
+#: the RoPE blocks keys are coded relative to (kvlight.config's key_rope_block): 1 pre-RoPE, 16 scored in latent space.
+ROPE_BLOCKS = (1, 16)
 #: distillation of the distilled rows: steps x windows of 512, peak learning rate (warm-up + cosine). 48 steps, not the
 #: rank rows' 96: on a 2-core AVX2 CPU in float32 a step takes ~17 s.
 DISTILL_STEPS, DISTILL_BATCH, DISTILL_LR = 48, 2, 3e-4
@@ -71,6 +73,9 @@ class BitRow:
     budget: float
     weighting: str
     distilled: bool = False
+    #: the compressor's key_rope_block: 1 codes keys before RoPE; 16 relative to the RoPE of blocks of 16 tokens
+    #: (decode scores them in latent space).
+    rope_block: int = 1
 
     @property
     def recent(self) -> int:
@@ -79,6 +84,7 @@ class BitRow:
     def label(self, plan: Distillation | None = None) -> tuple[str, str]:
         """(method, setting) columns of the row (distilled as ``plan`` says; None: the default plan)."""
         method = f"kvlight {NAMES[self.weighting]}" + (" + KL-distilled" if self.distilled else "")
+        method += f", keys in RoPE blocks of {self.rope_block}" if self.rope_block != 1 else ""
         setting = f"budget {100 * self.budget:g} % at 512, sinks {SINKS}, recent {self.recent}"
         if self.distilled:
             setting += ", " + (plan or Distillation()).setting()
@@ -122,8 +128,36 @@ class Distillation:
 
 
 def all_rows(distilled: bool = True) -> list[BitRow]:
-    rows = [BitRow(b, w) for b in BUDGETS for w in WEIGHTINGS]
-    return rows + ([BitRow(b, w, True) for b, w in DISTILLED] if distilled else [])
+    """Every row: each budget and weighting, training-free and distilled, keys coded before and after RoPE."""
+    rows = [BitRow(b, w, rope_block=k) for k in ROPE_BLOCKS for b in BUDGETS for w in WEIGHTINGS]
+    return rows + ([BitRow(b, w, True, k) for k in ROPE_BLOCKS for b, w in DISTILLED] if distilled else [])
+
+
+def row_id(row: BitRow) -> str:
+    """The id of a widths row on the command line: ``fisher-0.125``, ``uniform-kl-0.25``, ``fisher-joint-b16-0.25``."""
+    block = f"-b{row.rope_block}" if row.rope_block != 1 else ""
+    return f"{row.weighting}{'-kl' if row.distilled else ''}{block}-{row.budget:g}"
+
+
+class FitInputs:
+    """What the rows of one model and calibration text are fitted from, per RoPE block of the keys (1: pre-RoPE),
+    measured on first use: the captured K/V rows and the sensitivity metrics (cached on disk)."""
+
+    def __init__(self, model, geometry, calibration: torch.Tensor, pre_rows: dict | None = None) -> None:
+        self.model, self.geometry, self.calibration = model, geometry, calibration
+        self._rows = {} if pre_rows is None else {1: pre_rows}
+        self._metrics: dict = {}
+
+    def rows(self, block: int) -> dict:
+        if block not in self._rows:
+            blocks = (block,) * self.geometry.num_layers
+            self._rows[block] = captured_rows(self.model, self.geometry, self.calibration, rope_blocks=blocks)
+        return self._rows[block]
+
+    def metrics(self, block: int):
+        if block not in self._metrics:
+            self._metrics[block] = sensitivity(self.model, self.geometry, self.calibration, block)
+        return self._metrics[block]
 
 
 def long_context_target(row: BitRow, geometry) -> float:
@@ -154,13 +188,13 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def sensitivity(model, geometry, calibration: torch.Tensor):
-    """The sensitivity metrics of the calibration windows (4 sinks left out), measured once and cached."""
+def sensitivity(model, geometry, calibration: torch.Tensor, block: int = 1):
+    """The sensitivity metrics of the calibration windows (4 sinks left out, keys before or after RoPE as
+    relative to RoPE blocks of ``block`` tokens, 1: pre-RoPE), measured once and cached."""
     dtype = str(next(model.parameters()).dtype)  # a bf16 model's Fisher is not a float32 model's
-    path = (
-        cache_root()
-        / f"metrics-{_key(calibration.sum().item(), calibration.shape, SINKS, METRICS_VERSION, dtype, *_model_id(model))}.json"
-    )
+    post = ("rope-block", block) if block != 1 else ()  # pre-RoPE metrics keep their cache keys
+    key = _key(calibration.sum().item(), calibration.shape, SINKS, METRICS_VERSION, dtype, *_model_id(model), *post)
+    path = cache_root() / f"metrics-{key}.json"
     if path.exists():
         metrics = read_metrics_file(path, geometry)
         # Metrics cached before the whitened basis existed lack its curves; the rest of the pass is unchanged, so the
@@ -168,8 +202,9 @@ def sensitivity(model, geometry, calibration: torch.Tensor):
         if "fgram_k" in metrics.curves:
             return metrics
     start = time.perf_counter()
-    metrics = measure_sensitivity(model, geometry, calibration, 2, 256, SINKS, 0, progress=False)
-    print(f"sensitivity analysis {time.perf_counter() - start:.0f}s", flush=True)
+    blocks = (block,) * geometry.num_layers
+    metrics = measure_sensitivity(model, geometry, calibration, 2, 256, SINKS, 0, progress=False, rope_blocks=blocks)
+    print(f"sensitivity analysis (keys in RoPE blocks of {block}) {time.perf_counter() - start:.0f}s", flush=True)
     path.write_text(metrics_to_json(metrics))
     return metrics
 

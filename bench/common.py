@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import fcntl
 import math
 import platform
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,6 +57,26 @@ def results_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def prose_documents() -> list[str]:
+    """Docstrings (300+ characters, mostly words) of the standard library's top-level modules, in file order."""
+    documents = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                text = ast.get_docstring(node)
+                if text and len(text) >= 300 and sum(c.isalpha() or c.isspace() for c in text) > 0.85 * len(text):
+                    documents.append(text)
+    return documents
+
+
+def prose_tokens(tokenizer) -> torch.Tensor:
+    return torch.tensor(tokenizer("\n\n".join(prose_documents()), add_special_tokens=False).input_ids)
+
+
 def offline_windows(tokenizer, seq_len: int, skip: int, count: int) -> torch.Tensor:
     """Windows ``[count, seq_len]`` of the built-in corpus, after ``skip`` windows of the same length."""
     windows = list(pack_windows(builtin_documents(), tokenizer, seq_len, skip=skip, limit=count))
@@ -92,12 +114,13 @@ def chunked_perplexity(
 
 
 def captured_rows(
-    model, geometry, windows: torch.Tensor, capacity: int = 10_000, queries=None
+    model, geometry, windows: torch.Tensor, capacity: int = 10_000, queries=None, rope_blocks=()
 ) -> dict[str, torch.Tensor]:
-    """Pre-RoPE K/V rows ``[N, L, H, D]`` of the calibration windows (and, with a QueryMoments, query moments)."""
+    """K/V rows ``[N, L, H, D]`` of the calibration windows, keys pre-RoPE (relative to their RoPE block where
+    ``rope_blocks`` says so, per layer), and, with a QueryMoments, query moments."""
     start = time.perf_counter()
     batches = [windows[i : i + 4] for i in range(0, len(windows), 4)]
-    reservoir = capture_kv(model, geometry, batches, capacity, queries=queries)
+    reservoir = capture_kv(model, geometry, batches, capacity, queries=queries, rope_blocks=rope_blocks)
     keys, values = reservoir.rows()
     print(f"captured {keys.shape[0]} rows in {time.perf_counter() - start:.1f}s", flush=True)
     return {"keys": keys, "values": values}

@@ -273,13 +273,13 @@ def run(
         if (("widths-distilled" if row.distilled else "widths") in families)
         and (width_rows is None or row_id(row) in width_rows)
     ]
-    if selected:
-        metrics = bitrows.sensitivity(model, geometry, calibration)
-        for row in selected:
-            compressor = bitrows.compressor_for(
-                row, model, geometry, calibration, rows, metrics, tracker, width_distill, distill_windows
-            )
-            compressors[("widths", None, row)] = (compressor, None)
+    inputs = bitrows.FitInputs(model, geometry, calibration, pre_rows=rows)
+    for row in selected:
+        compressor = bitrows.compressor_for(
+            row, model, geometry, calibration, inputs.rows(row.rope_block), inputs.metrics(row.rope_block), tracker,
+            width_distill, distill_windows,
+        )  # fmt: skip
+        compressors[("widths", None, row)] = (compressor, None)
     for length in lengths:
         windows = offline_windows(tokenizer, length, skip=0, count=eval_windows[length])
         # The reference is the model's default cache in fp16 (sliding layers keep their window only); a full
@@ -349,9 +349,7 @@ def run(
     return results
 
 
-def row_id(row) -> str:
-    """The id of a widths row on the command line: ``fisher-0.125``, ``uniform-kl-0.25``."""
-    return f"{row.weighting}{'-kl' if row.distilled else ''}-{row.budget:g}"
+row_id = bitrows.row_id
 
 
 def write(results: dict) -> None:

@@ -22,12 +22,10 @@ bench/bitrows.py (fitted on the frontier's calibration windows, distilled rows l
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 import re
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -36,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import bitrows  # noqa: E402
-from bench.common import captured_rows, embedded_default, machine, offline_windows, results_lock  # noqa: E402
+from bench.common import embedded_default, machine, offline_windows, prose_tokens, results_lock  # noqa: E402
 from kvlight.hf import cache_kwargs, dynamic_cache  # noqa: E402
 from kvlight.serving.attention import LatentAttention  # noqa: E402
 from kvlight.serving.cache import CacheSettings, CompressedCache  # noqa: E402
@@ -56,26 +54,6 @@ INTRO = (
 NEEDLE = "\n\nThe passkey is {key}. Remember it. {key} is the passkey.\n\n"
 QUESTION = "\n\nWhat is the passkey? The passkey is"
 QUANT_ROWS = [("quanto", 4), ("quanto", 2), ("hqq", 4)]
-
-
-def prose_documents() -> list[str]:
-    """Docstrings (300+ characters, mostly words) of the standard library's top-level modules, in file order."""
-    documents = []
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, OSError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                text = ast.get_docstring(node)
-                if text and len(text) >= 300 and sum(c.isalpha() or c.isspace() for c in text) > 0.85 * len(text):
-                    documents.append(text)
-    return documents
-
-
-def prose_tokens(tokenizer) -> torch.Tensor:
-    return torch.tensor(tokenizer("\n\n".join(prose_documents()), add_special_tokens=False).input_ids)
 
 
 def passkey_prompts(tokenizer, prose: torch.Tensor, length: int, depth: float, count: int = PROMPTS):
@@ -184,12 +162,12 @@ def run(args) -> dict:
         # The frontier's calibration: 16 windows of 512 after its longest evaluation text (4 x 2048 tokens).
         calibration = offline_windows(tokenizer, 512, skip=16, count=bitrows.CALIBRATION_WINDOWS)
         distill_windows = bitrows.distillation_windows(tokenizer, 16, plan, "--distill-windows")
-        rows = captured_rows(model, geometry, calibration)
-        metrics = bitrows.sensitivity(model, geometry, calibration)
+        inputs = bitrows.FitInputs(model, geometry, calibration)
         for row in selected:
             compressors[row] = bitrows.compressor_for(
-                row, model, geometry, calibration, rows, metrics, tracker, plan, distill_windows
-            )
+                row, model, geometry, calibration, inputs.rows(row.rope_block), inputs.metrics(row.rope_block), tracker,
+                plan, distill_windows,
+            )  # fmt: skip
 
     def record(method: str, setting: str, make_cache) -> None:
         start = time.perf_counter()
@@ -222,8 +200,7 @@ def run(args) -> dict:
     return results
 
 
-def row_id(row: bitrows.BitRow) -> str:
-    return f"{row.weighting}{'-kl' if row.distilled else ''}-{row.budget:g}"
+row_id = bitrows.row_id
 
 
 def write(results: dict) -> None:

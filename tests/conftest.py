@@ -224,7 +224,8 @@ def tiny_models(tiny_model_paths):
 
 @pytest.fixture(scope="session")
 def tiny_rows(tiny_models, tiny_windows):
-    """Captured pre-RoPE K/V rows per arch: ``{"calib": (keys, values), "heldout": (keys, values)}``, ``[N, L, H, D]``."""
+    """Captured K/V rows per arch, ``[N, L, H, D]``: ``{"calib": (keys, values), "heldout": (keys, values)}`` with keys
+    pre-RoPE, and ``"calib_b4"`` with keys relative to RoPE blocks of 4 tokens (what ``key_rope_block: 4`` codes)."""
     from kvlight.calibration.capture import capture_kv
     from kvlight.geometry import kv_geometry
 
@@ -232,9 +233,14 @@ def tiny_rows(tiny_models, tiny_windows):
     for arch, model in tiny_models.items():
         geometry = kv_geometry(model)
         split = {}
-        for name, windows in (("calib", tiny_windows["calib"]), ("heldout", tiny_windows["eval"])):
+        for name, windows, block in (
+            ("calib", tiny_windows["calib"], 1),
+            ("heldout", tiny_windows["eval"], 1),
+            ("calib_b4", tiny_windows["calib"], 4),
+        ):
             batches = [windows[i : i + 4] for i in range(0, len(windows), 4)]
-            reservoir = capture_kv(model, geometry, batches, capacity=100_000, progress=False)
+            blocks = (block,) * geometry.num_layers
+            reservoir = capture_kv(model, geometry, batches, capacity=100_000, progress=False, rope_blocks=blocks)
             split[name] = reservoir.rows()
         rows[arch] = split
     return rows
@@ -242,7 +248,8 @@ def tiny_rows(tiny_models, tiny_windows):
 
 @pytest.fixture(scope="session")
 def fitted_compressor(tiny_models, tiny_rows):
-    """``fitted_compressor(arch, algo, rank=None, **config)``: a compressor fitted (statistics pass) on captured rows."""
+    """``fitted_compressor(arch, algo, rank=None, rope_block=1, **config)``: a compressor fitted (statistics pass) on
+    captured rows (keys relative to RoPE blocks of 4 tokens for ``rope_block=4``)."""
     from kvlight.compressors.compressor import KVCompressor
     from kvlight.config import CompressionConfig
     from kvlight.geometry import kv_geometry
@@ -255,6 +262,7 @@ def fitted_compressor(tiny_models, tiny_rows):
         heads: dict | None = None,
         quant_group_size: int | None = None,
         bits=None,
+        rope_block: int = 1,
         **config,
     ):
         geometry = kv_geometry(tiny_models[arch])
@@ -263,6 +271,7 @@ def fitted_compressor(tiny_models, tiny_rows):
         )
         if quant_group_size is not None:
             cfg.quant_group_size = quant_group_size
+        cfg.key_rope_block = rope_block
         if bits is not None:  # widths per direction: bits(layer, head) -> (bits_k, bits_v), replacing the ranks
             for (layer, head), entry in cfg.per_layer_head.items():
                 entry.pop("rank_k"), entry.pop("rank_v")
@@ -271,7 +280,7 @@ def fitted_compressor(tiny_models, tiny_rows):
             cfg.per_layer_head[key].update(override)
         options = {"kvsplice": {"init": init}} if algo == "kvsplice" else None
         compressor = KVCompressor(cfg, geometry, algo=algo, options=options)
-        keys, values = tiny_rows[arch]["calib"]
+        keys, values = tiny_rows[arch]["calib" if rope_block == 1 else f"calib_b{rope_block}"]
         compressor.fit_statistics([{"keys": keys, "values": values}])
         return compressor
 

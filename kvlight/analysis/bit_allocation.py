@@ -57,12 +57,15 @@ class BitAllocation:
         widths: ``{"k": [L, H, D], "v": [L, H, D]}`` ints from :data:`WIDTHS`.
         weighting: how directions were weighed (:data:`WEIGHTINGS`).
         target: the requested memory reduction.
+        key_rope_block: how the keys whose directions these are were coded when the metrics measured them (the
+            config's ``key_rope_block``: 1 before RoPE, or one per layer).
     """
 
     geometry: KVGeometry
     widths: dict[str, np.ndarray]
     weighting: str
     target: float
+    key_rope_block: int | list[int] = 1
 
     def bits_per_element(self, kind: str | None = None) -> float:
         """Mean width over every direction (of ``kind``, or of both)."""
@@ -105,6 +108,7 @@ class BitAllocation:
             num_kv_heads=geometry.num_kv_heads,
             sink_tokens=sink_tokens,
             recent_window=recent_window,
+            key_rope_block=self.key_rope_block,
         )
         for layer in range(geometry.num_layers):
             for head in range(geometry.num_kv_heads):
@@ -155,8 +159,9 @@ def allocate_bits(
     """Widths minimising the predicted loss within ``target`` (see the module docstring)."""
     geometry = metrics.geometry
     target = check_bits_target(target, geometry)
+    block = metrics.info.get("key_rope_block", 1)  # the principal bases of the keys the metrics measured
     if weighting == "uniform":
-        return uniform_bits(geometry, target)
+        return uniform_bits(geometry, target, block)
     if not (metrics.has_sensitivity and metrics.has_distortion):
         raise ConfigError(
             "strategy bits needs the per-width distortions and the K/V Fisher, which these metrics lack; run "
@@ -173,10 +178,10 @@ def allocate_bits(
     codec_of = (codec_of % geometry.num_layers) * 2 + np.arange(costs.shape[0]) // per_kind
     picked = _walk(order, steps, codec_of, 2 * geometry.num_layers, allowed, exact_itemsize)
     widths = {kind: picked[i * per_kind : (i + 1) * per_kind].reshape(shape) for i, kind in enumerate(KINDS)}
-    return BitAllocation(geometry, widths, weighting, target)
+    return BitAllocation(geometry, widths, weighting, target, block)
 
 
-def uniform_bits(geometry: KVGeometry, target: float) -> BitAllocation:
+def uniform_bits(geometry: KVGeometry, target: float, key_rope_block: int | list[int] = 1) -> BitAllocation:
     """The same widths for every head: ``avg = 16 (1 - target)`` bits, the leading directions of every head one width
     higher when ``avg`` falls between two widths, trimmed until the packed bytes fit."""
     target = check_bits_target(target, geometry)
@@ -193,7 +198,7 @@ def uniform_bits(geometry: KVGeometry, target: float) -> BitAllocation:
         if padded_bytes_per_token(_codec_widths(widths)) <= allowed or lead == 0:
             break
         lead -= 1
-    return BitAllocation(geometry, widths, "uniform", target)
+    return BitAllocation(geometry, widths, "uniform", target, key_rope_block)
 
 
 def _codec_widths(widths: dict[str, np.ndarray]) -> list[list[int]]:

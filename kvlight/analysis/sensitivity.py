@@ -2,7 +2,8 @@
 
 Two passes over the same windows ``[N, T]``:
 
-1. **Statistics** (no grad): mean and covariance of every head's K (pre-RoPE for RoPE models) and V,
+1. **Statistics** (no grad): mean and covariance of every head's K (pre-RoPE for RoPE models, or relative to the RoPE
+   of their block where ``rope_blocks`` says so: the keys a compressor with that ``key_rope_block`` codes) and V,
    the same statistics PCA calibration uses. Their eigen-decomposition gives each head's principal
    directions ``u_i`` and variances ``lambda_i`` (descending): the spectrum.
 2. **Sensitivity** (eager attention, autograd): the cache hands attention ``K + dK`` and ``V + dV`` with
@@ -40,6 +41,7 @@ null direction. ``lambda_min`` is floored at ``1e-12 * eigmax`` (float64 round-o
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +54,7 @@ from kvlight.analysis.queries import QueryMoments, score_weights
 from kvlight.analysis.whitening import WHITEN_EPS, WhitenedSample
 from kvlight.compressors.statistics import RunningMoments
 from kvlight.compressors.weighting import output_weights
+from kvlight.config.compression import key_rope_block_of
 from kvlight.errors import CaptureError, KVLightError
 from kvlight.geometry import KVGeometry
 from kvlight.hf import cache_kwargs
@@ -153,6 +156,7 @@ def principal_statistics(
     batch_size: int = 2,
     progress: bool = True,
     queries: QueryMoments | None = None,
+    rope_blocks: Sequence[int] = (),
 ) -> tuple[dict, dict, dict]:
     """Pass 1: ``(means, bases, variances)`` keyed ``(layer, kind)``: ``[H, D]``, ``[H, D, D]``, ``[H, D]``.
 
@@ -174,7 +178,8 @@ def principal_statistics(
     handles = [] if queries is None else queries.attach(model)
     try:
         for batch in tqdm(_batches(windows, batch_size), desc="K/V statistics", disable=not progress, leave=False):
-            model(input_ids=batch.to(device), **cache_kwargs(CaptureCache(geometry.num_layers, keep, tracker)))
+            cache = CaptureCache(geometry.num_layers, keep, tracker, rope_blocks)
+            model(input_ids=batch.to(device), **cache_kwargs(cache))
     finally:
         for handle in handles:
             handle.remove()
@@ -197,12 +202,17 @@ def measure_sensitivity(
     sink_tokens: int = 0,
     seed: int = 0,
     progress: bool = True,
+    rope_blocks: Sequence[int] = (),
 ) -> HeadMetrics:
-    """Both passes over ``windows [N, T]`` (see the module docstring); returns every metric per layer and KV head."""
+    """Both passes over ``windows [N, T]`` (see the module docstring); returns every metric per layer and KV head.
+
+    ``rope_blocks``: per layer, the RoPE block its keys are measured relative to (what a compressor with that
+    ``key_rope_block`` codes; the gradients are then taken with respect to those keys); empty: 1, pre-RoPE."""
     if windows.ndim != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
         raise ValueError(f"need windows [N >= 1, T >= 2], got {tuple(windows.shape)}")
+    rope_blocks = tuple(rope_blocks) or (1,) * geometry.num_layers
     queries = QueryMoments(geometry)  # captured where attention reads them: every served family has queries
-    means, bases, variances = principal_statistics(model, geometry, windows, batch_size, progress, queries)
+    means, bases, variances = principal_statistics(model, geometry, windows, batch_size, progress, queries, rope_blocks)
     sensitivity = KVSensitivity(means, bases, sink_tokens, DistortionMeter(variances), WhitenedSample())
     attention = AttentionFisher(geometry.num_layers, geometry.num_kv_heads, min(attention_tokens, windows.shape[1]))
     generator = torch.Generator().manual_seed(seed)
@@ -213,7 +223,9 @@ def measure_sensitivity(
     device = next(model.parameters()).device
     try:
         for batch in tqdm(_batches(windows, batch_size), desc="K/V sensitivity", disable=not progress, leave=False):
-            _sensitivity_step(model, geometry, batch.to(device), tracker, sensitivity, attention, generator)
+            _sensitivity_step(
+                model, geometry, batch.to(device), tracker, sensitivity, attention, generator, rope_blocks
+            )
             predicted += batch.shape[0] * (batch.shape[1] - 1)
     finally:
         if tracker is not None:
@@ -243,6 +255,7 @@ def measure_sensitivity(
         "attention_tokens": attention.tokens,
         "sink_tokens": sink_tokens,
         "seed": seed,
+        "key_rope_block": key_rope_block_of(rope_blocks),
         "whiten_eps": WHITEN_EPS,
         "loss_unit": "nats per predicted token (second-order, diagonal in each head's principal basis)",
         "cond": "eigmax / smallest eigenvalue orthogonal to the all-ones null direction, floored at 1e-12 eigmax",
@@ -272,7 +285,7 @@ def _stack(table: dict, kind: str, geometry: KVGeometry) -> torch.Tensor:
     return torch.stack([table[(layer, kind)] for layer in range(geometry.num_layers)])
 
 
-def _sensitivity_step(model, geometry, batch, tracker, sensitivity, attention, generator) -> None:
+def _sensitivity_step(model, geometry, batch, tracker, sensitivity, attention, generator, rope_blocks) -> None:
     """One forward/backward of ``batch [B, T]`` through zero K/V perturbations; adds to both accumulators."""
     captured: dict[int, tuple[torch.Tensor, ...]] = {}
 
@@ -283,7 +296,7 @@ def _sensitivity_step(model, geometry, batch, tracker, sensitivity, attention, g
         return keys + delta_k, values + delta_v
 
     with torch.enable_grad():
-        cache = CaptureCache(geometry.num_layers, perturb, tracker)
+        cache = CaptureCache(geometry.num_layers, perturb, tracker, rope_blocks)
         out = model(input_ids=batch, output_attentions=True, **cache_kwargs(cache))
         logits = out.logits[:, :-1].float()
         with torch.no_grad():

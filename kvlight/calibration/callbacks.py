@@ -114,7 +114,10 @@ class AllocateWidths(pl.Callback):
             model = pl_module.frozen.to(trainer.strategy.root_device)
             provisional = pl_module.compressor.config
             sinks = provisional.sink_tokens
-            metrics = measure_sensitivity(model, pl_module.geometry, windows, 2, sink_tokens=sinks, progress=False)
+            metrics = measure_sensitivity(
+                model, pl_module.geometry, windows, 2, sink_tokens=sinks, progress=False,
+                rope_blocks=provisional.rope_blocks(),
+            )  # fmt: skip
             target = options.target_memory_reduction
             target = RECOMMENDED["target_memory_reduction"] if target is None else target
             allocation = allocate_bits(metrics, target, options.bits_weighting)
@@ -135,7 +138,8 @@ class CaptureKV(pl.Callback):
         datamodule = _datamodule(trainer)
         objective = pl_module.objective_options
         model = pl_module.frozen if pl_module.sharded else pl_module.frozen.to(pl_module.device)
-        directory = datamodule.capture_path(pl_module.fingerprint)
+        rope_blocks = pl_module.compressor.rope_blocks
+        directory = datamodule.capture_path(pl_module.fingerprint, rope_blocks)
         windows = datamodule.calibration_windows()
         batch_size = pl_module.runtime_options.capture_batch_size
         queries = objective.key_objective == "query"
@@ -159,6 +163,7 @@ class CaptureKV(pl.Callback):
             },
             reuse=reuse,
             queries=queries,
+            rope_blocks=rope_blocks,
         )
         manifest = capture_to_shards(model, pl_module.geometry, windows, directory, plan)
         seconds = time.perf_counter() - start

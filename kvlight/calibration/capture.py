@@ -1,7 +1,8 @@
 """The capture pass (the first phase of the upstream design's calibration): run the frozen model once over calibration
 windows and keep K/V rows on disk.
 
-Rows are pre-RoPE keys and values, ``[N, L, H, D]``, a uniform reservoir sample of tokens (at
+Rows are keys (pre-RoPE, or relative to the RoPE of their block where the compressor's ``key_rope_block`` says so)
+and values, ``[N, L, H, D]``, a uniform reservoir sample of tokens (at
 most ``max_samples_per_head`` per head), written as checksummed shards that later fits reuse.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import io
 import pickle
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +52,10 @@ def capture_kv(
     seed: int = 0,
     progress: bool = True,
     queries: QueryMoments | None = None,
+    rope_blocks: Sequence[int] = (),
 ) -> KVReservoir:
-    """Run ``model`` over batches of token windows ``[B, T]`` and reservoir-sample their K/V rows.
+    """Run ``model`` over batches of token windows ``[B, T]`` and reservoir-sample their K/V rows (keys coded as
+    ``rope_blocks`` says per layer, pre-RoPE by default: see :class:`~kvlight.serving.capture_cache.CaptureCache`).
 
     ``windows`` may be any iterable, a generator over a stream included: it is consumed lazily and memory stays
     bounded by ``capacity`` rows whatever the number of tokens. With ``queries``, the same pass also sums the
@@ -76,7 +79,7 @@ def capture_kv(
                 check_finite(layer, keys, values)
                 reservoir.put(layer, keys, values, token_index, slot)
 
-            cache = CaptureCache(geometry.num_layers, keep, tracker)
+            cache = CaptureCache(geometry.num_layers, keep, tracker, rope_blocks)
             model(input_ids=batch, **cache_kwargs(cache))
     finally:
         for handle in handles:
@@ -113,6 +116,7 @@ class CapturePlan:
         meta: recorded in the manifest (which process, which windows).
         reuse: reuse an intact capture in the directory.
         queries: also sum the query moments (query-weighted keys need them).
+        rope_blocks: per layer, the RoPE block its keys are captured relative to (empty: 1, pre-RoPE).
     """
 
     capacity: int
@@ -121,6 +125,7 @@ class CapturePlan:
     meta: dict | None = None
     reuse: bool = True
     queries: bool = False
+    rope_blocks: tuple[int, ...] = ()
 
 
 def capture_to_shards(
@@ -139,7 +144,7 @@ def capture_to_shards(
         return manifest
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
     moments = QueryMoments(geometry) if queries else None
-    reservoir = capture_kv(model, geometry, batches, capacity, seed, queries=moments)
+    reservoir = capture_kv(model, geometry, batches, capacity, seed, queries=moments, rope_blocks=plan.rope_blocks)
     if moments is not None:
         buffer = io.BytesIO()
         torch.save({"sums": moments.sums, "count": moments.count}, buffer)

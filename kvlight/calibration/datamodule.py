@@ -254,11 +254,12 @@ class KVCalibrationDataModule(pl.LightningDataModule):
         """Same as :meth:`val_dataloader`."""
         return self._eval_loader()
 
-    def capture_key(self, model_fingerprint: str) -> str:
+    def capture_key(self, model_fingerprint: str, rope_blocks: tuple[int, ...] = ()) -> str:
         """sha256 hex digest identifying one rank's K/V capture.
 
         Covers the model fingerprint, every setting that changes which tokens are captured, this rank and world
-        size, and for local files their paths, sizes and modification times (an edited file is captured again).
+        size, for local files their paths, sizes and modification times (an edited file is captured again), and
+        the RoPE blocks the keys are captured relative to (``rope_blocks``, per layer).
         """
         hp = self.hparams
         rank, world_size = self.rank_and_world_size()
@@ -279,12 +280,14 @@ class KVCalibrationDataModule(pl.LightningDataModule):
             # 2: windows lead with the tokenizer's leading special tokens (a BOS-trained model's captures changed)
             "windowing": 2,
         }
+        if any(block != 1 for block in rope_blocks):  # keys relative to RoPE blocks (pre-RoPE captures keep their key)
+            fields["rope_blocks"] = list(rope_blocks)
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
-    def capture_path(self, model_fingerprint: str) -> Path:
+    def capture_path(self, model_fingerprint: str, rope_blocks: tuple[int, ...] = ()) -> Path:
         """Directory of this rank's K/V capture: ``capture_dir / capture_key(...)[:16]``."""
         root = Path(self.hparams.capture_dir).expanduser() if self.hparams.capture_dir else default_capture_dir()
-        return root / self.capture_key(model_fingerprint)[:16]
+        return root / self.capture_key(model_fingerprint, rope_blocks)[:16]
 
     def stream_shards(self, directory: Path, num_batches: int, exact_epochs: int = 0) -> None:
         """Record the captured shards to train on, the training batches per epoch and the leading single-pass

@@ -114,7 +114,7 @@ def distillation_loss(
             simulate(compressor, layer, "v", values, quant("v"), sinks),
         )
 
-    cache = CaptureCache(compressor.num_layers, replace, tracker)
+    cache = CaptureCache(compressor.num_layers, replace, tracker, compressor.rope_blocks)
     student_logits = model(input_ids=input_ids, **cache_kwargs(cache)).logits
     return token_kl(teacher_logits, student_logits)
 

@@ -41,7 +41,8 @@ def resolve_config(options: CompressionOptions, geometry: KVGeometry) -> Compres
         target = options.target_memory_reduction
         target = check_bits_target(RECOMMENDED["target_memory_reduction"] if target is None else target, geometry)
         sinks, recent = RECOMMENDED["sink_tokens"], RECOMMENDED["recent_window"]
-        config = uniform_bits(geometry, target).to_config("pca", sink_tokens=sinks, recent_window=recent)
+        block = RECOMMENDED["key_rope_block"]
+        config = uniform_bits(geometry, target, block).to_config("pca", sink_tokens=sinks, recent_window=recent)
     elif options.config is None:
         # A rank changes only what it names: --rank-k alone leaves the values at full rank, and the exact tokens
         # stay the recommended ones (a bare rank used to drop the sinks and copy rank_k onto the values).
@@ -52,6 +53,7 @@ def resolve_config(options: CompressionOptions, geometry: KVGeometry) -> Compres
         config = CompressionConfig.uniform(
             *shape, rank_k=rank_k, rank_v=rank_v, sink_tokens=sinks, recent_window=recent
         )
+        config.key_rope_block = RECOMMENDED["key_rope_block"]
     elif isinstance(options.config, dict):
         config = CompressionConfig.from_dict(options.config)
     else:
@@ -61,6 +63,7 @@ def resolve_config(options: CompressionOptions, geometry: KVGeometry) -> Compres
         "recent_window": options.recent_window,
         "latent_bits": options.latent_bits,
         "quant_group_size": options.quant_group_size,
+        "key_rope_block": options.key_rope_block,
     }
     overrides = {key: value for key, value in overrides.items() if value is not None}
     if config.uses_widths("k") and config.uses_widths("v") and {"latent_bits", "quant_group_size"} & set(overrides):
@@ -107,7 +110,9 @@ def check_whitened(compression: CompressionOptions, objective: ObjectiveOptions)
 
 def key_weights(query_moments: dict, model: torch.nn.Module, window: int, reduce=None) -> torch.Tensor:
     """``[L, H, D, D]`` score weights from a capture's query moments (``{"sums", "count"}``), RoPE averaged over
-    distances up to ``window``; ``reduce`` sums a tensor over processes (the strategy's)."""
+    distances up to ``window``; ``reduce`` sums a tensor over processes (the strategy's). Keys coded relative to the
+    RoPE of their block (``key_rope_block`` > 1) meet queries rotated by the distance to the block's start, which the
+    same average stands in for."""
     reduce = reduce or (lambda t: t)
     sums, count = reduce(query_moments["sums"]), reduce(torch.tensor(float(query_moments["count"])))
     return score_weights(model, (sums / count).cpu().double(), window)  # the model's own rotary layout and scale

@@ -48,6 +48,10 @@ class CompressionOptions:
         recent_window: newest positions kept exact (None: a config file's, else the recommended 0).
         latent_bits: rank configs: store latents as 8, 4, 2 (integer codes with per-token group scales) or "fp8".
         quant_group_size: rank configs: latent channels sharing one scale and zero point.
+        key_rope_block: how a RoPE model's keys are coded: rotated back by the RoPE angle of the first token of their
+            block of this many tokens (kvlight.config.compression). 1: before RoPE, the best quality per byte, but
+            every decode step rebuilds and rotates the stored keys; 16: decode scores them in latent space, faster,
+            for a little quality. None: a config file's, else the recommended one.
     """
 
     config: str | dict | None = None
@@ -62,6 +66,7 @@ class CompressionOptions:
     recent_window: int | None = None
     latent_bits: int | str | None = None
     quant_group_size: int | None = None
+    key_rope_block: int | None = None
 
     @property
     def by_rank(self) -> bool:
@@ -80,6 +85,7 @@ class CompressionOptions:
             _at_least(self, name, 1, optional=True)
         for name in ("sink_tokens", "recent_window"):
             _at_least(self, name, 0, optional=True)
+        _at_least(self, "key_rope_block", 1, optional=True, what="a whole number of tokens >= 1 (1: keys before RoPE)")
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,7 @@ FLAGS = DATA_FLAGS + flags(
     ("--batch-size", "model.runtime.capture_batch_size"),
     ("--sink-tokens", "model.compression.sink_tokens"),
     ("--recent-window", "model.compression.recent_window"),
+    ("--key-rope-block", "model.compression.key_rope_block"),
     ("--target-memory-reduction", "model.compression.target_memory_reduction"),
     ("--bits-weighting", "model.compression.bits_weighting"),
     *((f"--{name.replace('_', '-')}", f"analyze.{name}") for name in ANALYZE_FIELDS),
@@ -184,6 +185,7 @@ def _arguments(config) -> argparse.Namespace:
         batch_size=runtime.capture_batch_size,
         sink_tokens=sinks,
         recent_window=recent,
+        key_rope_block=compression.key_rope_block or RECOMMENDED["key_rope_block"],
         target_memory_reduction=target,
         bits_weighting=compression.bits_weighting,
         no_progress=not analyze.progress,
@@ -241,7 +243,9 @@ def run_analyze(args: argparse.Namespace) -> int:
         plan.output / METRICS_JSON: metrics_to_json(metrics),
         plan.output / METRICS_CSV: metrics_to_csv(metrics),
     }
-    model = f"model: {args.model or EMBEDDED_DEFAULT} ({_describe(plan.geometry)})"
+    model = (
+        f"model: {args.model or EMBEDDED_DEFAULT} ({_describe(plan.geometry, metrics.info.get('key_rope_block', 1))})"
+    )
     if plan.config_path is not None and args.strategy == "bits":
         allocation = allocate_bits(metrics, plan.target, args.bits_weighting)
         config = allocation.to_config(args.algo, args.sink_tokens, args.recent_window)
@@ -252,6 +256,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         allocation = allocate(args.strategy, metrics, plan.geometry, plan.target, plan.step, plan.thresholds)
         config = allocation.to_config(args.algo, args.sink_tokens)
         config.recent_window = args.recent_window
+        config.key_rope_block = metrics.info.get("key_rope_block", 1)  # how the metrics measured the keys
         files[plan.config_path] = config.to_json_text()
         files[_beside(plan.config_path, "_summary.txt")] = summary_text(
             allocation, metrics, [model, source, f"rank step: {plan.step}"]
@@ -353,6 +358,7 @@ def _metrics_source(args: argparse.Namespace, plan: _Plan) -> tuple[HeadMetrics 
             args.sink_tokens,
             args.seed,
             progress=not args.no_progress,
+            rope_blocks=(args.key_rope_block,) * plan.geometry.num_layers,
         )
         info = {"model": args.model or EMBEDDED_DEFAULT, "dataset": args.calibration_dataset}
         metrics.info.update({**info, "skipped_windows": args.eval_samples})
@@ -366,8 +372,9 @@ def _beside(path: Path, suffix: str) -> Path:
     return path.with_name(path.stem + suffix)
 
 
-def _describe(geometry: KVGeometry) -> str:
-    rope = ", RoPE (keys measured pre-RoPE)" if geometry.rope else ""
+def _describe(geometry: KVGeometry, block: int | list[int] = 1) -> str:
+    where = "pre-RoPE" if block == 1 else f"relative to RoPE blocks of {block} tokens"
+    rope = f", RoPE (keys measured {where})" if geometry.rope else ""
     return f"{geometry.num_layers} layers x {geometry.num_kv_heads} KV heads, head_dim {geometry.head_dim}{rope}"
 
 

@@ -56,6 +56,7 @@ FLAGS = DATA_FLAGS + flags(
     ("--quant-group-size", "model.compression.quant_group_size"),
     ("--sink-tokens", "model.compression.sink_tokens"),
     ("--recent-window", "model.compression.recent_window"),
+    ("--key-rope-block", "model.compression.key_rope_block"),
     ("--batch-size", ("model.runtime.capture_batch_size", "data.batch_size")),
     ("--model-dtype", "model.runtime.model_dtype"),
     ("--max-samples-per-head", "data.max_samples_per_head"),

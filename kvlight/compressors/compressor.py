@@ -107,6 +107,11 @@ class KVCompressor(nn.Module):
         """``z [B, T, R] -> x_hat [B, H, T, D]``."""
         return self.codec(layer, kind).decode(z)
 
+    @property
+    def rope_blocks(self) -> tuple[int, ...]:
+        """Per layer, the RoPE block its keys are coded relative to (the config's ``key_rope_block``; 1: pre-RoPE)."""
+        return self.config.rope_blocks(self.num_layers)
+
     def latent_dims(self) -> list[tuple[int, int]]:
         """``(R_k, R_v)`` per layer: numbers stored per token."""
         return [(self.codec(i, "k").latent_dim, self.codec(i, "v").latent_dim) for i in range(self.num_layers)]

@@ -12,7 +12,8 @@ Schema (the upstream design's, with optional additions marked +)::
         "sink_tokens": 0,                 # + first positions kept exact
         "recent_window": 0,               # + newest positions kept exact
         "latent_bits": null,              # + store latents as int8/int4/int2 codes (8, 4, 2) or "fp8"
-        "quant_group_size": 32            # + latent channels sharing one scale and zero point
+        "quant_group_size": 32,           # + latent channels sharing one scale and zero point
+        "key_rope_block": 1               # + keys coded relative to the RoPE of blocks of this many tokens; or a list
       },
       "per_layer_head": {
         "0/0": {"enabled": true, "rank": 32, "algo": "kvsplice", "d_k": 64, "d_v": 64},
@@ -25,6 +26,13 @@ Heads not listed take the global default. ``bits_k`` / ``bits_v`` give every lat
 basis its own width (:data:`kvlight.compressors.widths.WIDTHS`: 0 drops it, 16 keeps it in the K/V dtype, 1-8 store a static
 integer code; see :mod:`kvlight.serving.widths`); they replace the rank (a direction of width 0 is truncated) and
 ``latent_bits`` for that kind. A config either gives ``bits_k`` to every enabled head or to none (``bits_v`` alike).
+``key_rope_block`` says how a RoPE model's keys are coded: each key rotated back by the RoPE angle of the first token
+of its block of that many tokens (blocks counted from the first token of the sequence). 1 codes the keys before
+rotation (``k_proj``'s output): the best quality per byte, but a decode step must rebuild and rotate every stored key.
+A block of ``B > 1`` tokens leaves each key rotated by its distance to the block's start (under ``B`` positions, the
+same in every block, so one basis serves any context length), and a decode step scores the keys in latent space,
+``(A^T R(-theta_block) q) . z``, rotating and projecting each query once per block. A list gives one per layer.
+Models without RoPE code the keys attention reads whatever it says.
 Every problem is a :class:`ConfigError` whose one-line message names the offending key.
 """
 
@@ -32,7 +40,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +60,7 @@ _GLOBAL_KEYS = {
     "recent_window",
     "latent_bits",
     "quant_group_size",
+    "key_rope_block",
 }
 
 
@@ -60,7 +69,13 @@ _GLOBAL_KEYS = {
 #: gradient-weighted distortion (kvlight.analysis.bit_allocation, "fisher-joint") within 24 % of an fp16 cache's bytes at long
 #: context (3.84 bits per element), the first 4 tokens exact and no exact recent window: 25.0 % at 512 tokens, sinks
 #: included. The allocation needs the model: it runs at the start of fit (kvlight.calibration.module).
-RECOMMENDED = {"target_memory_reduction": 0.76, "sink_tokens": 4, "recent_window": 0, "bits_weighting": "fisher-joint"}
+RECOMMENDED = {
+    "target_memory_reduction": 0.76,
+    "sink_tokens": 4,
+    "recent_window": 0,
+    "bits_weighting": "fisher-joint",
+    "key_rope_block": 1,
+}
 #: Values ``global.latent_bits`` may take (None: latents in the K/V dtype).
 LATENT_BITS = (None, 2, 4, 8, "fp8")
 
@@ -98,6 +113,7 @@ class CompressionConfig:
     recent_window: int = 0
     latent_bits: int | str | None = None
     quant_group_size: int = 32
+    key_rope_block: int | list[int] = 1
     per_layer_head: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ construction
@@ -125,6 +141,7 @@ class CompressionConfig:
             recent_window=optional_int(glob, "recent_window", minimum=0) or 0,
             latent_bits=glob.get("latent_bits"),
             quant_group_size=optional_int(glob, "quant_group_size", minimum=1) or 32,
+            key_rope_block=_rope_block(glob.get("key_rope_block", 1)),
         )
         if cfg.latent_bits not in LATENT_BITS or isinstance(cfg.latent_bits, bool):
             raise ConfigError(f'global.latent_bits = {cfg.latent_bits!r} must be one of 8, 4, 2, "fp8" or null')
@@ -231,6 +248,19 @@ class CompressionConfig:
         return config
 
     # ------------------------------------------------------------------ queries
+    def rope_blocks(self, num_layers: int | None = None) -> tuple[int, ...]:
+        """Per layer, the ``key_rope_block`` its keys are coded with (``num_layers`` default: the config's own)."""
+        count = self.num_layers if num_layers is None else num_layers
+        if isinstance(self.key_rope_block, int):
+            if count is None:
+                raise ConfigError("global.num_layers is missing: write it or pass the model's number of layers")
+            return (self.key_rope_block,) * count
+        if count is not None and len(self.key_rope_block) != count:
+            raise ConfigError(
+                f"global.key_rope_block lists {len(self.key_rope_block)} layers but the model has {count}"
+            )
+        return tuple(self.key_rope_block)
+
     def default_rank(self, head_dim: int) -> int:
         """Rank of heads not listed: ``round(d_head * (1 - target_memory_reduction))``, at least 1."""
         return max(1, min(head_dim, int(round(head_dim * (1.0 - self.target_memory_reduction)))))
@@ -316,6 +346,7 @@ class CompressionConfig:
                         f"{key}.bits_{kind} has {len(bits)} widths but the model's head_dim is {head_dim} "
                         "(one width per principal direction)"
                     )
+        self.rope_blocks(num_layers)  # one entry per layer when listed
         for kind in "kv":  # widths and ranks do not mix within K (or within V): every enabled head has widths or none
             if not self.uses_widths(kind):
                 continue
@@ -340,6 +371,7 @@ class CompressionConfig:
             "recent_window": self.recent_window,
             "latent_bits": self.latent_bits,
             "quant_group_size": self.quant_group_size if self.latent_bits is not None else None,
+            "key_rope_block": None if self.key_rope_block == 1 else _compact(self.key_rope_block),
         }
         glob = {k: v for k, v in glob.items() if v is not None}
         heads = {}
@@ -368,3 +400,28 @@ class CompressionConfig:
     def to_json(self, path: str | os.PathLike) -> None:
         """Write the config atomically (a temp file renamed into place)."""
         atomic_write_text(Path(path), self.to_json_text())
+
+
+def key_rope_block_of(blocks: Sequence[int]) -> int | list[int]:
+    """``global.key_rope_block`` for per-layer blocks: one number where every layer agrees."""
+    return _compact(list(blocks) or [1])
+
+
+def _rope_block(value: Any) -> int | list[int]:
+    """``global.key_rope_block`` checked: a whole number of tokens >= 1, or a list of those (one per layer)."""
+    ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 20  # noqa: E731
+    if ok(value):
+        return value
+    if isinstance(value, list) and value and all(ok(v) for v in value):
+        return _compact(list(value))
+    raise ConfigError(
+        f"global.key_rope_block = {value!r} must be a whole number of tokens >= 1 (1: keys before RoPE), or a list "
+        "of those with one per layer"
+    )
+
+
+def _compact(value: int | list[int]) -> int | list[int]:
+    """One number where every layer agrees."""
+    if isinstance(value, list) and len(set(value)) == 1:
+        return value[0]
+    return value

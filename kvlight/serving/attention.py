@@ -218,6 +218,44 @@ def latent_scores(
     return scores + (q * bias[:, None, :]).sum(-1, keepdim=True)
 
 
+def block_scores(
+    q: torch.Tensor,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    tables: tuple[torch.Tensor, torch.Tensor],
+    layout,
+    lead: int,
+    block: int,
+    scale=None,
+    zero=None,
+) -> torch.Tensor:
+    """Scores of keys coded relative to their RoPE block, in latent space: ``q [B, H, G, D]``, ``z [B, H, n, r]``
+    -> ``[B, H, G, n]``.
+
+    Token ``i`` lies in block ``(lead + i) // block`` of the ``K`` blocks whose first-token pair tables are ``tables``
+    (``(cos, sin) [B|1, 1, K, D_rot/2]``, :meth:`~kvlight.serving.positions.PositionLog.block_rope`); its key is
+    ``R(theta_block) decode(z_i)``, so its score is ``(R(-theta_block) q) . decode(z_i)``: each query is rotated and
+    projected once per block, ``A R(-theta) q`` (with the table's scale), and the tokens are scored in latent space. ``scale``/``zero`` as in
+    :func:`latent_scores` (dequantized here).
+    """
+    batch, heads, groups, dim = q.shape
+    cos, sin = tables
+    blocks = cos.shape[2]
+    if scale is not None:
+        z = z * scale + zero
+    # q . (s R(theta) k) = (s R(-theta) q) . k: the transpose of the keys' rotation, the table's scale included.
+    expanded = q.reshape(batch, heads * groups, 1, dim).expand(-1, -1, blocks, -1)
+    rotated = layout.rotate(expanded, cos, -sin).reshape(batch, heads, groups, blocks, dim)  # [B, H, G, K, D]
+    q_latent = rotated @ weight.transpose(-1, -2)[None, :, None]  # [B, H, G, K, r]
+    q_bias = (rotated * bias[None, :, None, None, :]).sum(-1, keepdim=True)  # [B, H, G, K, 1]
+    tokens = z.shape[2]
+    padded = torch.nn.functional.pad(z, (0, 0, lead, blocks * block - lead - tokens))  # [B, H, K * block, r]
+    padded = padded.reshape(batch, heads, blocks, block, z.shape[-1])
+    scores = torch.einsum("bhgkr,bhktr->bhgkt", q_latent, padded) + q_bias
+    return scores.reshape(batch, heads, groups, blocks * block)[..., lead : lead + tokens]
+
+
 def latent_values(
     p: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale=None, zero=None
 ) -> torch.Tensor:
@@ -286,6 +324,19 @@ def apply_softcap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
     if softcap is None:
         return scores
     return torch.tanh(scores / softcap) * softcap
+
+
+def additive_mask(mask: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
+    """A transformers mask ``[B|1, 1, Q, N]`` as the decode step's additive float32 row ``[B|1, N]`` (bool: True
+    attends, 0, else -inf; float: its values), or None when there is none."""
+    if mask is None:
+        return None
+    row = mask[:, 0, -1, :]
+    if row.shape[-1] != tokens:
+        raise ValueError(f"the attention mask covers {row.shape[-1]} tokens, the cache layer holds {tokens}")
+    if row.dtype == torch.bool:
+        return torch.zeros(row.shape, dtype=torch.float32, device=row.device).masked_fill_(~row, float("-inf"))
+    return row.float().contiguous()
 
 
 def apply_mask(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -172,6 +172,7 @@ class CompressedCache(Cache):
         self.position_log = PositionLog(tracker)
         self.scratch = DecodeScratch()
         handoff = None if fast is None else fast.handoff
+        rope_blocks = compressor.rope_blocks
         layers = [
             CompressedLayer(
                 index,
@@ -181,6 +182,7 @@ class CompressedCache(Cache):
                 self.scratch,
                 handoff,
                 window=window,
+                rope_block=rope_blocks[index],
             )
             for index, window in enumerate(self.windows)
         ]

@@ -14,10 +14,17 @@ from dataclasses import dataclass
 import torch
 
 from kvlight.hf import DynamicLayer
-from kvlight.serving import attention
+from kvlight.serving import attention, kernels
 from kvlight.serving.latents import LatentStore, store_quantizer
 from kvlight.serving.positions import PositionLog
 from kvlight.serving.scratch import DecodeScratch
+
+
+def _kernel_exact(tokens: torch.Tensor) -> torch.Tensor:
+    """Exact tokens as the native kernel reads them: float32 or bfloat16, contiguous (a copy only otherwise)."""
+    if tokens.dtype in (torch.float32, torch.bfloat16) and tokens.is_contiguous():
+        return tokens
+    return tokens.float().contiguous()
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ class CompressedLayer(DynamicLayer):
         scratch: DecodeScratch,
         handoff: attention.DecodeHandoff | None = None,
         window: int | None = None,
+        rope_block: int = 1,
     ) -> None:
         super().__init__()
         self.window = window
@@ -72,6 +80,11 @@ class CompressedLayer(DynamicLayer):
         self.settings = settings
         self.codecs = codecs  # {"k": LayerCodec, "v": LayerCodec} of this layer
         self.positions = positions
+        #: how keys are coded (the compressor's ``key_rope_block`` for this layer): 1, before RoPE (each key unrotated
+        #: on the way in, rebuilt and rotated on the way out); B > 1, rotated back by their block start's angle
+        #: (decode rotates and projects each query once per block, then scores in latent space); 0 for a layer that
+        #: does not rotate (keys as attention reads them, scored in latent space).
+        self.key_block = rope_block if positions.rotates(layer_idx) else 0
         self.scratch = scratch
         self.handoff = handoff
         self.length = 0
@@ -241,8 +254,9 @@ class CompressedLayer(DynamicLayer):
         """Attention of one decode step over everything this layer stores, without rebuilding the history.
 
         ``query [B, Hq, 1, D]`` (post-RoPE), ``mask [B|1, 1, 1, N]`` or None -> output ``[B, 1, Hq, D]``.
-        Values (and keys of models without RoPE) are read in latent space; pre-RoPE keys are reconstructed into
-        the cache's shared workspace and rotated in place. ``softcap`` (Gemma 2's attention logit soft-capping) caps
+        Values, keys of models without RoPE and keys coded relative to their RoPE block (each query rotated and
+        projected once per block) are read in latent space; pre-RoPE keys are reconstructed into the cache's shared
+        workspace and rotated in place (width codes on the CPU: all of it in one native call, kvlight.serving.kernels). ``softcap`` (Gemma 2's attention logit soft-capping) caps
         the scaled scores as ``tanh(s / cap) * cap`` before the mask, as the model's eager attention does. A sliding
         layer drops the tokens that left its window once they are read.
         """
@@ -259,6 +273,8 @@ class CompressedLayer(DynamicLayer):
         dtype = query.dtype
         q = query.reshape(batch, heads, q_heads // heads, dim)  # [B, H, G, D]
         n = self.num_compressed
+        if n and self._reads_packed(query):
+            return self._attend_packed(q, mask, scaling, softcap).reshape(batch, q_heads, 1, dim).transpose(1, 2)
         sink_k, sink_v = self.sink_k.to(dtype), self.sink_v.to(dtype)
         recent_k, recent_v = self.keys.to(dtype), self.values.to(dtype)
         scores = [q @ sink_k.transpose(-1, -2)]
@@ -267,8 +283,25 @@ class CompressedLayer(DynamicLayer):
                 self.layer_idx, "k", self.codecs["k"], self.latent_k.quantizer, dtype
             )
             z_k, k_scale, k_zero = self._latent_operand(self.latent_k, "k", dtype)
-            if not self.positions.rotates(self.layer_idx):
+            if self.key_block == 0:
                 scores.append(attention.latent_scores(q, z_k, k_weight, k_bias, k_scale, k_zero))
+            elif self.key_block > 1:
+                first = self.offset + self.sink_k.shape[2]
+                cos, sin = self.positions.block_rope(first, n, self.key_block, self.layer_idx)
+                scores.append(
+                    attention.block_scores(
+                        q,
+                        z_k,
+                        k_weight,
+                        k_bias,
+                        (cos, sin),
+                        self.positions.tracker.layout,
+                        first % self.key_block,
+                        self.key_block,
+                        k_scale,
+                        k_zero,
+                    )  # fmt: skip
+                )
             else:
                 workspace = self.scratch.workspace(z_k.numel() // z_k.shape[-1] * dim, dtype, query.device)
                 keys = attention.decode_into(workspace, z_k, k_weight, k_bias, k_scale, k_zero)
@@ -295,6 +328,56 @@ class CompressedLayer(DynamicLayer):
             z_v, v_scale, v_zero = self._latent_operand(self.latent_v, "v", dtype)
             out = out + attention.latent_values(probs[..., n_sink : n_sink + n], z_v, v_weight, v_bias, v_scale, v_zero)
         return out.reshape(batch, q_heads, 1, dim).transpose(1, 2)
+
+    def _reads_packed(self, query: torch.Tensor) -> bool:
+        """Whether this step's attention is the native kernel's (kvlight.serving.kernels.attend): keys and values
+        stored as width codes with every stored channel coded (an exact width-16 channel takes the torch code), on
+        the CPU, the kernels built; keys coded before RoPE also need heads of at most DIM_MAX channels, a multiple
+        of 8."""
+        if not (self.latent_k.widths and self.latent_v.widths and kernels.enabled_for(query)):
+            return False
+        for kind, store in (("k", self.latent_k), ("v", self.latent_v)):
+            if self.scratch.layout(self.layer_idx, kind, self.codecs[kind], store.quantizer).exact_slots.numel():
+                return False
+        dim = query.shape[-1]
+        return self.key_block != 1 or (dim <= kernels.DIM_MAX and dim % 8 == 0)
+
+    def _attend_packed(
+        self, q: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None
+    ) -> torch.Tensor:
+        """:meth:`_attend` in one native call (kvlight.serving.kernels.attend): ``q [B, H, G, D]`` -> ``[B, H, G, D]``.
+
+        The packed codes are read where they lie; keys coded before RoPE are rebuilt and rotated with the rotation
+        tables of the compressed tokens (pair-major, one row when every batch row has the same positions).
+        """
+        batch, heads, groups, _ = q.shape
+        n, n_sink = self.num_compressed, self.sink_k.shape[2]
+        sink = (_kernel_exact(self.sink_k), _kernel_exact(self.sink_v))
+        recent = (_kernel_exact(self.keys), _kernel_exact(self.values))
+        keys = self.scratch.operands(self.layer_idx, "k", self.codecs["k"], self.latent_k.quantizer)
+        values = self.scratch.operands(self.layer_idx, "v", self.codecs["v"], self.latent_v.quantizer)
+        rope = None
+        first = self.offset + n_sink
+        if self.key_block == 1:  # per token: rebuild and rotate
+            cos, sin = self.positions.compressed_rope(
+                first, n, torch.float32, channel_major=True, layer_idx=self.layer_idx, sliding=self.is_sliding
+            )
+        elif self.key_block > 1:  # per block: rotate and project the queries
+            cos, sin = self.positions.block_rope(first, n, self.key_block, self.layer_idx)
+        if self.key_block:
+            cos, sin = (t.transpose(-1, -2).flatten(0, 1).contiguous() for t in (cos, sin))  # [R, P, n or blocks]
+            layout = self.positions.tracker.layout
+            rope = kernels.Rope(layout.pair_channels, cos, sin, self.key_block, first % self.key_block)
+        total = n_sink + n + self.keys.shape[2]
+        floats = kernels.scratch_floats(
+            batch, heads, groups, total, keys.weight.shape[1], values.weight.shape[1], torch.get_num_threads()
+        )
+        out = kernels.attend(
+            (q.float() * scaling).contiguous(), sink, recent, self.latent_k.data.codes, keys,
+            self.latent_v.data.codes, values, attention.additive_mask(mask, total), softcap,
+            self.scratch.kernel_buffer(floats), rope,
+        )  # fmt: skip
+        return out.to(q.dtype)
 
     def _latent_operand(self, store: LatentStore, kind: str, dtype: torch.dtype):
         """Stored latents as the decode path reads them: ``(z [B, H, n, r], scale, zero)``.
@@ -326,8 +409,8 @@ class CompressedLayer(DynamicLayer):
         if tracker is not None:
             positions = self.positions.slice(first, first + keys.shape[2])
             self._keep_row_sinks(keys, values, positions, first)
-            if self.positions.rotates(self.layer_idx):  # with the tables these keys arrived with
-                keys = self.positions.unrotate(keys, first, self.layer_idx)
+            if self.key_block:  # with the tables these keys arrived with (their block start's)
+                keys = self.positions.unrotate(keys, first, self.layer_idx, self.key_block)
         dtype = self.settings.latent_dtype or self.store_dtype
         self.latent_k.append(self.codecs["k"].encode(keys).to(dtype))
         self.latent_v.append(self.codecs["v"].encode(values).to(dtype))
@@ -361,8 +444,8 @@ class CompressedLayer(DynamicLayer):
     def _reconstruct(self) -> tuple[torch.Tensor, torch.Tensor]:
         keys = self.codecs["k"].decode(self.latent_k.read(self.dtype))
         values = self.codecs["v"].decode(self.latent_v.read(self.dtype))
-        if self.positions.rotates(self.layer_idx) and self.num_compressed:
-            keys = self.positions.rotate(keys, self.offset + self.sink_k.shape[2], self.layer_idx)
+        if self.key_block and self.num_compressed:
+            keys = self.positions.rotate(keys, self.offset + self.sink_k.shape[2], self.layer_idx, self.key_block)
         if self.row_sink_slot is not None:  # the exact copies of each row's sink positions replace their latents
             rows, position = (self.row_sink_slot >= 0).nonzero(as_tuple=True)
             column = self.row_sink_slot[rows, position] - self.sink_k.shape[2]

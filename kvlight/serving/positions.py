@@ -30,6 +30,13 @@ from kvlight.hf import (
 from kvlight.models import decoder_blocks, rotary_module
 
 
+def block_starts(start: int, stop: int, block: int, device=None) -> torch.Tensor:
+    """Sequence slot of the first token of the block of ``block`` tokens that each slot ``start:stop`` falls in
+    (blocks counted from slot 0), long ``[stop - start]``."""
+    slots = torch.arange(start, stop, device=device)
+    return slots - slots % block
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -56,6 +63,15 @@ class RotaryLayout:
             return keys[..., 0 : self.rotary_dim : 2], keys[..., 1 : self.rotary_dim : 2]
         half = self.rotary_dim // 2
         return keys[..., :half], keys[..., half : self.rotary_dim]
+
+    @functools.cached_property
+    def pair_channels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int32 ``[D_rot/2]`` each: the channel of every pair's first and of its second member (what :meth:`pairs`
+        views), for the native decode kernels."""
+        pairs = torch.arange(self.rotary_dim // 2, dtype=torch.int32)
+        if self.interleaved:
+            return 2 * pairs, 2 * pairs + 1
+        return pairs, pairs + self.rotary_dim // 2
 
     def pair_table(self, table: torch.Tensor) -> torch.Tensor:
         """A rotary module's ``cos`` or ``sin`` ``[..., W]`` -> the pair table ``[..., rotary_dim/2]``."""
@@ -417,29 +433,67 @@ class PositionLog:
         return self.tracker is not None and self.tracker.rotates(layer_idx)
 
     def tables_of(
-        self, start: int, stop: int, dtype: torch.dtype, layer_idx: int = 0
+        self, start: int, stop: int, dtype: torch.dtype, layer_idx: int = 0, block: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pair tables ``(cos, sin) [B|1, 1, stop-start, D_rot/2]`` of sequence slots ``start:stop`` for layer
         ``layer_idx``: those observed on arrival (dynamic rope) or recomputed from the positions with the layer's type
-        (one row when all rows agree)."""
+        (one row when all rows agree). ``block`` > 1: each slot gets the table of the first slot of its block of that
+        many slots (:func:`block_starts`), what keys coded relative to their block's RoPE are rotated with."""
+        if block == 1:
+            return self._tables_at(slice(start, stop), dtype, layer_idx)
+        return self._tables_at(block_starts(start, stop, block, self.positions.device), dtype, layer_idx)
+
+    def _tables_at(self, slots, dtype: torch.dtype, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pair tables ``[B|1, 1, S, D_rot/2]`` of sequence ``slots`` (a slice or a long index)."""
         if self.tables is not None:
-            return tuple(t[:, start:stop].unsqueeze(1).to(dtype) for t in self.tables)
-        positions = self.slice(start, stop)
+            return tuple(t[:, slots].unsqueeze(1).to(dtype) for t in self.tables)
+        positions = self.positions[:, slots].long()
         if bool((positions == positions[:1]).all()):
             positions = positions[:1]
         return tuple(t.unsqueeze(1).to(dtype) for t in self.tracker.pair_tables(positions, layer_idx))
 
-    def unrotate(self, keys: torch.Tensor, start: int, layer_idx: int = 0) -> torch.Tensor:
-        """Post-RoPE ``keys [B, H, T, D]`` of slots ``start:start+T`` of layer ``layer_idx`` -> pre-RoPE, with the
-        tables they arrived with."""
-        cos, sin = self.tables_of(start, start + keys.shape[2], torch.float32, layer_idx)
+    def unrotate(self, keys: torch.Tensor, start: int, layer_idx: int = 0, block: int = 1) -> torch.Tensor:
+        """Post-RoPE ``keys [B, H, T, D]`` of slots ``start:start+T`` of layer ``layer_idx`` -> rotated back by the
+        tables they arrived with (``block`` > 1: their block start's), as the compressor codes them."""
+        cos, sin = self.tables_of(start, start + keys.shape[2], torch.float32, layer_idx, block)
         return self.tracker.layout.unrotate(keys, cos, sin)
 
-    def rotate(self, keys: torch.Tensor, start: int, layer_idx: int = 0) -> torch.Tensor:
-        """Pre-RoPE ``keys [B, H, T, D]`` of slots ``start:start+T`` of layer ``layer_idx`` -> post-RoPE, as the
-        model's own cache holds them."""
-        cos, sin = self.tables_of(start, start + keys.shape[2], torch.float32, layer_idx)
+    def rotate(self, keys: torch.Tensor, start: int, layer_idx: int = 0, block: int = 1) -> torch.Tensor:
+        """The inverse of :meth:`unrotate`: coded ``keys [B, H, T, D]`` of slots ``start:start+T`` -> post-RoPE, as
+        the model's own cache holds them."""
+        cos, sin = self.tables_of(start, start + keys.shape[2], torch.float32, layer_idx, block)
         return self.tracker.layout.rotate(keys, cos, sin)
+
+    def block_rope(self, first: int, count: int, block: int, layer_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pair tables ``(cos, sin) [B|1, 1, K, D_rot/2]`` float32 of the first slot of every block of ``block`` slots
+        that slots ``first:first+count`` touch (``K = (first + count - 1) // block - first // block + 1``): what a
+        decode step rotates each query by, once per block, to score keys coded relative to their block's RoPE.
+
+        Shared by every layer of one rotary type and extended only by new blocks (slots are counted from the start of
+        the sequence, so a sliding window's blocks keep their starts and the table is sliced, not rebuilt).
+        """
+        group = ("blocks", block, None if self.tracker is None else self.tracker.kind(layer_idx))
+        low, high = first // block, (first + count - 1) // block + 1  # blocks [low, high)
+        entry = self._rope.get(group)
+        if entry is None or entry[0] > low:
+            entry = (low, *self._block_tables(low, low, block, layer_idx))
+        start, cos, sin = entry
+        covered = start + cos.shape[2]
+        if covered < high:
+            new_cos, new_sin = self._block_tables(covered, high, block, layer_idx)
+            if new_cos.shape[0] != cos.shape[0] and cos.shape[2]:
+                rows = max(new_cos.shape[0], cos.shape[0])
+                cos, sin, new_cos, new_sin = (t.expand(rows, -1, -1, -1) for t in (cos, sin, new_cos, new_sin))
+            cos = torch.cat([cos, new_cos], dim=2) if cos.shape[2] else new_cos
+            sin = torch.cat([sin, new_sin], dim=2) if sin.shape[2] else new_sin
+            entry = (start, cos, sin)
+        self._rope[group] = entry
+        return cos[:, :, low - start : high - start], sin[:, :, low - start : high - start]
+
+    def _block_tables(self, low: int, high: int, block: int, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pair tables ``[B|1, 1, high - low, D_rot/2]`` float32 of the first slots of blocks ``low:high``."""
+        slots = torch.arange(low, high, device=self.positions.device) * block
+        return self._tables_at(slots, torch.float32, layer_idx)
 
     def stored_tensors(self) -> list[torch.Tensor]:
         """What this log stores for the cached tokens: the positions and, for dynamic rope, the arrival tables."""

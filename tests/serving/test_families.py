@@ -162,14 +162,17 @@ def _model(build):
     return model
 
 
-def _full_rank(model, windows: torch.Tensor, **config) -> KVCompressor:
-    """A PCA compressor fitted on ``model``'s own pre-RoPE keys and values (statistics pass)."""
+def _full_rank(model, windows: torch.Tensor, rope_block: int = 1, **config) -> KVCompressor:
+    """A PCA compressor fitted on ``model``'s own keys (pre-RoPE, or relative to RoPE blocks of ``rope_block``
+    tokens) and values (statistics pass)."""
     geometry = kv_geometry(model)
     cfg = CompressionConfig.uniform(
         geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, rank=config.pop("rank", geometry.head_dim),
         **config,
     )  # fmt: skip
-    reservoir = capture_kv(model, geometry, [windows], capacity=100_000, progress=False)
+    cfg.key_rope_block = rope_block
+    blocks = (rope_block,) * geometry.num_layers
+    reservoir = capture_kv(model, geometry, [windows], capacity=100_000, progress=False, rope_blocks=blocks)
     keys, values = reservoir.rows()
     compressor = KVCompressor(cfg, geometry, algo="pca")
     compressor.fit_statistics([{"keys": keys, "values": values}])
@@ -201,6 +204,25 @@ def test_full_rank_generation_equals_dynamic_cache(family, build, fast, prompts)
     model = _model(build)
     windows = torch.randint(3, TINY_VOCAB, (4, 24), generator=torch.Generator().manual_seed(2))
     compressor = _full_rank(model, windows)
+    expected_tokens, expected_logits = _generate(model, prompts, default_cache(model.config))
+    wrapper = CompressedKVModelWrapper(model, compressor, fast_decode=fast)
+    try:
+        tokens, logits = _generate(model, prompts, wrapper)
+    finally:
+        wrapper.close()
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(logits, expected_logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+@pytest.mark.parametrize("family,build", FAMILIES, ids=[family for family, _ in FAMILIES])
+def test_keys_in_rope_blocks_at_full_rank_equal_dynamic_cache(family, build, fast, prompts):
+    """Keys coded relative to the RoPE of blocks of 4 tokens (decode: each query rotated and projected once per
+    block, scored in latent space) give DynamicCache's tokens and logits at full rank in every family: partial and
+    interleaved rotary, per-type tables, sliding windows, dynamic rope, NoPE layers."""
+    model = _model(build)
+    windows = torch.randint(3, TINY_VOCAB, (4, 24), generator=torch.Generator().manual_seed(2))
+    compressor = _full_rank(model, windows, rope_block=4)
     expected_tokens, expected_logits = _generate(model, prompts, default_cache(model.config))
     wrapper = CompressedKVModelWrapper(model, compressor, fast_decode=fast)
     try:

@@ -1,16 +1,23 @@
 """Decode through the fast paths (kvlight.attention: latents read in place) gives the plain path's tokens.
 
 The plain path reconstructs every cached K/V each step and hands them to the model's own attention; the fast
-path never rebuilds the history: values (and keys without RoPE) are read in latent space, pre-RoPE keys are
-decoded into one shared workspace. Every case runs on the tiny Llama (GQA + RoPE) and the tiny GPT-2.
+path never rebuilds the history: values (and keys coded after RoPE, or without RoPE) are read in latent space,
+keys coded before RoPE are decoded into one shared workspace, or, for width codes on the CPU, rebuilt and rotated
+inside the native kernels (kvlight.serving.kernels). Every case runs on the tiny Llama (GQA + RoPE) and the tiny
+GPT-2, with keys coded before and after RoPE, and width cases with the kernels and with the torch code.
 """
 
 import pytest
 import torch
 from helpers import ARCHS, BACKENDS, mixed_widths
 
+from kvlight.serving import kernels
 from kvlight.serving.layer import CompressedLayer
 from kvlight.serving.wrapper import CompressedKVModelWrapper
+
+#: How keys are coded (key_rope_block): before RoPE (rebuilt and rotated each step), or relative to the RoPE of blocks
+#: of 4 tokens (scored in latent space, each query rotated and projected once per block).
+ROPE_BLOCKS = (1, 4)
 
 NEW_TOKENS = 12
 
@@ -75,14 +82,28 @@ def count_calls(monkeypatch):
     return install
 
 
+@pytest.fixture(params=["kernels", "torch"])
+def packed_reader(request, monkeypatch):
+    """Width codes read by the native kernels (where they build here) or by the torch code of the fast path."""
+    if request.param == "kernels":
+        if kernels.library() is None:
+            pytest.skip("the native decode kernels cannot be built here (no C compiler)")
+    else:
+        monkeypatch.setattr(kernels, "enabled_for", lambda tensor: False)
+    return request.param
+
+
 @pytest.mark.parametrize("algo", BACKENDS)
 @pytest.mark.parametrize("case", [c[1] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("rope_block", ROPE_BLOCKS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fast_decode_gives_the_plain_paths_tokens(
-    arch, case, algo, tiny_models, tiny_windows, fitted_compressor, count_calls
+    arch, rope_block, case, algo, tiny_models, tiny_windows, fitted_compressor, count_calls
 ):
+    if arch == "gpt2" and rope_block != 1:
+        pytest.skip("GPT-2 has no RoPE: its keys are coded as attention reads them whatever the block")
     model = tiny_models[arch]
-    compressor = fitted_compressor(arch, algo, **case)
+    compressor = fitted_compressor(arch, algo, rope_block=rope_block, **case)
     prompts = tiny_windows["eval"][:3, :20]
     attends = count_calls("attend")
 
@@ -94,6 +115,48 @@ def test_fast_decode_gives_the_plain_paths_tokens(
     assert attends["n"] == compressor.num_layers * (NEW_TOKENS - 1)
     assert torch.equal(fast_tokens, plain_tokens)
     torch.testing.assert_close(fast_logits, plain_logits, atol=2e-4, rtol=1e-4)
+
+
+#: width cases of the native kernel: every width (exact width-16 channels, here in every layer's values, leave the
+#: layer to the torch code), and only coded widths (every layer in the kernel).
+WIDTH_CASES = {
+    "mixed-widths": {"bits": mixed_widths, "sink_tokens": 1, "recent_window": 2},
+    "coded-widths": {"bits": lambda layer, head: [[min(w, 8) for w in b] for b in mixed_widths(layer, head)]},
+}
+
+
+@pytest.mark.parametrize("case", list(WIDTH_CASES.values()), ids=list(WIDTH_CASES))
+@pytest.mark.parametrize("rope_block", ROPE_BLOCKS)
+def test_packed_readers_give_the_plain_paths_tokens(
+    rope_block, case, packed_reader, tiny_models, tiny_windows, fitted_compressor, monkeypatch
+):
+    """Width codes on the CPU: the native kernel (keys in latent space or rebuilt in registers, values mixed in
+    latent space) and the torch code both give the plain path's tokens and logits, the kernel with 2 threads (its
+    token chunks split)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the kernel's split; torch itself stays at 1
+    compressor = fitted_compressor("llama", "pca", rope_block=rope_block, **case)
+    calls = {"n": 0}
+    original = kernels.attend
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "attend", counted)
+    prompts = tiny_windows["eval"][:3, :20]
+    plain_tokens, plain_logits = generate(tiny_models["llama"], compressor, prompts, fast=False)
+    fast_tokens, fast_logits = generate(tiny_models["llama"], compressor, prompts, fast=True)
+    assert torch.equal(fast_tokens, plain_tokens)
+    torch.testing.assert_close(fast_logits, plain_logits, atol=2e-4, rtol=1e-4)
+    coded = [
+        layer
+        for layer in range(compressor.num_layers)
+        if all(16 not in bits for head in range(2) for bits in case["bits"](layer, head))
+    ]
+    expected = 0 if packed_reader == "torch" else len(coded) * (NEW_TOKENS - 1)
+    assert calls["n"] == expected
+    if case is WIDTH_CASES["coded-widths"]:
+        assert len(coded) == compressor.num_layers  # every layer in the kernel
 
 
 @pytest.mark.parametrize("arch", ARCHS)
