@@ -10,7 +10,7 @@ with respect to the compressor's parameters only.
 How the student's forward simulates the cache: the first ``sink_tokens`` positions stay exact; every other
 position is encoded, quantized as the cache stores it (the forward sees the rounded latents; the gradient passes
 through rounding as if it were the identity, the straight-through estimator), and decoded. Keys of RoPE models are
-compressed pre-RoPE, as in the cache. The recent window is not simulated (in one full-window forward no position is
+compressed as the cache codes them (pre-RoPE, or relative to their RoPE block: ``key_rope_block``). The recent window is not simulated (in one full-window forward no position is
 "newest" for every query), so training sees a little more compression than serving does.
 """
 
@@ -56,7 +56,8 @@ def simulate(
     quantizer: Quantizer | None,
     sink_tokens: int,
 ) -> torch.Tensor:
-    """``x [B, H, T, D]`` (keys pre-RoPE) -> what attention reads from the cache, same shape and dtype.
+    """``x [B, H, T, D]`` (keys as the compressor codes them) -> what attention reads from the cache, same shape and
+    dtype.
 
     Positions ``< sink_tokens`` pass through exactly; the rest go through encode, quantize (straight-through) and
     decode in float32. Differentiable with respect to the compressor's parameters.

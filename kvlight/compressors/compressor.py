@@ -281,7 +281,7 @@ class KVCompressor(nn.Module):
         """The upstream design's loss ``mse(K_hat, K) + mse(V_hat, V)`` over every layer and head.
 
         Args:
-            keys, values: ``[N, L, H, D]`` captured rows (keys pre-RoPE for RoPE models).
+            keys, values: ``[N, L, H, D]`` captured rows (keys as the config's ``key_rope_block`` codes them).
             key_weights: optional ``[L, H, D, D]`` score weights: the key term becomes ``E[e^T W e] / D`` with each
                 ``W`` scaled to trace ``D`` (so ``W = I`` is the plain MSE), the error attention scores see.
             value_weights: optional ``[L, H, D, D]`` output-projection weights, the same way for the value term.

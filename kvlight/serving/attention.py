@@ -7,13 +7,17 @@ offers itself to the model's :class:`DecodeHandoff` and kvlight's attention func
 per KV head and latents ``z`` of rank ``r`` per head::
 
     decode(z) = z @ A + c                      (A [H, r, D], c [H, D]: every backend decodes affinely)
-    scores    = (q @ A^T) @ z^T + q . c        keys stored post-RoPE or with no RoPE: O(r) per token
+    scores    = (q @ A^T) @ z^T + q . c        keys with no RoPE (or per RoPE block, below): O(r) per token
     output    = (p @ z) @ A + sum(p) * c       values: weights times latents, one up-projection per head
 
-Keys of RoPE models are stored pre-RoPE (rotation depends on each token's position, so the query
-cannot be projected once); they are reconstructed into one preallocated workspace and rotated in
-place. Calls that are not a pending decode step (prefill, other caches) go to the model's original
-attention function unchanged, with the original mask function, so outputs there are identical.
+Keys of RoPE models are coded as the compressor's ``key_rope_block`` says. Block 1: pre-RoPE (rotation depends on
+each token's position, so the query cannot be projected once); they are reconstructed into one preallocated workspace
+and rotated in place. Block ``B > 1``: each key rotated back by the angle of its block's first token, so the score of
+a block's tokens is ``(A R(-theta_block) q) . z + ...``: the query is rotated and projected once per block
+(:func:`block_scores`). On the CPU, width codes take one native call per layer instead
+(:func:`kvlight.serving.kernels.attend`, the same arithmetic). Calls that are not a pending decode step (prefill, other
+caches) go to the model's original attention function unchanged, with the original mask function, so outputs there
+are identical.
 """
 
 from __future__ import annotations
@@ -236,8 +240,8 @@ def block_scores(
     Token ``i`` lies in block ``(lead + i) // block`` of the ``K`` blocks whose first-token pair tables are ``tables``
     (``(cos, sin) [B|1, 1, K, D_rot/2]``, :meth:`~kvlight.serving.positions.PositionLog.block_rope`); its key is
     ``R(theta_block) decode(z_i)``, so its score is ``(R(-theta_block) q) . decode(z_i)``: each query is rotated and
-    projected once per block, ``A R(-theta) q`` (with the table's scale), and the tokens are scored in latent space. ``scale``/``zero`` as in
-    :func:`latent_scores` (dequantized here).
+    projected once per block, ``A R(-theta) q`` (with the table's scale), and the tokens are scored in latent space.
+    ``scale``/``zero`` as in :func:`latent_scores` (dequantized here).
     """
     batch, heads, groups, dim = q.shape
     cos, sin = tables

@@ -8,7 +8,8 @@ A sliding layer (the model's ``sliding_window`` on that layer, as transformers' 
 its window, as ``DynamicSlidingWindowLayer`` does: ``[ compressed | recent ]`` over the last ``window - 1`` tokens,
 older ones dropped, no sinks.
 New tokens enter the recent window; tokens pushed out of it are compressed once (keys of RoPE
-models are rotated back to pre-RoPE with the positions the model actually used, then encoded).
+models are rotated back, with the tables of the positions the model actually used, to pre-RoPE or to their RoPE
+block's start as the compressor's ``key_rope_block`` says, then encoded).
 ``update()`` returns every position, the compressed ones reconstructed, so attention always reads
 what the cache stores; on one-token decode steps under an open :class:`~kvlight.serving.attention.LatentAttention`
 it instead offers the layer to kvlight's attention function (:class:`~kvlight.serving.attention.DecodeHandoff`),

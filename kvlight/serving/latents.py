@@ -14,8 +14,9 @@ class LatentStore:
 
     Stored in buffers preallocated in chunks of :attr:`GROW` tokens and filled in place, so a decode
     step writes one token instead of copying the whole history (at most ``GROW - 1`` tokens of slack).
-    Packed width codes are held token-minor (``[B, n_bytes, capacity]`` in memory, seen as ``[B, T, n_bytes]``):
-    unpacking gathers whole byte columns, one contiguous run of tokens each, instead of single bytes per token.
+    Packed width codes and their exact channels are held token-minor (``[B, n_bytes, capacity]`` in memory, seen as
+    ``[B, T, n_bytes]``): unpacking gathers whole byte columns, one contiguous run of tokens each, instead of single
+    bytes per token, and the decode kernel reads an exact channel's tokens as one run too.
     """
 
     #: tokens added to the buffers whenever they are full.
@@ -29,7 +30,7 @@ class LatentStore:
         self.length = 0
         self._buffers = self._encode(template.new_zeros(template.shape[0], 0, width))
         #: per buffer: held token-minor (see the class docstring).
-        self._token_minor = [self.widths and i == 0 for i in range(len(self._buffers))]
+        self._token_minor = [self.widths] * len(self._buffers)
 
     def _encode(self, z: torch.Tensor) -> list[torch.Tensor | None]:
         """``z [B, T, R]`` -> the tensors stored for it: ``[latents]``, ``[codes, scale, zero]`` or

@@ -256,8 +256,8 @@ class CompressedLayer(DynamicLayer):
         ``query [B, Hq, 1, D]`` (post-RoPE), ``mask [B|1, 1, 1, N]`` or None -> output ``[B, 1, Hq, D]``.
         Values, keys of models without RoPE and keys coded relative to their RoPE block (each query rotated and
         projected once per block) are read in latent space; pre-RoPE keys are reconstructed into the cache's shared
-        workspace and rotated in place (width codes on the CPU: all of it in one native call, kvlight.serving.kernels). ``softcap`` (Gemma 2's attention logit soft-capping) caps
-        the scaled scores as ``tanh(s / cap) * cap`` before the mask, as the model's eager attention does. A sliding
+        workspace and rotated in place (width codes on the CPU: all of it in one native call, kvlight.serving.kernels).
+        ``softcap`` (Gemma 2's attention logit soft-capping) caps the scaled scores as ``tanh(s / cap) * cap`` before the mask, as the model's eager attention does. A sliding
         layer drops the tokens that left its window once they are read.
         """
         out = self._attend(query, mask, scaling, softcap)
@@ -288,19 +288,11 @@ class CompressedLayer(DynamicLayer):
             elif self.key_block > 1:
                 first = self.offset + self.sink_k.shape[2]
                 cos, sin = self.positions.block_rope(first, n, self.key_block, self.layer_idx)
+                layout, block = self.positions.tracker.layout, self.key_block
                 scores.append(
                     attention.block_scores(
-                        q,
-                        z_k,
-                        k_weight,
-                        k_bias,
-                        (cos, sin),
-                        self.positions.tracker.layout,
-                        first % self.key_block,
-                        self.key_block,
-                        k_scale,
-                        k_zero,
-                    )  # fmt: skip
+                        q, z_k, k_weight, k_bias, (cos, sin), layout, first % block, block, k_scale, k_zero
+                    )
                 )
             else:
                 workspace = self.scratch.workspace(z_k.numel() // z_k.shape[-1] * dim, dtype, query.device)
@@ -331,16 +323,14 @@ class CompressedLayer(DynamicLayer):
 
     def _reads_packed(self, query: torch.Tensor) -> bool:
         """Whether this step's attention is the native kernel's (kvlight.serving.kernels.attend): keys and values
-        stored as width codes with every stored channel coded (an exact width-16 channel takes the torch code), on
-        the CPU, the kernels built; keys coded before RoPE also need heads of at most DIM_MAX channels, a multiple
-        of 8."""
+        stored as width codes (exact width-16 channels in float32 or bfloat16), on the CPU, the kernels built, and for
+        rotated keys a head width the kernel takes (:func:`kvlight.serving.kernels.takes_heads`)."""
         if not (self.latent_k.widths and self.latent_v.widths and kernels.enabled_for(query)):
             return False
-        for kind, store in (("k", self.latent_k), ("v", self.latent_v)):
-            if self.scratch.layout(self.layer_idx, kind, self.codecs[kind], store.quantizer).exact_slots.numel():
-                return False
-        dim = query.shape[-1]
-        return self.key_block != 1 or (dim <= kernels.DIM_MAX and dim % 8 == 0)
+        exact_dtypes = {self.latent_k.quantizer.exact_dtype, self.latent_v.quantizer.exact_dtype}
+        if not exact_dtypes <= {torch.float32, torch.bfloat16}:
+            return False
+        return kernels.takes_heads(query.shape[-1], self.key_block)
 
     def _attend_packed(
         self, q: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None
@@ -362,10 +352,11 @@ class CompressedLayer(DynamicLayer):
             cos, sin = self.positions.compressed_rope(
                 first, n, torch.float32, channel_major=True, layer_idx=self.layer_idx, sliding=self.is_sliding
             )
+            cos, sin = (t.transpose(-1, -2).flatten(0, 1) for t in (cos, sin))  # [R, P, n], contiguous
         elif self.key_block > 1:  # per block: rotate and project the queries
-            cos, sin = self.positions.block_rope(first, n, self.key_block, self.layer_idx)
+            tables = self.positions.block_rope(first, n, self.key_block, self.layer_idx)
+            cos, sin = (t[:, 0].contiguous() for t in tables)  # [R, blocks, P]
         if self.key_block:
-            cos, sin = (t.transpose(-1, -2).flatten(0, 1).contiguous() for t in (cos, sin))  # [R, P, n or blocks]
             layout = self.positions.tracker.layout
             rope = kernels.Rope(layout.pair_channels, cos, sin, self.key_block, first % self.key_block)
         total = n_sink + n + self.keys.shape[2]
@@ -373,8 +364,8 @@ class CompressedLayer(DynamicLayer):
             batch, heads, groups, total, keys.weight.shape[1], values.weight.shape[1], torch.get_num_threads()
         )
         out = kernels.attend(
-            (q.float() * scaling).contiguous(), sink, recent, self.latent_k.data.codes, keys,
-            self.latent_v.data.codes, values, attention.additive_mask(mask, total), softcap,
+            (q.float() * scaling).contiguous(), sink, recent, self.latent_k.data.tensors(), keys,
+            self.latent_v.data.tensors(), values, attention.additive_mask(mask, total), softcap,
             self.scratch.kernel_buffer(floats), rope,
         )  # fmt: skip
         return out.to(q.dtype)

@@ -475,17 +475,16 @@ class PositionLog:
         group = ("blocks", block, None if self.tracker is None else self.tracker.kind(layer_idx))
         low, high = first // block, (first + count - 1) // block + 1  # blocks [low, high)
         entry = self._rope.get(group)
-        if entry is None or entry[0] > low:
-            entry = (low, *self._block_tables(low, low, block, layer_idx))
+        if entry is None or entry[0] > low:  # a first table, or one a crop or reorder would have dropped
+            entry = (low, *self._block_tables(low, high, block, layer_idx))
         start, cos, sin = entry
         covered = start + cos.shape[2]
-        if covered < high:
+        if covered < high:  # new blocks: only their tables are made
             new_cos, new_sin = self._block_tables(covered, high, block, layer_idx)
-            if new_cos.shape[0] != cos.shape[0] and cos.shape[2]:
+            if new_cos.shape[0] != cos.shape[0]:  # one side's rows agreed, the other's not
                 rows = max(new_cos.shape[0], cos.shape[0])
                 cos, sin, new_cos, new_sin = (t.expand(rows, -1, -1, -1) for t in (cos, sin, new_cos, new_sin))
-            cos = torch.cat([cos, new_cos], dim=2) if cos.shape[2] else new_cos
-            sin = torch.cat([sin, new_sin], dim=2) if sin.shape[2] else new_sin
+            cos, sin = torch.cat([cos, new_cos], dim=2), torch.cat([sin, new_sin], dim=2)
             entry = (start, cos, sin)
         self._rope[group] = entry
         return cos[:, :, low - start : high - start], sin[:, :, low - start : high - start]

@@ -53,7 +53,8 @@ class DecodeScratch:
         decoder (kvlight.serving.kernels)."""
         key = (layer, kind)
         if key not in self._operands:
-            table = kernels.SlotTable.of(self.layout(layer, kind, codec, quantizer).table)
+            layout = self.layout(layer, kind, codec, quantizer)
+            table = kernels.SlotTable.of(layout.table, layout.exact_slots)
             self._operands[key] = kernels.KindOperands(
                 table, *self.decoder(layer, kind, codec, quantizer, torch.float32)
             )
@@ -72,5 +73,5 @@ class DecodeScratch:
         held = [] if self._workspace is None else [self._workspace]
         decoders = [t for pair in self._decoders.values() for t in pair]
         held += [] if self._kernel_buffer is None else [self._kernel_buffer]
-        tables = [t for operands in self._operands.values() for t in operands.table.tensors()]
+        tables = [t for operands in self._operands.values() for t in operands.table.all_tensors()]
         return held + decoders + [t for layout in self._layouts.values() for t in layout.tensors()] + tables

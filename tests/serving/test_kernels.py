@@ -58,24 +58,29 @@ CASES = [
 ]
 
 
-def _codes(case: Case, seed: int):
-    """Packed codes of random latents of every width 0..8 (held token-minor like LatentStore's buffers), their
-    per-head layout, and a random affine decoder over them."""
+def _codes(case: Case, seed: int, exact: torch.dtype | None = torch.float32):
+    """Packed codes of random latents of every width (16, kept exactly in ``exact``, unless None), held token-minor
+    like LatentStore's buffers, their per-head layout, and a random affine decoder over them."""
     generator = torch.Generator().manual_seed(seed)
     channels = case.heads * case.rank
-    choices = torch.tensor([0, 1, 2, 3, 4, 5, 6, 8])
+    choices = torch.tensor([0, 1, 2, 3, 4, 5, 6, 8] + ([16] if exact is not None else []))
     widths = choices[torch.randint(0, len(choices), (channels,), generator=generator)]
     widths[0] = 3  # at least one two-field code
-    quantizer = DirectionQuantizer(widths, torch.rand(channels, generator=generator) + 0.5, torch.zeros(channels))
+    if exact is not None:
+        widths[-1] = 16  # at least one exact channel
+    quantizer = DirectionQuantizer(
+        widths, torch.rand(channels, generator=generator) + 0.5, torch.zeros(channels), exact or torch.float32
+    )
     packed = quantizer.quantize(torch.randn(case.batch, case.tokens, channels, generator=generator) * 4 + 6)
-    codes = packed.codes.transpose(1, 2).contiguous().transpose(1, 2)  # token-minor
+    token_minor = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in packed.tensors()]
     layout = head_layout(quantizer, [case.rank] * case.heads)
     r_max = layout.channel.shape[1]
     weight = torch.randn(case.heads, r_max, case.dim, generator=generator) / r_max**0.5
     bias = torch.randn(case.heads, case.dim, generator=generator)
-    decoded = layout.operand(PackedCodes(codes, packed.exact), torch.float32) @ weight + bias[:, None, :]
-    operands = kernels.KindOperands(kernels.SlotTable.of(layout.table), weight.contiguous(), bias.contiguous())
-    return codes, operands, decoded  # decoded: [B, H, T, D], what the codes stand for
+    decoded = layout.operand(PackedCodes(*token_minor), torch.float32) @ weight + bias[:, None, :]
+    table = kernels.SlotTable.of(layout.table, layout.exact_slots)
+    operands = kernels.KindOperands(table, weight.contiguous(), bias.contiguous())
+    return tuple(token_minor), operands, decoded  # decoded: [B, H, T, D], what the codes stand for
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -85,8 +90,8 @@ def test_attend_equals_the_unpacked_attention(case, monkeypatch):
     shape = lambda n: (case.batch, case.heads, n, case.dim)  # noqa: E731
     sink = tuple(torch.randn(shape(case.sinks), generator=generator).to(case.exact_dtype) for _ in "kv")
     recent = tuple(torch.randn(shape(case.recent), generator=generator).to(case.exact_dtype) for _ in "kv")
-    codes_k, keys, decoded_k = _codes(case, 2)
-    codes_v, values, decoded_v = _codes(case, 3)
+    codes_k, keys, decoded_k = _codes(case, 2, case.exact_dtype)
+    codes_v, values, decoded_v = _codes(case, 3, case.exact_dtype)
     q = torch.randn(case.batch, case.heads, case.groups, case.dim, generator=generator) / case.dim**0.5
     rope = None
     if case.rope is not None:
@@ -97,7 +102,8 @@ def test_attend_equals_the_unpacked_attention(case, monkeypatch):
         cos, sin = angles.cos() * scale, angles.sin() * scale
         per_token = (case.lead + torch.arange(case.tokens)) // case.block  # each token's table entry
         decoded_k = rotary.rotate(decoded_k, cos[:, :, per_token], sin[:, :, per_token])
-        tables = [t.transpose(-1, -2).flatten(0, 1).contiguous() for t in (cos, sin)]
+        # pair-major [B, P, E] for keys rebuilt per token, entry-major [B, E, P] for queries turned per block
+        tables = [(t.transpose(-1, -2) if case.block == 1 else t).flatten(0, 1).contiguous() for t in (cos, sin)]
         rope = kernels.Rope(rotary.pair_channels, *tables, block=case.block, lead=case.lead)
     total = case.sinks + case.tokens + case.recent
     mask = None
@@ -145,6 +151,7 @@ def test_kernels_run_on_torchs_openmp_runtime():
 def test_bad_operands_are_refused_before_the_kernel_runs():
     case = Case(1, 20, 2, 8, 3, 16)
     codes, operands, _ = _codes(case, 0)
+    packed = codes
     q = torch.randn(1, 2, 3, 16)
     empty = (torch.zeros(1, 2, 0, 16), torch.zeros(1, 2, 0, 16))
     scratch = torch.empty(kernels.scratch_floats(1, 2, 3, 20, 8, 8, torch.get_num_threads()))
@@ -165,7 +172,9 @@ def test_bad_operands_are_refused_before_the_kernel_runs():
     )
     torch.testing.assert_close(call(), call())  # the baseline call works
     with pytest.raises(ValueError, match="token-minor"):
-        call(codes_k=codes.contiguous())
+        call(codes_k=(packed[0].contiguous(), packed[1]))
+    with pytest.raises(ValueError, match="exact channels"):
+        call(codes_k=(packed[0], packed[1].half()))
     with pytest.raises(ValueError, match="float32"):
         call(q=q.double())
     with pytest.raises(ValueError, match="scratch"):

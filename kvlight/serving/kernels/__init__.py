@@ -52,7 +52,8 @@ class _PackedKind(ctypes.Structure):
         ("codes", _PTR), ("batch_stride", _I64), ("column_stride", _I64),
         ("byte_lo", _PTR), ("bit_lo", _PTR), ("mask_lo", _PTR),
         ("byte_hi", _PTR), ("bit_hi", _PTR), ("mask_hi", _PTR), ("shift_hi", _PTR),
-        ("r_max", _I32), ("weight", _PTR), ("weight_t", _PTR), ("bias", _PTR),
+        ("exact_col", _PTR), ("exact", _PTR), ("exact_batch_stride", _I64), ("exact_col_stride", _I64),
+        ("exact_dtype", _I32), ("r_max", _I32), ("weight", _PTR), ("weight_t", _PTR), ("bias", _PTR),
     ]  # fmt: skip
 
 
@@ -95,7 +96,6 @@ _SIGNATURES = {
         ],  # fmt: skip
         None,
     ),
-    "kvl_attend_scratch": ([_I32, _I32, _I32, _I64, _I32, _I32, _I32], _I64),
     "kvl_max_threads": ([], _I32),
 }
 
@@ -178,7 +178,8 @@ def enabled_for(tensor: torch.Tensor) -> bool:
 @dataclass(frozen=True)
 class SlotTable:
     """An :class:`~kvlight.serving.widths.UnpackTable` as the kernels read it: for each of ``S`` slots, the byte
-    column, bit and mask of its low field and of its high field (mask 0: no such field), contiguous on the CPU."""
+    column, bit and mask of its low field and of its high field (mask 0: no such field), and the column of the
+    exact channels the slot reads instead (-1: none), contiguous on the CPU."""
 
     byte_lo: torch.Tensor  # int32 [S]
     bit_lo: torch.Tensor  # uint8 [S]
@@ -187,10 +188,12 @@ class SlotTable:
     bit_hi: torch.Tensor  # uint8 [S]
     mask_hi: torch.Tensor  # uint8 [S]
     shift_hi: torch.Tensor  # uint8 [S]
+    exact_col: torch.Tensor  # int32 [S]
 
     @classmethod
-    def of(cls, table) -> SlotTable:
-        """From an UnpackTable (``byte_lo [S]``, ``bit_lo/mask_lo [S, 1]``, ``hi`` or None)."""
+    def of(cls, table, exact_slots: torch.Tensor | None = None) -> SlotTable:
+        """From an UnpackTable (``byte_lo [S]``, ``bit_lo/mask_lo [S, 1]``, ``hi`` or None) and the slot of each exact
+        channel (``exact_slots [n_exact]``, HeadLayout's: channel ``e`` of the exact tensor is read into that slot)."""
         slots = table.byte_lo.numel()
         as_bytes = lambda t: t.reshape(-1).to(device="cpu", dtype=torch.uint8).contiguous()  # noqa: E731
         as_columns = lambda t: t.reshape(-1).to(device="cpu", dtype=torch.int32).contiguous()  # noqa: E731
@@ -200,7 +203,10 @@ class SlotTable:
         else:
             byte, bit, mask, shift = table.hi
             hi = (as_columns(byte), as_bytes(bit), as_bytes(mask), as_bytes(shift))
-        return cls(as_columns(table.byte_lo), as_bytes(table.bit_lo), as_bytes(table.mask_lo), *hi)
+        exact_col = torch.full((slots,), -1, dtype=torch.int32)
+        if exact_slots is not None and exact_slots.numel():
+            exact_col[exact_slots.cpu()] = torch.arange(exact_slots.numel(), dtype=torch.int32)
+        return cls(as_columns(table.byte_lo), as_bytes(table.bit_lo), as_bytes(table.mask_lo), *hi, exact_col)
 
     @property
     def slots(self) -> int:
@@ -208,6 +214,9 @@ class SlotTable:
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.byte_lo, self.bit_lo, self.mask_lo, self.byte_hi, self.bit_hi, self.mask_hi, self.shift_hi]
+
+    def all_tensors(self) -> list[torch.Tensor]:
+        return [*self.tensors(), self.exact_col]
 
     def pointers(self) -> list[int]:
         return [t.data_ptr() for t in self.tensors()]
@@ -237,10 +246,11 @@ class KindOperands:
 class Rope:
     """How :func:`attend` turns the keys of a layer whose keys are coded relative to RoPE (kvlight.config's
     ``key_rope_block``): ``pairs`` the channels ``(first, second)`` int32 ``[P]`` each rotary pair turns, ``cos``/``sin``
-    ``[R, P, E]`` float32 pair tables, pair-major (``R`` 1 for every batch row, or ``B``). ``block`` 1: keys coded before
-    RoPE, one entry per compressed token, each key rebuilt and rotated; ``block`` > 1: keys coded relative to the RoPE of
-    their block of that many slots, one entry per block the compressed tokens touch (token ``i`` in block
-    ``(lead + i) // block``), each query rotated back and projected once per block."""
+    float32 pair tables, contiguous, ``R`` rows (1 for every batch row, or ``B``). ``block`` 1: keys coded before RoPE,
+    one entry per compressed token, tables pair-major ``[R, P, E]``, each key rebuilt and rotated; ``block`` > 1: keys
+    coded relative to the RoPE of their block of that many slots, one entry per block the compressed tokens touch
+    (token ``i`` in block ``(lead + i) // block``), tables entry-major ``[R, E, P]``, each query rotated back and
+    projected once per block."""
 
     pairs: tuple[torch.Tensor, torch.Tensor]
     cos: torch.Tensor
@@ -249,17 +259,27 @@ class Rope:
     lead: int = 0
 
 
-def _kind(codes: torch.Tensor, operands: KindOperands) -> _PackedKind:
+def _kind(codes: torch.Tensor, exact: torch.Tensor, operands: KindOperands) -> _PackedKind:
     if codes.dtype != torch.uint8 or codes.dim() != 3 or (codes.shape[1] > 1 and codes.stride(1) != 1):
         raise ValueError(f"packed codes must be uint8 [B, T, n_bytes] held token-minor, got {tuple(codes.shape)}")
+    if exact.shape[:2] != codes.shape[:2] or (exact.shape[2] and exact.shape[1] > 1 and exact.stride(1) != 1):
+        raise ValueError(f"exact channels must be [B, T, n_exact] held token-minor, got {tuple(exact.shape)}")
+    if exact.shape[2] and exact.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"exact channels must be float32 or bfloat16, got {exact.dtype}")
     heads, r_max, _ = operands.weight.shape
     if operands.table.slots != heads * r_max:
         raise ValueError(f"the slot table has {operands.table.slots} slots, the decoder {heads} x {r_max}")
     for tensor in (operands.weight, operands.bias):
         if tensor.dtype != torch.float32 or not tensor.is_contiguous():
             raise ValueError("decoder weights and biases must be float32 and contiguous")
+    if int((operands.table.exact_col >= 0).sum()) != exact.shape[2]:
+        raise ValueError(
+            f"the slot table reads {int((operands.table.exact_col >= 0).sum())} exact channels, not {exact.shape[2]}"
+        )
     return _PackedKind(
-        codes.data_ptr(), codes.stride(0), codes.stride(2), *operands.table.pointers(), r_max,
+        codes.data_ptr(), codes.stride(0), codes.stride(2), *operands.table.pointers(),
+        operands.table.exact_col.data_ptr(), exact.data_ptr(), exact.stride(0), exact.stride(2),
+        int(exact.dtype == torch.bfloat16), r_max,
         operands.weight.data_ptr(), operands.weight_t.data_ptr(), operands.bias.data_ptr(),
     )  # fmt: skip
 
@@ -276,9 +296,9 @@ def attend(
     q: torch.Tensor,
     sink: tuple[torch.Tensor, torch.Tensor],
     recent: tuple[torch.Tensor, torch.Tensor],
-    codes_k: torch.Tensor,
+    codes_k: tuple[torch.Tensor, torch.Tensor],
     keys: KindOperands,
-    codes_v: torch.Tensor,
+    codes_v: tuple[torch.Tensor, torch.Tensor],
     values: KindOperands,
     mask: torch.Tensor | None,
     softcap: float | None,
@@ -289,7 +309,8 @@ def attend(
 
     ``q`` float32 contiguous, already scaled; ``sink`` / ``recent`` the exact tokens' keys and values ``[B, H, n, D]``
     (float32 or bfloat16, contiguous); ``codes_k`` / ``codes_v`` the compressed tokens' packed codes ``[B, T, n_bytes]``
-    held token-minor (LatentStore's buffers), decoded by ``keys`` / ``values``; ``mask`` additive float32
+    and exact channels ``[B, T, n_exact]`` (float32 or bfloat16), both held token-minor (LatentStore's buffers,
+    :class:`~kvlight.serving.widths.PackedCodes`), decoded by ``keys`` / ``values``; ``mask`` additive float32
     ``[B|1, N]`` over every token (sinks, compressed, recent) or None; ``softcap`` Gemma 2's logit soft-capping or
     None; ``scratch`` a float32 buffer of at least :func:`scratch_floats` elements. ``rope``: how keys coded relative
     to RoPE turn (:class:`Rope`); None: keys not rotated (no RoPE), scored in latent space as they are.
@@ -297,9 +318,9 @@ def attend(
     batch, heads, groups, dim = q.shape
     if q.dtype != torch.float32 or not q.is_contiguous():
         raise ValueError("the queries must be float32 and contiguous")
-    tokens = codes_k.shape[1]
-    if codes_v.shape[1] != tokens or tokens < 1:
-        raise ValueError(f"{tokens} key codes but {codes_v.shape[1]} value codes")
+    tokens = codes_k[0].shape[1]
+    if codes_v[0].shape[1] != tokens or tokens < 1:
+        raise ValueError(f"{tokens} key codes but {codes_v[0].shape[1]} value codes")
     sink_tokens, recent_tokens = _exact(*sink), _exact(*recent)
     total = sink[0].shape[2] + tokens + recent[0].shape[2]
     threads = torch.get_num_threads()
@@ -312,10 +333,13 @@ def attend(
         entries = tokens if rope.block == 1 else (rope.lead + tokens - 1) // rope.block + 1
         if not 0 <= rope.lead < rope.block:
             raise ValueError(f"lead {rope.lead} must lie in its block of {rope.block}")
-        if cos.shape != sin.shape or cos.shape[1:] != (first.numel(), entries) or cos.shape[0] not in (1, batch):
+        shape = (first.numel(), entries) if rope.block == 1 else (entries, first.numel())
+        if cos.shape != sin.shape or cos.shape[1:] != shape or cos.shape[0] not in (1, batch):
             raise ValueError(f"rotation tables {tuple(cos.shape)} do not cover {first.numel()} pairs x {entries}")
-        if dim > DIM_MAX or dim % 8 or keys.weight.shape[1] > DIM_MAX:
-            raise ValueError(f"keys coded relative to RoPE need heads of at most {DIM_MAX} channels, a multiple of 8")
+        if not takes_heads(dim, rope.block):
+            raise ValueError(
+                f"keys coded relative to RoPE need heads of at most {DIM_MAX} channels (a multiple of 8 for block 1)"
+            )
         for tensor in (cos, sin):
             if tensor.dtype != torch.float32 or not tensor.is_contiguous():
                 raise ValueError("rotation tables must be float32 and contiguous")
@@ -332,12 +356,23 @@ def attend(
     out = torch.empty(batch, heads, groups, dim, dtype=torch.float32)
     library().kvl_attend(
         batch, heads, groups, dim, q.data_ptr(), ctypes.byref(sink_tokens), ctypes.byref(recent_tokens),
-        ctypes.byref(_kind(codes_k, keys)), ctypes.byref(rope_tables), ctypes.byref(_kind(codes_v, values)), tokens,
+        ctypes.byref(_kind(*codes_k, keys)), ctypes.byref(rope_tables), ctypes.byref(_kind(*codes_v, values)), tokens,
         mask_pointer, mask_stride, float(softcap or 0.0), scratch.data_ptr(), out.data_ptr(), threads,
     )  # fmt: skip
     return out
 
 
+def takes_heads(dim: int, block: int) -> bool:
+    """Whether :func:`attend` takes heads of ``dim`` channels with keys coded in RoPE blocks of ``block`` (0: keys
+    not rotated; 1: rebuilt in tiles of 8 channels, so a multiple of 8): at most :data:`DIM_MAX`."""
+    if block == 0:
+        return True
+    return dim <= DIM_MAX and (block > 1 or dim % 8 == 0)
+
+
 def scratch_floats(batch: int, heads: int, groups: int, total: int, r_max_k: int, r_max_v: int, threads: int) -> int:
-    """Float32 elements of scratch :func:`attend` needs (score rows, latent queries, partial value sums)."""
-    return library().kvl_attend_scratch(batch, heads, groups, total, r_max_k, r_max_v, threads)
+    """Float32 elements of scratch :func:`attend` needs, as packed.c lays it out: the score rows ``[B, H, G, N]``,
+    the latent queries and their biases, the weights' compressed share, and the values' partial sums of at most two
+    token chunks per thread."""
+    rows = batch * heads * groups
+    return rows * total + rows * (r_max_k + 2) + 2 * threads * rows * r_max_v

@@ -7,7 +7,8 @@
  *
  *     code = ((col[byte_lo[s]] >> bit_lo[s]) & mask_lo[s]) | (((col[byte_hi[s]] >> bit_hi[s]) & mask_hi[s]) << shift_hi[s])
  *
- * (mask 0: that field is absent; both 0: the slot is not stored), and decodes affinely: row j of a head's decoder
+ * (mask 0: that field is absent; both 0: the slot holds nothing, unless it is a channel kept exactly, read from the
+ * exact channels' own token-minor buffer), and decodes affinely: row j of a head's decoder
  * weight [H, r_max, D] times the code, plus the head's bias [H, D] (steps and offsets folded in by the caller).
  *
  * kvl_attend computes, for the G queries q [B, H, G, D] (scaled) of every KV head:
@@ -35,6 +36,7 @@
 #define DIM_TILE 8      /* key channels rebuilt at a time, held in registers */
 #define PROJ_TILE (4 * VEC) /* latent rows a projected query is accumulated in at a time (4 vectors per query) */
 #define RUN_BLOCKS 8        /* RoPE blocks one work item scores at most */
+#define MIX_LANES 4         /* independent accumulators per query while mixing values */
 
 typedef float vec_f __attribute__((vector_size(VEC * sizeof(float))));
 typedef int32_t vec_i __attribute__((vector_size(VEC * sizeof(int32_t))));
@@ -48,6 +50,10 @@ typedef struct {
     const uint8_t *bit_lo, *mask_lo;
     const int32_t *byte_hi;
     const uint8_t *bit_hi, *mask_hi, *shift_hi;
+    const int32_t *exact_col; /* per slot: its column in `exact` (a channel kept exactly, width 16), or -1 */
+    const void *exact;        /* exact channels [B, n_exact, tokens] (token-minor), float32 (0) or bfloat16 (1) */
+    int64_t exact_batch_stride, exact_col_stride;
+    int32_t exact_dtype;
     int32_t r_max;
     const float *weight;   /* [H, r_max, D] */
     const float *weight_t; /* [H, D, r_pad]: the same, transposed, rows zero-padded to a multiple of PROJ_TILE */
@@ -61,10 +67,11 @@ typedef struct {
     int32_t dtype;
 } exact_tokens;
 
-/* RoPE of keys coded relative to it: pair i turns channels (first[i], second[i]) by cos/sin[row][i][e], pair-major
- * [P, E] per row (row 0 for every batch row when row_stride is 0). block 1: keys coded before RoPE, one table entry
- * per compressed token, each key rebuilt and rotated; block B > 1: keys coded relative to the RoPE of their block of
- * B slots, one entry per block (compressed token i lies in block (lead + i) / B), each query rotated back and
+/* RoPE of keys coded relative to it: pair i turns channels (first[i], second[i]) by the tables' entry e (row 0 for
+ * every batch row when row_stride is 0). block 1: keys coded before RoPE, one entry per compressed token, tables
+ * pair-major [P, E] per row (a vector of tokens per pair), each key rebuilt and rotated; block B > 1: keys coded
+ * relative to the RoPE of their block of B slots, one entry per block (compressed token i lies in block
+ * (lead + i) / B), tables entry-major [E, P] per row (a block's pairs side by side), each query rotated back and
  * projected once per block. pairs 0: keys are not rotated (scored in latent space as they are). */
 typedef struct {
     int32_t pairs;
@@ -74,7 +81,9 @@ typedef struct {
     int32_t block, lead;
 } rope_tables;
 
-static inline int slot_used(const packed_kind *kind, int64_t s) { return kind->mask_lo[s] | kind->mask_hi[s]; }
+static inline int slot_used(const packed_kind *kind, int64_t s) {
+    return (kind->mask_lo[s] | kind->mask_hi[s]) || kind->exact_col[s] >= 0;
+}
 
 /* VEC bytes (floats) from src; only the first n (zeros after) at the end of a row. */
 static inline vec_u8 load_bytes(const uint8_t *src, int n) {
@@ -118,7 +127,19 @@ static inline vec_i widen(vec_u8 bytes) { return __builtin_convertvector(bytes, 
 #endif
 
 /* The codes of slot s for the n <= VEC tokens from t0 of batch row b, as floats (0 past n). */
+static vec_f exact_slot(const packed_kind *kind, int b, int64_t column, int64_t t0, int n) {
+    const int64_t offset = (int64_t)b * kind->exact_batch_stride + column * kind->exact_col_stride + t0;
+    if (kind->exact_dtype == 0) return load_floats((const float *)kind->exact + offset, n);
+    const uint16_t *half = (const uint16_t *)kind->exact + offset;
+    vec_i bits = {0};
+    for (int t = 0; t < n; t++) bits[t] = (int32_t)((uint32_t)half[t] << 16); /* bfloat16: a float's top half */
+    vec_f out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
+
 static inline vec_f decode_slot(const packed_kind *kind, int b, int64_t s, int64_t t0, int n) {
+    if (__builtin_expect(kind->exact_col[s] >= 0, 0)) return exact_slot(kind, b, kind->exact_col[s], t0, n);
     const uint8_t *base = kind->codes + (int64_t)b * kind->batch_stride + t0;
     vec_i x = widen(load_bytes(base + (int64_t)kind->byte_lo[s] * kind->column_stride, n));
     x = (x >> (int32_t)kind->bit_lo[s]) & (int32_t)kind->mask_lo[s];
@@ -210,22 +231,44 @@ typedef struct {
 /* Scores of up to SEGMENTS runs of one (b, h), keys in latent space, for the queries g0 .. g0 + gn (gn <=
  * GROUP_TILE): every stored slot decoded once per run, then one multiply-add per query. */
 #define SEGMENTS 4
-static void score_segments(const packed_kind *k, int b, int h, const segment *seg, int count, int gn,
-                           float *const rows[GROUP_TILE]) {
+/* Each per-query routine below takes the tile's query count GN as a constant (it is inlined into a switch over
+ * 1..GROUP_TILE), so its loops unroll exactly and its accumulators live in registers. */
+#define INLINE static inline __attribute__((always_inline))
+INLINE void score_segments_n(const packed_kind *k, int b, int h, const segment *seg, int count, const int GN,
+                             float *const rows[GROUP_TILE]) {
     vec_f acc[SEGMENTS][GROUP_TILE];
-    for (int i = 0; i < count; i++)
-        for (int g = 0; g < GROUP_TILE; g++) acc[i][g] = (vec_f){0} + (g < gn ? seg[i].q_bias[g] : 0.0f);
+    for (int i = 0; i < SEGMENTS; i++)
+        for (int g = 0; g < GN; g++) acc[i][g] = (vec_f){0} + (i < count ? seg[i].q_bias[g] : 0.0f);
+    /* The next run's bytes of every column this head reads: each column is a separate stream the hardware
+     * prefetcher does not follow, so without this every item waits on a cache miss per column. */
+    const uint8_t *next = k->codes + (int64_t)b * k->batch_stride + seg[count - 1].t0 + VEC;
+    for (int j = 0; j < k->r_max; j++) {
+        const int64_t s = (int64_t)h * k->r_max + j;
+        if (k->mask_lo[s]) __builtin_prefetch(next + (int64_t)k->byte_lo[s] * k->column_stride);
+        if (k->mask_hi[s]) __builtin_prefetch(next + (int64_t)k->byte_hi[s] * k->column_stride);
+    }
     for (int j = 0; j < k->r_max; j++) {
         const int64_t s = (int64_t)h * k->r_max + j;
         if (!slot_used(k, s)) continue;
-        for (int i = 0; i < count; i++) {
+        for (int i = 0; i < SEGMENTS; i++) {
+            if (i >= count) break;
             const vec_f v = decode_slot(k, b, s, seg[i].t0, seg[i].n);
             const float *weight = seg[i].q_latent + j;
-            for (int g = 0; g < GROUP_TILE; g++) acc[i][g] += (g < gn ? weight[g * k->r_max] : 0.0f) * v;
+            for (int g = 0; g < GN; g++) acc[i][g] += weight[g * k->r_max] * v;
         }
     }
     for (int i = 0; i < count; i++)
-        for (int g = 0; g < gn; g++) memcpy(rows[g] + seg[i].t0, &acc[i][g], sizeof(float) * (size_t)seg[i].n);
+        for (int g = 0; g < GN; g++) memcpy(rows[g] + seg[i].t0, &acc[i][g], sizeof(float) * (size_t)seg[i].n);
+}
+
+static void score_segments(const packed_kind *k, int b, int h, const segment *seg, int count, int gn,
+                           float *const rows[GROUP_TILE]) {
+    switch (gn) {
+    case 1: score_segments_n(k, b, h, seg, count, 1, rows); break;
+    case 2: score_segments_n(k, b, h, seg, count, 2, rows); break;
+    case 3: score_segments_n(k, b, h, seg, count, 3, rows); break;
+    default: score_segments_n(k, b, h, seg, count, 4, rows); break;
+    }
 }
 
 /* Scores of compressed tokens [t0, t0 + n) (n <= VEC), keys coded before RoPE: rebuilt, rotated, then scored
@@ -267,90 +310,160 @@ static void scores_rope(const packed_kind *k, const rope_tables *rope, int b, in
     }
 }
 
-/* Queries g0 .. g0 + gn of one (b, h) rotated back by block entry e (the transpose of the keys' rotation, the
- * tables' scale included), projected into latent space (q_latent [GROUP_TILE, r_max]) and dotted with the bias. */
-static void block_queries(const packed_kind *k, const rope_tables *rope, int b, int h, int64_t e, int dim,
-                          const float *q, int gn, float *q_latent, float *q_bias) {
+/* The queries of one (b, h) split by rotary pair once per work item: qa / qb [GROUP_TILE][P] their pairs' first and
+ * second channels (each block then turns them as whole vectors), the rest of q passing through (channels >= 2P). */
+typedef struct {
+    float qa[GROUP_TILE][DIM_MAX / 2], qb[GROUP_TILE][DIM_MAX / 2];
+    const float *q;
+} paired_queries;
+
+INLINE void pair_queries(const rope_tables *rope, const float *q, int dim, const int GN, paired_queries *out) {
+    for (int g = 0; g < GN; g++)
+        for (int i = 0; i < rope->pairs; i++) {
+            out->qa[g][i] = q[(int64_t)g * dim + rope->first[i]];
+            out->qb[g][i] = q[(int64_t)g * dim + rope->second[i]];
+        }
+    out->q = q;
+}
+
+/* The queries rotated back by block entry e (the transpose of the keys' rotation, the tables' scale included),
+ * projected into latent space (q_latent [GN, r_max]) and dotted with the bias (q_bias [GN]). Each pair's two rows
+ * of A^T are loaded once and accumulated into every query's latent rows, held in registers (no reductions). */
+INLINE void block_queries_n(const packed_kind *k, const rope_tables *rope, int b, int h, int64_t e, int dim,
+                            const paired_queries *pq, const int GN, float *q_latent, float *q_bias) {
     const int64_t row = rope->row_stride ? (int64_t)b * rope->row_stride : 0;
+    const float *ce = rope->cos + row + e * rope->pairs, *se = rope->sin + row + e * rope->pairs; /* entry-major */
+    const int pairs = rope->pairs;
     const int r_pad = (k->r_max + PROJ_TILE - 1) / PROJ_TILE * PROJ_TILE;
     const float *At = k->weight_t + (int64_t)h * dim * r_pad, *c = k->bias + (int64_t)h * dim;
-    float turned[GROUP_TILE][DIM_MAX];
-    for (int g = 0; g < GROUP_TILE; g++) {
-        if (g >= gn) {
-            memset(turned[g], 0, sizeof(float) * (size_t)dim);
-            continue;
+    float tf[GROUP_TILE][DIM_MAX / 2], ts[GROUP_TILE][DIM_MAX / 2];
+    for (int g = 0; g < GN; g++) {
+        float bias = 0.0f;
+        for (int i = 0; i < pairs; i++) {
+            const float x = pq->qa[g][i], y = pq->qb[g][i];
+            tf[g][i] = x * ce[i] + y * se[i];
+            ts[g][i] = y * ce[i] - x * se[i];
         }
-        const float *qg = q + (int64_t)g * dim;
-        memcpy(turned[g], qg, sizeof(float) * (size_t)dim);
-        for (int i = 0; i < rope->pairs; i++) {
-            const float ci = rope->cos[row + (int64_t)i * rope->entries + e];
-            const float si = rope->sin[row + (int64_t)i * rope->entries + e];
-            const float x = qg[rope->first[i]], y = qg[rope->second[i]];
-            turned[g][rope->first[i]] = x * ci + y * si;
-            turned[g][rope->second[i]] = y * ci - x * si;
-        }
-        q_bias[g] = dot(turned[g], c, dim);
+        for (int i = 0; i < pairs; i++) bias += tf[g][i] * c[rope->first[i]] + ts[g][i] * c[rope->second[i]];
+        for (int d = 2 * pairs; d < dim; d++) bias += pq->q[(int64_t)g * dim + d] * c[d];
+        q_bias[g] = bias;
     }
-    /* A (R(-theta) q) for the tile's queries at once: each row of A^T is loaded once and accumulated into every
-     * query's latent rows, held in registers (no reductions). */
     for (int j0 = 0; j0 < r_pad; j0 += PROJ_TILE) {
-        /* 16 accumulators and 4 column vectors: named, so that they stay in registers. */
-        vec_f a00 = {0}, a01 = {0}, a02 = {0}, a03 = {0}, a10 = {0}, a11 = {0}, a12 = {0}, a13 = {0};
-        vec_f a20 = {0}, a21 = {0}, a22 = {0}, a23 = {0}, a30 = {0}, a31 = {0}, a32 = {0}, a33 = {0};
-        for (int d = 0; d < dim; d++) {
-            const float *col = At + (int64_t)d * r_pad + j0;
-            const vec_f c0 = load_floats(col, VEC), c1 = load_floats(col + VEC, VEC);
-            const vec_f c2 = load_floats(col + 2 * VEC, VEC), c3 = load_floats(col + 3 * VEC, VEC);
-            const float w0 = turned[0][d], w1 = turned[1][d], w2 = turned[2][d], w3 = turned[3][d];
-            a00 += w0 * c0, a01 += w0 * c1, a02 += w0 * c2, a03 += w0 * c3;
-            a10 += w1 * c0, a11 += w1 * c1, a12 += w1 * c2, a13 += w1 * c3;
-            a20 += w2 * c0, a21 += w2 * c1, a22 += w2 * c2, a23 += w2 * c3;
-            a30 += w3 * c0, a31 += w3 * c1, a32 += w3 * c2, a33 += w3 * c3;
+        vec_f acc[GROUP_TILE][PROJ_TILE / VEC];
+        for (int g = 0; g < GN; g++)
+            for (int v = 0; v < PROJ_TILE / VEC; v++) acc[g][v] = (vec_f){0};
+        for (int i = 0; i < pairs; i++) {
+            const float *colf = At + (int64_t)rope->first[i] * r_pad + j0;
+            const float *cols = At + (int64_t)rope->second[i] * r_pad + j0;
+            vec_f f[PROJ_TILE / VEC], sc[PROJ_TILE / VEC];
+            for (int v = 0; v < PROJ_TILE / VEC; v++) f[v] = load_floats(colf + v * VEC, VEC);
+            for (int v = 0; v < PROJ_TILE / VEC; v++) sc[v] = load_floats(cols + v * VEC, VEC);
+            for (int g = 0; g < GN; g++) {
+                const float wf = tf[g][i], ws = ts[g][i];
+                for (int v = 0; v < PROJ_TILE / VEC; v++) acc[g][v] += wf * f[v] + ws * sc[v];
+            }
         }
-        const vec_f rows[GROUP_TILE][PROJ_TILE / VEC] = {
-            {a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
-        for (int g = 0; g < gn; g++) {
-            const int keep = k->r_max - j0 < PROJ_TILE ? k->r_max - j0 : PROJ_TILE;
-            memcpy(q_latent + g * k->r_max + j0, rows[g], sizeof(float) * (size_t)keep);
+        for (int d = 2 * pairs; d < dim; d++) { /* channels that do not rotate */
+            vec_f col[PROJ_TILE / VEC];
+            for (int v = 0; v < PROJ_TILE / VEC; v++) col[v] = load_floats(At + (int64_t)d * r_pad + j0 + v * VEC, VEC);
+            for (int g = 0; g < GN; g++) {
+                const float w = pq->q[(int64_t)g * dim + d];
+                for (int v = 0; v < PROJ_TILE / VEC; v++) acc[g][v] += w * col[v];
+            }
         }
+        const int keep = k->r_max - j0 < PROJ_TILE ? k->r_max - j0 : PROJ_TILE;
+        for (int g = 0; g < GN; g++) memcpy(q_latent + g * k->r_max + j0, acc[g], sizeof(float) * (size_t)keep);
+    }
+}
+
+/* Scores of a run of RoPE blocks [first, last) of one (b, h), for the queries g0 .. g0 + GN: the queries paired
+ * once, rotated and projected once per block, then every block's tokens scored in latent space. */
+INLINE void score_blocks_n(const packed_kind *k, const rope_tables *rope, int b, int h, int64_t first, int64_t last,
+                           int64_t tokens, int dim, const float *q, const int GN, float *const rows[GROUP_TILE]) {
+    paired_queries pq;
+    pair_queries(rope, q, dim, GN, &pq);
+    float block_latent[RUN_BLOCKS][GROUP_TILE * DIM_MAX], block_bias[RUN_BLOCKS][GROUP_TILE];
+    segment seg[SEGMENTS];
+    int count = 0;
+    for (int64_t e = first; e < last; e++) {
+        float *latent_e = block_latent[e - first], *bias_e = block_bias[e - first];
+        block_queries_n(k, rope, b, h, e, dim, &pq, GN, latent_e, bias_e);
+        int64_t start = e * rope->block - rope->lead, stop = start + rope->block;
+        start = start < 0 ? 0 : start;
+        stop = stop > tokens ? tokens : stop;
+        for (int64_t t0 = start; t0 < stop; t0 += VEC) {
+            seg[count++] = (segment){t0, (int)(stop - t0 < VEC ? stop - t0 : VEC), latent_e, bias_e};
+            if (count == SEGMENTS) {
+                score_segments_n(k, b, h, seg, count, GN, rows);
+                count = 0;
+            }
+        }
+    }
+    if (count) score_segments_n(k, b, h, seg, count, GN, rows);
+}
+
+static void score_blocks(const packed_kind *k, const rope_tables *rope, int b, int h, int64_t first, int64_t last,
+                         int64_t tokens, int dim, const float *q, int gn, float *const rows[GROUP_TILE]) {
+    switch (gn) {
+    case 1: score_blocks_n(k, rope, b, h, first, last, tokens, dim, q, 1, rows); break;
+    case 2: score_blocks_n(k, rope, b, h, first, last, tokens, dim, q, 2, rows); break;
+    case 3: score_blocks_n(k, rope, b, h, first, last, tokens, dim, q, 3, rows); break;
+    default: score_blocks_n(k, rope, b, h, first, last, tokens, dim, q, 4, rows); break;
     }
 }
 
 /* sum_t p[g][t] code_j(t) over tokens [first_vec * VEC, last_vec * VEC) of one (b, h), every stored slot j, for the
  * queries g0 .. g0 + gn; into out [gn, r_max]. */
-static void mix_chunk(const packed_kind *v, int b, int h, int64_t first_vec, int64_t last_vec, int64_t tokens,
-                      const float *const rows[GROUP_TILE], int gn, float *out) {
+INLINE void mix_chunk_n(const packed_kind *v, int b, int h, int64_t first_vec, int64_t last_vec, int64_t tokens,
+                        const float *const rows[GROUP_TILE], const int GN, float *out) {
     for (int j = 0; j < v->r_max; j++) {
         const int64_t s = (int64_t)h * v->r_max + j;
-        vec_f acc[GROUP_TILE] = {{0}};
+        /* MIX_LANES independent accumulators per query (vectors i, i+1, ... of the chunk), so the multiply-adds do
+         * not wait on each other's latency; added up at the end. */
+        vec_f acc[MIX_LANES][GROUP_TILE];
+        for (int u = 0; u < MIX_LANES; u++)
+            for (int g = 0; g < GN; g++) acc[u][g] = (vec_f){0};
         if (slot_used(v, s)) {
-            for (int64_t i = first_vec; i < last_vec; i++) {
+            int64_t i = first_vec;
+            for (; i + MIX_LANES <= last_vec && (i + MIX_LANES) * VEC <= tokens; i += MIX_LANES)
+                for (int u = 0; u < MIX_LANES; u++) {
+                    const int64_t t0 = (i + u) * VEC;
+                    const vec_f code = decode_slot(v, b, s, t0, VEC);
+                    for (int g = 0; g < GN; g++) acc[u][g] += load_floats(rows[g] + t0, VEC) * code;
+                }
+            for (; i < last_vec; i++) {
                 const int64_t t0 = i * VEC;
                 const int n = (int)(tokens - t0 < VEC ? tokens - t0 : VEC);
                 const vec_f code = decode_slot(v, b, s, t0, n);
-                for (int g = 0; g < GROUP_TILE; g++) acc[g] += load_floats(rows[g] + t0, n) * code;
+                for (int g = 0; g < GN; g++) acc[0][g] += load_floats(rows[g] + t0, n) * code;
             }
         }
-        for (int g = 0; g < gn; g++) {
+        for (int g = 0; g < GN; g++) {
+            vec_f total = acc[0][g];
+            for (int u = 1; u < MIX_LANES; u++) total += acc[u][g];
             float sum = 0.0f;
-            for (int t = 0; t < VEC; t++) sum += acc[g][t];
+            for (int t = 0; t < VEC; t++) sum += total[t];
             out[g * v->r_max + j] = sum;
         }
     }
 }
 
-/* Floats of scratch kvl_attend needs: the score rows, the latent queries and the values' partial sums. */
-int64_t kvl_attend_scratch(int batch, int heads, int groups, int64_t total_tokens, int r_max_k, int r_max_v,
-                           int threads) {
-    const int64_t rows = (int64_t)batch * heads * groups;
-    const int64_t chunks = 2 * (int64_t)threads;
-    return rows * total_tokens + rows * (r_max_k + 1) + chunks * rows * r_max_v + rows;
+static void mix_chunk(const packed_kind *v, int b, int h, int64_t first_vec, int64_t last_vec, int64_t tokens,
+                      const float *const rows[GROUP_TILE], int gn, float *out) {
+    switch (gn) {
+    case 1: mix_chunk_n(v, b, h, first_vec, last_vec, tokens, rows, 1, out); break;
+    case 2: mix_chunk_n(v, b, h, first_vec, last_vec, tokens, rows, 2, out); break;
+    case 3: mix_chunk_n(v, b, h, first_vec, last_vec, tokens, rows, 3, out); break;
+    default: mix_chunk_n(v, b, h, first_vec, last_vec, tokens, rows, 4, out); break;
+    }
 }
 
 void kvl_attend(int batch, int heads, int groups, int dim, const float *q, const exact_tokens *sink,
                 const exact_tokens *recent, const packed_kind *k, const rope_tables *rope, const packed_kind *v,
                 int64_t tokens, const float *mask, int64_t mask_row_stride, float softcap, float *scratch, float *out,
                 int threads) {
+    /* scratch (kvlight.serving.kernels.scratch_floats): the rows, then the latent queries and biases, the compressed
+     * share of each row's weights, and the values' partial sums of at most 2 * threads token chunks. */
     const int64_t rows = (int64_t)batch * heads * groups;
     const int64_t n_sink = sink->tokens, n_recent = recent->tokens, total = n_sink + tokens + n_recent;
     const int64_t front = n_sink + tokens;
@@ -406,24 +519,7 @@ void kvl_attend(int batch, int heads, int groups, int dim, const float *q, const
                 float *row_of[GROUP_TILE];
                 for (int g = 0; g < GROUP_TILE; g++) row_of[g] = scores + (bh * groups + g0 + (g < gn ? g : 0)) * total + n_sink;
                 const int64_t first = block * per_item, last = first + per_item < rope->entries ? first + per_item : rope->entries;
-                float block_latent[RUN_BLOCKS][GROUP_TILE * DIM_MAX], block_bias[RUN_BLOCKS][GROUP_TILE];
-                segment seg[SEGMENTS];
-                int count = 0;
-                for (int64_t e = first; e < last; e++) {
-                    float *latent_e = block_latent[e - first], *bias_e = block_bias[e - first];
-                    block_queries(k, rope, b, h, e, dim, q + (bh * groups + g0) * dim, gn, latent_e, bias_e);
-                    int64_t start = e * rope->block - rope->lead, stop = start + rope->block;
-                    start = start < 0 ? 0 : start;
-                    stop = stop > tokens ? tokens : stop;
-                    for (int64_t t0 = start; t0 < stop; t0 += VEC) {
-                        seg[count++] = (segment){t0, (int)(stop - t0 < VEC ? stop - t0 : VEC), latent_e, bias_e};
-                        if (count == SEGMENTS) {
-                            score_segments(k, b, h, seg, count, gn, row_of);
-                            count = 0;
-                        }
-                    }
-                }
-                if (count) score_segments(k, b, h, seg, count, gn, row_of);
+                score_blocks(k, rope, b, h, first, last, tokens, dim, q + (bh * groups + g0) * dim, gn, row_of);
             } else if (latent) {
                 const int g0 = (int)(rest % g_tiles) * GROUP_TILE;
                 const int gn = groups - g0 < GROUP_TILE ? groups - g0 : GROUP_TILE;
