@@ -46,6 +46,7 @@ from bench import bitrows  # noqa: E402
 from bench.common import embedded_default, held_bytes, machine, offline_windows, prose_tokens  # noqa: E402
 from kvlight.compressors.compressor import load_compressor  # noqa: E402
 from kvlight.hf import cache_kwargs, dynamic_cache  # noqa: E402
+from kvlight.models import load_tokenizer  # noqa: E402
 from kvlight.serving import kernels  # noqa: E402
 from kvlight.serving.cache import dynamic_cache_bytes  # noqa: E402
 from kvlight.serving.positions import PositionTracker  # noqa: E402
@@ -61,18 +62,22 @@ KVLIGHT_ROWS = {
 QUANTO = {"backend": "quanto", "nbits": 4, "q_group_size": 64, "residual_length": 128}
 
 
+def refuse(message: str) -> None:
+    """Bad input: one line on stderr, exit code 2, before anything is loaded or written."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def prompt_batches(tokenizer, lengths: list[int], batches: list[int]) -> torch.Tensor:
     """The prompt text, or exit 2 with one line when it cannot fill the longest (length, batch): every row is
     decoded from prompts of the length it reports."""
     prose = prose_tokens(tokenizer)
     need = max(lengths) * max(batches)
     if prose.numel() < need:
-        print(
-            f"error: {max(batches)} prompts of {max(lengths)} tokens need {need} tokens of text; the standard "
-            f"library's docstrings hold {prose.numel()}: ask for fewer or shorter prompts (--batches, --lengths)",
-            file=sys.stderr,
+        refuse(
+            f"{max(batches)} prompts of {max(lengths)} tokens need {need} tokens of text; the standard library's "
+            f"docstrings hold {prose.numel()}: ask for fewer or shorter prompts (--batches, --lengths)"
         )
-        raise SystemExit(2)
     return prose
 
 
@@ -199,8 +204,8 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
+    prose = prompt_batches(load_tokenizer(None), args.lengths, args.batches)  # refused before the model loads
     model, tokenizer, geometry = embedded_default(dtype)
-    prose = prompt_batches(tokenizer, args.lengths, args.batches)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     fitted = {
@@ -308,9 +313,9 @@ def main() -> None:
     args = parser.parse_args()
     for spec in args.kvlight or ():
         if "=" not in spec or not Path(spec.split("=", 1)[1]).is_dir():
-            parser.error(f"--kvlight {spec!r}: give NAME=DIR, a directory kvlight calibrate wrote")
+            refuse(f"--kvlight {spec!r}: give NAME=DIR, a compressor directory kvlight calibrate wrote")
     if max(args.lengths) + args.new_tokens + 1 > 8192:
-        parser.error("the embedded default has 8192 positions: --lengths plus --new-tokens must stay below it")
+        refuse("the embedded default has 8192 positions: --lengths plus --new-tokens must stay below it")
     write(run(args), args.name)
 
 

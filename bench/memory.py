@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import bitrows  # noqa: E402
 from bench.common import embedded_default, machine, offline_windows, prose_tokens  # noqa: E402
-from bench.decode import KVLIGHT_ROWS, QUANTO  # noqa: E402
+from bench.decode import KVLIGHT_ROWS, QUANTO, prompt_batches, refuse  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = ("DynamicCache", "StaticCache", "quanto int4", *KVLIGHT_ROWS)
@@ -78,8 +78,6 @@ def measure(args) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     prose = prose_tokens(tokenizer)
-    if prose.numel() < args.length * args.batch:
-        raise SystemExit(f"error: {args.batch} prompts of {args.length} tokens need more text than {prose.numel()}")
     prompts = prose[: args.length * args.batch].view(args.batch, args.length).to(device)
     compressor = None
     if args.row in KVLIGHT_ROWS:  # loaded from the disk cache (or fitted) before the peak is reset
@@ -157,7 +155,8 @@ def run(args) -> dict:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise SystemExit(f"error: the {row} row failed: {tail}")
+            print(f"error: the {row} row failed: {tail}", file=sys.stderr)
+            raise SystemExit(1)
         measured = json.loads(done.stdout.strip().splitlines()[-1])
         results["rows"].append(measured)
         print(json.dumps(measured), flush=True)
@@ -200,7 +199,11 @@ def main() -> None:
     parser.add_argument("--name", default="memory", help="results file name under bench/results/")
     args = parser.parse_args()
     if args.length + NEW_TOKENS + 1 > 8192:
-        parser.error("the embedded default has 8192 positions: --length plus 64 new tokens must stay below it")
+        refuse("the embedded default has 8192 positions: --length plus 64 new tokens must stay below it")
+    if args.row is None:  # the text must hold the prompts; checked before any row's process starts
+        from kvlight.models import load_tokenizer
+
+        prompt_batches(load_tokenizer(None), [args.length], [args.batch])
     if args.row is not None:
         print(json.dumps(measure(args)))
         return

@@ -255,7 +255,6 @@ class CompressedCache(Cache):
         memo[id(self)] = copied
         for name, value in self.__dict__.items():
             setattr(copied, name, copy.deepcopy(value, memo))
-        copied.position_log.forget_rope()  # decode scratch, rebuilt from the copied positions when needed
         return copied
 
     def save(self, path, entropy: str | None = None) -> None:

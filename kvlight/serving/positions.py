@@ -401,6 +401,9 @@ class PositionLog:
         # the sinks, a sliding layer's where its window starts, so the two would rebuild each other's every step.
         self._rope: dict[tuple, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self._rope_channel_major: dict[tuple, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        #: the tables :meth:`tables_of` made for the positions held now (the layers of a forward share them).
+        self._memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._memo_stamp: tuple | None = None
 
     def observe(self, batch: int, new_tokens: int, device: torch.device) -> None:
         if self.tracker is None or self.tracker.step == self._step:
@@ -439,9 +442,18 @@ class PositionLog:
         ``layer_idx``: those observed on arrival (dynamic rope) or recomputed from the positions with the layer's type
         (one row when all rows agree). ``block`` > 1: each slot gets the table of the first slot of its block of that
         many slots (:func:`block_starts`), what keys coded relative to their block's RoPE are rotated with."""
-        if block == 1:
-            return self._tables_at(slice(start, stop), dtype, layer_idx)
-        return self._tables_at(block_starts(start, stop, block, self.positions.device), dtype, layer_idx)
+        # Every full layer compresses the same slots in one forward: the tables are made once and handed to each.
+        stamp = (id(self.positions), self.positions.shape[1])  # new positions: a new tensor, a new length
+        if self._memo_stamp != stamp:
+            self._memo, self._memo_stamp = {}, stamp
+        key = (start, stop, dtype, block, None if self.tracker is None else self.tracker.kind(layer_idx))
+        if key not in self._memo:
+            if block == 1:
+                self._memo[key] = self._tables_at(slice(start, stop), dtype, layer_idx)
+            else:
+                slots = block_starts(start, stop, block, self.positions.device)
+                self._memo[key] = self._tables_at(slots, dtype, layer_idx)
+        return self._memo[key]
 
     def _tables_at(self, slots, dtype: torch.dtype, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pair tables ``[B|1, 1, S, D_rot/2]`` of sequence ``slots`` (a slice or a long index)."""
@@ -592,10 +604,25 @@ class PositionLog:
         self._rope[group] = entry
         return entry[1], entry[2]
 
+    #: decode scratch: rebuilt from the positions when needed, never copied.
+    _SCRATCH = ("_rope", "_rope_channel_major", "_memo", "_memo_stamp")
+
+    def __deepcopy__(self, memo: dict) -> PositionLog:
+        """A copy of the positions and arrival tables (``copy.deepcopy`` of a cache); the tracker is shared by
+        whoever put it in ``memo`` (the cache), the rotation tables are left to be rebuilt."""
+        copied = self.__class__.__new__(self.__class__)
+        memo[id(self)] = copied
+        for name, value in self.__dict__.items():
+            if name not in self._SCRATCH:
+                setattr(copied, name, copy.deepcopy(value, memo))
+        copied.forget_rope()
+        return copied
+
     def forget_rope(self) -> None:
         """Drop the rotation tables (after a crop, a batch selection, or a reset); appends only extend them."""
         self._rope = {}
         self._rope_channel_major = {}
+        self._memo, self._memo_stamp = {}, None
 
     def table_tensors(self) -> list[torch.Tensor]:
         """The rotation tables' tensors (decode scratch, not stored tokens)."""

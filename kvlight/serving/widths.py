@@ -20,6 +20,7 @@ affine map ``offset + step * code`` is folded into the decoder's weights.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -154,6 +155,8 @@ class DirectionQuantizer:
             positions = torch.tensor([j for j, _ in members], dtype=torch.long, device=device)
             shifts = torch.tensor([shift for _, shift in members], dtype=torch.uint8, device=device)
             self.plan.append((size, positions, shifts))
+        #: per plan entry, whether any of its fields sits above bit 0 (known once, not asked on every block).
+        self._shifted = [bool(shifts.any()) for _, _, shifts in self.plan]
         #: the codes of every coded channel, in coded_index order.
         self.coded_table = self.unpack_table(list(range(len(coded_widths))))
 
@@ -185,18 +188,23 @@ class DirectionQuantizer:
 
     def codes(self, z: torch.Tensor) -> torch.Tensor:
         """Integer codes ``[..., n_coded]`` (uint8) of the coded channels of ``z [..., R]``."""
-        zc = z[..., self.coded_index].float()
-        offset, step = self.offset[self.coded_index], self.step[self.coded_index]
-        code = torch.round((zc - offset) / step).clamp_min(0.0)
-        return torch.minimum(code, self.levels[self.coded_index]).to(torch.uint8)
+        offset, step, levels = self._coded_grid
+        code = torch.round((z[..., self.coded_index].float() - offset) / step).clamp_min_(0.0)
+        return torch.minimum(code, levels).to(torch.uint8)
+
+    @functools.cached_property
+    def _coded_grid(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(offset, step, levels)`` of the coded channels, gathered once (every compressed block reads them)."""
+        index = self.coded_index
+        return self.offset[index], self.step[index], self.levels[index]
 
     def quantize(self, z: torch.Tensor) -> PackedCodes:
         """``z [B, T, R]`` -> :class:`PackedCodes`."""
         codes = self.codes(z)
         fields = []
-        for size, positions, shifts in self.plan:
+        for (size, positions, shifts), shifted in zip(self.plan, self._shifted):
             part = codes[..., positions]
-            if bool(shifts.any()):
+            if shifted:
                 part = part >> shifts
             fields.append(pack_codes(part & (2**size - 1), size))
         packed = torch.cat(fields, dim=-1) if fields else codes.new_zeros(*codes.shape[:-1], 0)
