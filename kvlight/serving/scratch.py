@@ -73,5 +73,5 @@ class DecodeScratch:
         held = [] if self._workspace is None else [self._workspace]
         decoders = [t for pair in self._decoders.values() for t in pair]
         held += [] if self._kernel_buffer is None else [self._kernel_buffer]
-        tables = [t for operands in self._operands.values() for t in operands.table.all_tensors()]
+        tables = [t for operands in self._operands.values() for t in operands.table.tensors()]
         return held + decoders + [t for layout in self._layouts.values() for t in layout.tensors()] + tables

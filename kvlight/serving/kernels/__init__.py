@@ -212,11 +212,17 @@ class SlotTable:
     def slots(self) -> int:
         return self.byte_lo.numel()
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.byte_lo, self.bit_lo, self.mask_lo, self.byte_hi, self.bit_hi, self.mask_hi, self.shift_hi]
+    @functools.cached_property
+    def exact_count(self) -> int:
+        """Exact channels the slots read."""
+        return int((self.exact_col >= 0).sum())
 
-    def all_tensors(self) -> list[torch.Tensor]:
-        return [*self.tensors(), self.exact_col]
+    def tensors(self) -> list[torch.Tensor]:
+        """In packed.c's ``packed_kind`` order."""
+        return [
+            self.byte_lo, self.bit_lo, self.mask_lo, self.byte_hi, self.bit_hi, self.mask_hi, self.shift_hi,
+            self.exact_col,
+        ]  # fmt: skip
 
     def pointers(self) -> list[int]:
         return [t.data_ptr() for t in self.tensors()]
@@ -272,13 +278,11 @@ def _kind(codes: torch.Tensor, exact: torch.Tensor, operands: KindOperands) -> _
     for tensor in (operands.weight, operands.bias):
         if tensor.dtype != torch.float32 or not tensor.is_contiguous():
             raise ValueError("decoder weights and biases must be float32 and contiguous")
-    if int((operands.table.exact_col >= 0).sum()) != exact.shape[2]:
-        raise ValueError(
-            f"the slot table reads {int((operands.table.exact_col >= 0).sum())} exact channels, not {exact.shape[2]}"
-        )
+    if operands.table.exact_count != exact.shape[2]:
+        raise ValueError(f"the slot table reads {operands.table.exact_count} exact channels, not {exact.shape[2]}")
     return _PackedKind(
         codes.data_ptr(), codes.stride(0), codes.stride(2), *operands.table.pointers(),
-        operands.table.exact_col.data_ptr(), exact.data_ptr(), exact.stride(0), exact.stride(2),
+        exact.data_ptr(), exact.stride(0), exact.stride(2),
         int(exact.dtype == torch.bfloat16), r_max,
         operands.weight.data_ptr(), operands.weight_t.data_ptr(), operands.bias.data_ptr(),
     )  # fmt: skip
