@@ -13,10 +13,10 @@ median tokens/s and the median over rounds of its ratio to DynamicCache (StaticC
 
 Rows: ``DynamicCache`` (what a model gets by default; it appends with ``torch.cat``, copying its history every step),
 ``StaticCache`` (uncompressed, appends in place: the honest floor), HF ``QuantizedCache`` quanto int4 (transformers'
-defaults: group 64, residual 128), and kvlight at 25 % of an fp16 cache's bytes (joint-Fisher widths, 4 sinks, the
-rows of bench/bitrows.py, fitted on the frontier's calibration windows) with keys coded relative to RoPE blocks of 16
-tokens (scored in latent space) and before RoPE (rebuilt and rotated each step), both through
-``CompressedKVModelWrapper``'s fast path.
+defaults: group 64, residual 128), and kvlight at 25 % of an fp16 cache's bytes (4 sinks, the rows of
+bench/bitrows.py, fitted on the frontier's calibration windows): Fisher-whitened widths with keys coded relative to
+RoPE blocks of 16 tokens (scored in latent space), and joint-Fisher widths with keys coded before RoPE (rebuilt and
+rotated each step), both through ``CompressedKVModelWrapper``'s fast path.
 ``--kvlight NAME=DIR`` times compressors ``kvlight calibrate`` wrote instead. Cache bytes are counted from the
 tensors each cache holds after decoding (kvlight: exact tokens in bf16 when the model is float32, as a 16-bit
 deployment keeps them); on a GPU the table adds each row's ``torch.cuda.max_memory_allocated`` growth.
@@ -56,7 +56,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PREFILL_CHUNK = 1024
 #: the kvlight rows timed by default: bench/bitrows.py ids -> (method, setting) of the table.
 KVLIGHT_ROWS = {
-    "fisher-joint-b16-0.25": ("kvlight, keys in RoPE blocks of 16", "25 % of fp16, joint-Fisher widths, 4 sinks"),
+    "fisher-white-b16-0.25": ("kvlight, keys in RoPE blocks of 16", "25 % of fp16, Fisher-whitened widths, 4 sinks"),
     "fisher-joint-0.25": ("kvlight, keys pre-RoPE", "25 % of fp16, joint-Fisher widths, 4 sinks"),
 }
 QUANTO = {"backend": "quanto", "nbits": 4, "q_group_size": 64, "residual_length": 128}

@@ -10,7 +10,8 @@ its compressor: bench/bitrows.py's, from its disk cache) and running one 16-toke
 libraries' own working memory count with the model, not with the cache.
 
 Rows: ``DynamicCache``, ``StaticCache`` (sized for prompt + new tokens), HF ``QuantizedCache`` quanto int4 (group 64,
-residual 128) and kvlight at 25 % of fp16 bytes with keys coded in RoPE blocks of 16 tokens and before RoPE.
+residual 128) and kvlight at 25 % of fp16 bytes: Fisher-whitened widths with keys coded in RoPE blocks of 16 tokens, and
+joint-Fisher widths with keys coded before RoPE (bench/decode.py's rows).
 
     python bench/memory.py                                    # writes bench/results/memory.{md,json}
     python bench/memory.py --length 2048 --batch 2 --name memory_smoke

@@ -120,9 +120,9 @@ class AllocateWidths(pl.Callback):
             )  # fmt: skip
             target = options.target_memory_reduction
             target = RECOMMENDED["target_memory_reduction"] if target is None else target
-            allocation = allocate_bits(metrics, target, options.bits_weighting)
+            allocation = allocate_bits(metrics, target, options.weighting)
             sinks, recent = provisional.sink_tokens, provisional.recent_window
-            whitened = options.bits_weighting in WHITENED  # served by KVSplice heads fitted with the Fisher
+            whitened = options.weighting in WHITENED  # served by KVSplice heads fitted with the Fisher
             algo = "kvsplice" if whitened else provisional.algo_default
             config = allocation.to_config(algo, sinks, recent).to_dict()
             weights = fisher_weights(metrics) if whitened else None

@@ -126,7 +126,7 @@ class KVCalibrationModule(pl.LightningModule):
         """Whether fit trains after the statistics pass: the compressor has trainable heads, or will have once a
         pending allocation is installed (a ``fisher-white`` one installs KVSplice heads over a provisional PCA
         config, so the provisional compressor alone would say no)."""
-        pending_white = self.allocation_pending and self.compression_options.bits_weighting in WHITENED
+        pending_white = self.allocation_pending and self.compression_options.weighting in WHITENED
         return self.compressor.trainable or pending_white
 
     def install_allocation(self, config: dict, metrics, seconds: float, fisher_weights=None) -> None:

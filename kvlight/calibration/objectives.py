@@ -94,16 +94,16 @@ def check_objectives(compressor, objective: ObjectiveOptions) -> None:
 def check_whitened(compression: CompressionOptions, objective: ObjectiveOptions) -> None:
     """A "fisher-white" allocation is served by KVSplice heads fitted and trained with the Fisher as their weight:
     refuse another backend, or key/value objectives that would replace that weight."""
-    if not (compression.allocates and compression.bits_weighting in WHITENED):
+    if not (compression.allocates and compression.weighting in WHITENED):
         return
     if compression.compressor not in (None, "kvsplice"):
         raise ConfigError(
-            f"bits_weighting {compression.bits_weighting} widths index a Fisher-whitened basis that only KVSplice "
+            f"bits_weighting {compression.weighting} widths index a Fisher-whitened basis that only KVSplice "
             f"heads serve, not {compression.compressor}: use --compressor kvsplice (or leave it out)"
         )
     if objective.key_objective != "mse" or objective.value_objective != "mse":
         raise ConfigError(
-            f"bits_weighting {compression.bits_weighting} weighs key and value errors by the model's Fisher; it does "
+            f"bits_weighting {compression.weighting} weighs key and value errors by the model's Fisher; it does "
             "not combine with --key-objective query or --value-objective output (leave them at mse)"
         )
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from kvlight.analysis.bit_allocation import WEIGHTINGS
+from kvlight.compressors.registry import backend
 from kvlight.config import RECOMMENDED
 from kvlight.errors import ConfigError
 
@@ -42,7 +43,8 @@ class CompressionOptions:
         target_memory_reduction: with no config or rank: measure the model's sensitivity at the start of fit and give
             every principal direction the width that minimises the predicted loss within 1 - target of an fp16
             cache's bytes at long context (None: the recommended 0.76).
-        bits_weighting: how that allocation weighs a direction's error (kvlight.analysis.bit_allocation.WEIGHTINGS).
+        bits_weighting: how that allocation weighs a direction's error (kvlight.analysis.bit_allocation.WEIGHTINGS);
+            None: the recommended one the backend can serve (:attr:`weighting`).
         sensitivity_samples: calibration windows the sensitivity pass of that allocation measures.
         sink_tokens: first positions kept exact (None: a config file's, else the recommended 4, ranks included).
         recent_window: newest positions kept exact (None: a config file's, else the recommended 0).
@@ -60,7 +62,7 @@ class CompressionOptions:
     rank_k: int | None = None
     rank_v: int | None = None
     target_memory_reduction: float | None = None
-    bits_weighting: str = RECOMMENDED["bits_weighting"]
+    bits_weighting: str | None = None
     sensitivity_samples: int = 16
     sink_tokens: int | None = None
     recent_window: int | None = None
@@ -77,8 +79,19 @@ class CompressionOptions:
         """True when no config or rank is given: the widths are allocated from the model's sensitivity."""
         return self.config is None and not self.by_rank
 
+    @property
+    def weighting(self) -> str:
+        """The allocation's weighting: ``bits_weighting`` when given, else the recommended one (a Fisher-whitened
+        basis) unless the named backend cannot serve it (no separate encoder and decoder, as PCA), which gets the
+        recommended weighting of principal directions."""
+        if self.bits_weighting is not None:
+            return self.bits_weighting
+        if self.compressor is not None and not backend(self.compressor).weighted_objectives:
+            return RECOMMENDED["principal_bits_weighting"]
+        return RECOMMENDED["bits_weighting"]
+
     def __post_init__(self) -> None:
-        if self.bits_weighting not in WEIGHTINGS:
+        if self.bits_weighting is not None and self.bits_weighting not in WEIGHTINGS:
             raise ConfigError(f"bits_weighting {self.bits_weighting!r} must be one of {', '.join(WEIGHTINGS)}")
         _at_least(self, "sensitivity_samples", 1)
         for name in ("rank", "rank_k", "rank_v", "quant_group_size"):

@@ -60,7 +60,8 @@ Measure, per layer and KV head, on calibrate's calibration windows:
   - the upstream design's attention-Fisher metrics trace, eigmax and cond of F = mean_i(diag(p_i) - p_i p_i^T)
     (query heads averaged into their KV head); F 1 = 0 always, so cond = eigmax / the smallest eigenvalue
     orthogonal to the all-ones vector (the upstream design's eigmax / |eigmin| divided by that zero);
-  - the diagonal Fisher of the loss w.r.t. each head's K (pre-RoPE) and V in its principal directions,
+  - the diagonal Fisher of the loss w.r.t. each head's K (as --key-rope-block codes it: by default relative to
+    the RoPE of blocks of 16 tokens; 1: pre-RoPE) and V in its principal directions,
     giving the predicted loss increase (second-order KL, nats/token) of every rank;
   - the share of K and V energy kept at every rank.
   - per principal direction and width (0, 1, 2, 3, 4, 5, 6, 8, 16 bits), the measured quantisation error.
@@ -187,7 +188,7 @@ def _arguments(config) -> argparse.Namespace:
         recent_window=recent,
         key_rope_block=compression.key_rope_block or RECOMMENDED["key_rope_block"],
         target_memory_reduction=target,
-        bits_weighting=compression.bits_weighting,
+        bits_weighting=compression.bits_weighting or RECOMMENDED["principal_bits_weighting"],
         no_progress=not analyze.progress,
     )
 

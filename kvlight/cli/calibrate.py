@@ -194,7 +194,7 @@ def _write(module, data, config, output: Path, calibration_seconds: float, shown
         atomic_write_text(output / "fim_metrics.json", metrics_to_json(module.allocation_metrics))
         compression = module.compressor.config
         reduction = compression.memory_reduction(compression.num_layers, compression.num_kv_heads, compression.d_head)
-        weighting = module.compression_options.bits_weighting
+        weighting = module.compression_options.weighting
         print(
             f"Allocated widths:       {16 * (1 - reduction):.2f} bits per element ({weighting}, sensitivity "
             f"pass {module.allocation_seconds:.1f}s; metrics in {shown}/fim_metrics.json)"

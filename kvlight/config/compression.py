@@ -64,17 +64,22 @@ _GLOBAL_KEYS = {
 }
 
 
-#: The default when no config, rank or target is given: the best training-free quality per byte that
-#: bench/frontier.py found at <= 25 % of an fp16 cache (issue 11). A width per principal direction allocated by the
-#: gradient-weighted distortion (kvlight.analysis.bit_allocation, "fisher-joint") within 24 % of an fp16 cache's bytes at long
-#: context (3.84 bits per element), the first 4 tokens exact and no exact recent window: 25.0 % at 512 tokens, sinks
-#: included. The allocation needs the model: it runs at the start of fit (kvlight.calibration.module).
+#: The default when no config, rank or target is given: the configuration bench/frontier.py and bench/decode.py found
+#: both good and fast at <= 25 % of an fp16 cache (issues 11 and 29). A width per principal direction of a basis in
+#: which each head's Fisher is white (kvlight.analysis.whitening, "fisher-white", served by KVSplice heads), allocated
+#: within 24 % of an fp16 cache's bytes at long context (3.84 bits per element), the first 4 tokens exact, no exact
+#: recent window, and a RoPE model's keys coded relative to the rotation of blocks of 16 tokens, so that decode scores
+#: them in latent space instead of rebuilding and rotating every stored key. A backend that cannot serve a whitened
+#: basis (PCA) gets the best weighting in the principal basis, "fisher-joint"; so does ``kvlight analyze``, whose
+#: configs name principal directions. The allocation needs the model: it runs at the start of fit
+#: (kvlight.calibration.module).
 RECOMMENDED = {
     "target_memory_reduction": 0.76,
     "sink_tokens": 4,
     "recent_window": 0,
-    "bits_weighting": "fisher-joint",
-    "key_rope_block": 1,
+    "bits_weighting": "fisher-white",
+    "principal_bits_weighting": "fisher-joint",
+    "key_rope_block": 16,
 }
 #: Values ``global.latent_bits`` may take (None: latents in the K/V dtype).
 LATENT_BITS = (None, 2, 4, 8, "fp8")

@@ -105,3 +105,27 @@ def test_bad_key_rope_block_flag_is_one_line_exit_2(value, tmp_path, tiny_llama_
     assert main([*tiny_calibrate_args(tiny_llama_path, out), "--key-rope-block", value]) == 2
     assert "key-rope-block" in one_error_line(capfd.readouterr().err).replace("_", "-")
     assert not out.exists()
+
+
+#: (extra flags, backend written, weighting printed, key block): the recommended default is Fisher-whitened widths
+#: (KVSplice heads) with keys in RoPE blocks of 16; PCA cannot serve a whitened basis and gets joint-Fisher widths in
+#: the same blocks; explicit flags win.
+DEFAULTS = [
+    ([], "kvsplice", "fisher-white", 16),
+    (["--compressor", "pca"], "pca", "fisher-joint", 16),
+    (["--compressor", "pca", "--bits-weighting", "fisher", "--key-rope-block", "1"], "pca", "fisher", 1),
+]
+
+
+@pytest.mark.parametrize("extra,algo,weighting,block", DEFAULTS, ids=["default", "pca", "explicit"])
+def test_the_default_allocation_is_the_recommended_one_its_backend_serves(
+    extra, algo, weighting, block, tmp_path, tiny_llama_path, kvlight_cache, capsys
+):
+    out = tmp_path / "out"
+    args = tiny_calibrate_args(tiny_llama_path, out, "--sensitivity-samples", "2", "--epochs", "1", *extra)
+    assert main([*args, "--model-dtype", "float32"]) == 0
+    assert f"bits per element ({weighting}," in capsys.readouterr().out
+    config = json.loads((out / f"compression_config_{algo}.json").read_text())
+    assert config["global"].get("key_rope_block", 1) == block
+    results = json.loads((out / f"calibration_results_{algo}.json").read_text())
+    assert results["compressed_perplexity"] < 1.2 * results["baseline_perplexity"]

@@ -65,6 +65,9 @@ COMPRESSED = {
     "pca-rank4-int4-sinks4-recent4": ("pca", 4, {"sink_tokens": 4, "recent_window": 4, "latent_bits": 4}),
     "pca-rank8-sinks2": ("pca", 8, {"sink_tokens": 2}),
     "kvsplice-rank8-int8-sinks4-recent8": ("kvsplice", 8, {"sink_tokens": 4, "recent_window": 8, "latent_bits": 8}),
+    # keys coded relative to the RoPE of blocks of 4 slots, scored in latent space. Blocks follow slots, so below full
+    # rank a padded row's keys are coded in other blocks than alone (close, not equal: README, Padding).
+    "pca-full-rank-rope-block4": ("pca", 16, {"rope_block": 4}),
 }
 
 

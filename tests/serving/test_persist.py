@@ -30,6 +30,8 @@ CONFIGS = {
     "pca-fp": {"algo": "pca", "rank": 8, "sink_tokens": 2, "recent_window": 3},
     "pca-int4": {"algo": "pca", "rank": 8, "sink_tokens": 2, "recent_window": 3, "latent_bits": 4},
     "widths": {"algo": "pca", "bits": mixed_widths, "sink_tokens": 2, "recent_window": 3},
+    # keys coded relative to the RoPE of blocks of 4 slots: the blocks' rotation tables are rebuilt after loading
+    "widths-rope-block4": {"algo": "pca", "bits": mixed_widths, "sink_tokens": 2, "recent_window": 3, "rope_block": 4},
 }
 ENTROPY = [None, "zstd"]
 GREEDY = {"do_sample": False, "pad_token_id": 0}
