@@ -96,7 +96,7 @@ def check_whitened(compression: CompressionOptions, objective: ObjectiveOptions)
     refuse another backend, or key/value objectives that would replace that weight."""
     if not (compression.allocates and compression.weighting in WHITENED):
         return
-    if compression.compressor not in (None, "kvsplice"):
+    if compression.compressor is not None and not backend(compression.compressor).weighted_objectives:
         raise ConfigError(
             f"bits_weighting {compression.weighting} widths index a Fisher-whitened basis that only KVSplice "
             f"heads serve, not {compression.compressor}: use --compressor kvsplice (or leave it out)"
