@@ -1,5 +1,9 @@
 """kvlight: post-hoc KV-cache compression for frozen Hugging Face causal LMs.
 
+``kvlight.compress(model, compressor_or_path)`` and ``kvlight.from_pretrained(model, path_or_repo_id)`` serve a model
+with a compressed KV cache, the compressor given as an object, the directory ``save_pretrained`` wrote or a Hugging
+Face Hub repo id; ``with kvlight.compress(...) as wrapped:`` restores the model on exit.
+
 Importing kvlight changes nothing in transformers or torch, and loads neither Lightning nor ``datasets``. What a
 :class:`~kvlight.serving.wrapper.CompressedKVModelWrapper` changes on its model, until ``close()`` restores it: one
 forward pre-hook on the rotary module (to see the position ids the model really uses) and, with ``fast_decode=True``,
@@ -16,6 +20,8 @@ _LAZY = {
     "KVCompressor": "kvlight.compressors.compressor",
     "KVSpliceCompressor": "kvlight.compressors.compressor",
     "PCACompressor": "kvlight.compressors.compressor",
+    "compress": "kvlight.serving.wrapper",
+    "from_pretrained": "kvlight.serving.wrapper",
     "load_compressor": "kvlight.compressors.compressor",
 }
 
@@ -41,6 +47,8 @@ __all__ = [
     "KVLightError",
     "KVSpliceCompressor",
     "PCACompressor",
+    "compress",
+    "from_pretrained",
     "load_compressor",
 ]
 __version__ = "0.1.0"

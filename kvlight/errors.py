@@ -56,3 +56,11 @@ class CheckpointError(KVLightError):
 
 class CacheError(KVLightError, ValueError):
     """A compressed cache cannot be built or used as asked (e.g. built by hand for a RoPE model without positions)."""
+
+
+class HubError(KVLightError):
+    """A compressor cannot be downloaded from or uploaded to the Hugging Face Hub (offline, no such repo, no token)."""
+
+
+class AlreadyWrappedError(KVLightError, ValueError):
+    """A model is wrapped a second time while an earlier wrapper is still open on it."""

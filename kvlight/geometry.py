@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 from dataclasses import asdict, dataclass
 
 from torch import nn
@@ -48,10 +51,41 @@ def kv_geometry(model: nn.Module) -> KVGeometry:
         raise ModelLoadError(f"model type {model_type!r} is not supported: {reason}; {SERVED}")
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    kv_heads = (getattr(config, "num_key_value_heads", None) if reads_kv_heads(config) else None) or heads
     if getattr(config, "multi_query", False) is True:  # GPT-BigCode: one K/V head shared by every query head
         kv_heads = 1
     return KVGeometry(model_type, config.num_hidden_layers, kv_heads, head_dim, rope=has_rope(config))
+
+
+def reads_kv_heads(config) -> bool:
+    """Whether ``config.num_key_value_heads`` is what the model's attention uses (grouped-query attention).
+
+    A config keeps any keyword it is built with, so ``GPTNeoXConfig(num_key_value_heads=2)`` holds a value that
+    GPT-NeoX's attention never reads: it projects one K/V head per query head. A value counts when the config class
+    declares the field (or maps or computes it), or when the family's modeling file reads it (composite configs whose
+    text part declares it); otherwise every attention head has its own K/V head. A config without a modeling file
+    to read (remote code) keeps the value.
+    """
+    kind = type(config)
+    declared = any(
+        "num_key_value_heads" in getattr(klass, "__annotations__", {})
+        or isinstance(klass.__dict__.get("num_key_value_heads"), property)
+        for klass in kind.__mro__
+    )
+    return declared or "num_key_value_heads" in getattr(kind, "attribute_map", {}) or _modeling_reads(kind.__module__)
+
+
+@functools.cache
+def _modeling_reads(config_module: str) -> bool:
+    """Whether the modeling file beside ``config_module`` (``...configuration_x`` -> ``...modeling_x``) mentions
+    ``num_key_value_heads``; True when there is none to read."""
+    if ".configuration_" not in config_module:
+        return True
+    try:
+        source = inspect.getsource(importlib.import_module(config_module.replace(".configuration_", ".modeling_")))
+    except (ImportError, OSError, TypeError):
+        return True
+    return "num_key_value_heads" in source
 
 
 def has_rope(config) -> bool:

@@ -19,11 +19,13 @@ from torch import nn
 
 from kvlight.compressors import artefacts
 from kvlight.compressors.base import IdentityProjection, LayerCodec
+from kvlight.compressors.card import CARD_NAME
 from kvlight.compressors.registry import backend
 from kvlight.compressors.statistics import RunningMoments, StepSearch, step_offset
 from kvlight.compressors.widths import EXACT
 from kvlight.config import CompressionConfig
 from kvlight.errors import CaptureError, ConfigError, GeometryMismatchError, KVLightError
+from kvlight.files import atomic_write_text
 from kvlight.geometry import KVGeometry
 
 #: Captured rows that fit the static steps of width codecs (an even sample; more changes little).
@@ -332,21 +334,92 @@ class KVCompressor(nn.Module):
             digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
         return digest.hexdigest()
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``compressor.safetensors`` and ``compressor_config.json`` (each atomically) to ``directory``."""
+    def save_pretrained(self, directory: str | os.PathLike, card: str | None = None) -> None:
+        """Write ``compressor.safetensors`` and ``compressor_config.json`` (each atomically) to ``directory``, and
+        ``card`` (a model card, :func:`kvlight.compressors.card.model_card`) as ``README.md`` when given."""
         artefacts.write_files(Path(directory), self.state_dict(), self.describe())
+        if card is not None:
+            atomic_write_text(Path(directory) / CARD_NAME, card)
 
-    def check_geometry(self, geometry: KVGeometry) -> None:
-        """Refuse a model whose KV geometry differs from the one this compressor was built for."""
+    def check_geometry(self, geometry: KVGeometry, model_name: str | None = None) -> None:
+        """Refuse a model whose KV geometry differs from the one this compressor was built for; the message names the
+        model it was fitted to (its recorded base model, else its model type) and ``model_name`` (the model given)."""
         mine = (self.num_layers, self.num_kv_heads, self.head_dim)
         theirs = (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
         fitted_rope = self.geometry.rope if self.geometry else geometry.rope
-        if mine != theirs or fitted_rope != geometry.rope:
-            raise GeometryMismatchError(
-                f"compressor was fitted to {mine[0]} layers x {mine[1]} KV heads x head_dim {mine[2]}"
-                f"{' (RoPE)' if fitted_rope else ''}, but the model has {theirs[0]} x {theirs[1]} x {theirs[2]}"
-                f"{' (RoPE)' if geometry.rope else ''}; calibrate a compressor for this model"
-            )
+        if mine == theirs and fitted_rope == geometry.rope:
+            return
+        fitted = self.fitted_name() or "another model"
+        given = model_name or geometry.model_type
+        raise GeometryMismatchError(
+            f"this compressor was fitted to {fitted} ({mine[0]} layers x {mine[1]} KV heads x head_dim {mine[2]}"
+            f"{', RoPE' if fitted_rope else ''}), but the model given, {given}, has {theirs[0]} x {theirs[1]} x "
+            f"{theirs[2]}{', RoPE' if geometry.rope else ''}; serve it on {fitted}, or calibrate a compressor for "
+            f"{given}"
+        )
+
+    def fitted_name(self) -> str | None:
+        """The model this compressor was fitted to: the recorded base model's name, else the fitted model type."""
+        name = (self.base_model or {}).get("name")
+        if name:
+            return str(name)
+        return self.geometry.model_type if self.geometry is not None else None
+
+    # ------------------------------------------------------------------ sharing, like an adapter
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        *,
+        geometry: KVGeometry | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+    ) -> KVCompressor:
+        """Load a compressor from the directory :meth:`save_pretrained` wrote (offline) or from a Hugging Face Hub
+        repository that :meth:`push_to_hub` filled (downloaded with ``huggingface_hub.snapshot_download``).
+
+        Args:
+            path_or_repo_id: a local directory, else a hub repo id such as ``"user/smollm2-kv-0.24"``.
+            geometry: the model's KV geometry (:func:`kvlight.geometry.kv_geometry`); a different one is refused
+                with :class:`~kvlight.errors.GeometryMismatchError`. The geometry the compressor was fitted to is
+                read from its own JSON either way.
+            revision, token, cache_dir, local_files_only: passed to ``snapshot_download`` for a hub id.
+
+        Raises:
+            HubError: the id is neither a directory nor a repo id, or the hub cannot be reached or has no such repo.
+        """
+        from kvlight.compressors.hub import resolve
+
+        directory = resolve(
+            path_or_repo_id, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
+        )
+        return load_compressor(directory, geometry)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        card: str | None = None,
+    ) -> str:
+        """Upload this compressor (what :meth:`save_pretrained` writes, and a ``README.md`` model card) to the hub
+        repository ``repo_id``, created if missing; returns the repository's URL.
+
+        ``card`` is the model card's text (:func:`kvlight.compressors.card.model_card` writes one from calibration
+        results); without it a card is written from what the compressor records.
+        """
+        import tempfile
+
+        from kvlight.compressors.card import model_card
+        from kvlight.compressors.hub import push_directory
+
+        with tempfile.TemporaryDirectory(prefix="kvlight-push-") as staging:
+            self.save_pretrained(staging, card=card if card is not None else model_card(None, self, None, repo_id))
+            return push_directory(staging, repo_id, private=private, token=token, commit_message=commit_message)
 
 
 class PCACompressor(KVCompressor):
@@ -379,9 +452,9 @@ def load_compressor(directory: str | os.PathLike, geometry: KVGeometry | None = 
     except ConfigError as exc:
         where = directory / artefacts.CONFIG_NAME
         raise KVLightError(f"{where}: its compression config does not fit its geometry: {exc}") from None
+    compressor.base_model = artefacts.read_base_model(directory)  # first: a geometry refusal names it
     if geometry is not None:
         compressor.check_geometry(geometry)
-    compressor.base_model = artefacts.read_base_model(directory)
     state = artefacts.read_weights(directory)
     try:
         compressor.load_state_dict(state)

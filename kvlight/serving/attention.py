@@ -23,17 +23,24 @@ are identical.
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 
 import torch
 from torch import nn
 
+from kvlight.errors import AlreadyWrappedError
 from kvlight.hf import attention_implementation, original_attention, register_attention, set_attention
 from kvlight.serving.widths import HeadLayout, head_layout
 
 #: original attention implementations the decode path can stand in for (their masks are bool or additive).
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
 _PREFIX = "kvlight_"
+#: what a second wrap of one model says (kvlight.serving.wrapper refuses it too, for wrappers without fast decode).
+ALREADY_WRAPPED = (
+    "this model is already served by another kvlight wrapper; call .close() on that wrapper first, or wrap with "
+    "'with kvlight.compress(model, compressor) as wrapped:' so that it closes itself"
+)
 
 
 class DecodeHandoff:
@@ -114,8 +121,10 @@ class LatentAttention:
     """Switches ``model`` to kvlight's decode attention until :meth:`close` restores the original.
 
     Only models on the ``sdpa`` or ``eager`` implementation are switched (:attr:`active` stays False
-    otherwise, and the compressed cache then returns reconstructed K/V as before). ``handoff`` is what its
-    compressed caches offer their decode steps to.
+    otherwise, and the compressed cache then returns reconstructed K/V as before); another implementation
+    (``flash_attention_2``, ``flex_attention``, ...) gets a one-line warning saying so. ``handoff`` is what its
+    compressed caches offer their decode steps to. A model already switched by an open one is refused
+    (:class:`~kvlight.errors.AlreadyWrappedError`).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -124,8 +133,16 @@ class LatentAttention:
         self.handoff = DecodeHandoff()
         self.handoff.active = False
         if self.original.startswith(_PREFIX):
-            raise ValueError("this model is already served by another kvlight wrapper; close that one first")
-        if self.original not in SUPPORTED_IMPLEMENTATIONS or fast_path_obstacle(model) is not None:
+            raise AlreadyWrappedError(ALREADY_WRAPPED)
+        if self.original not in SUPPORTED_IMPLEMENTATIONS:
+            warnings.warn(
+                f"kvlight: the model runs attention_implementation={self.original!r}, which kvlight's fast decode "
+                "cannot stand in for, so every decode step rebuilds the whole cached K/V (slow at long context); "
+                'load the model with attn_implementation="sdpa" for the fast path',
+                stacklevel=3,
+            )
+            return
+        if fast_path_obstacle(model) is not None:
             return
         name = _PREFIX + self.original
         register_attention(name, _make_forward(self.original), mask_of=self.original)

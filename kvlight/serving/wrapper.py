@@ -1,21 +1,31 @@
 """Serve a frozen model with a compressed KV cache: the upstream design's step 3.
 
 ``CompressedKVModelWrapper(model, compressor)`` behaves like the model for ``forward`` and
-``generate``, passing a fresh :class:`CompressedCache` whenever the caller gives none. The only
-thing it attaches to the model is the position-observing pre-hook of :class:`PositionTracker`
-(RoPE models); :meth:`close` removes it.
+``generate``, passing a fresh :class:`CompressedCache` whenever the caller gives none. What it changes on the model
+(the position-observing hooks of :class:`PositionTracker` on RoPE models, the attention implementation with fast
+decode) lasts until :meth:`~CompressedKVModelWrapper.close`, which a ``with`` block calls on exit::
+
+    with kvlight.compress(model, "out/compressor_pca") as wrapped:
+        wrapped.generate(**inputs, max_new_tokens=50)
+
+:func:`from_pretrained` and :func:`compress` (``kvlight.from_pretrained``, ``kvlight.compress``) load the compressor
+from a directory or a hub repo id, its geometry checked against the model's.
 """
 
 from __future__ import annotations
+
+import os
+import weakref
 
 import torch
 from torch import nn
 
 from kvlight.compressors.compressor import KVCompressor
 from kvlight.compressors.provenance import check_base_model
+from kvlight.errors import AlreadyWrappedError
 from kvlight.geometry import kv_geometry
 from kvlight.hf import CACHE_KWARG, pipeline_for
-from kvlight.serving.attention import LatentAttention
+from kvlight.serving.attention import ALREADY_WRAPPED, LatentAttention
 from kvlight.serving.cache import CacheSettings, CompressedCache
 from kvlight.serving.positions import PositionTracker
 
@@ -40,8 +50,22 @@ def _new_tokens(args: tuple, kwargs: dict) -> int | None:
     return None if tokens is None else int(tokens.shape[1])
 
 
+#: the open wrapper of each wrapped model (weak both ways: neither is kept alive by being wrapped).
+_OPEN: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+def _model_name(model: nn.Module) -> str | None:
+    """The name a model was loaded under (its ``name_or_path``), None where it has none (built from a config)."""
+    name = getattr(getattr(model, "config", None), "name_or_path", None)
+    return str(name) if name else None
+
+
 class CompressedKVModelWrapper(nn.Module):
     """A causal LM whose KV cache stores the compressor's latents.
+
+    A context manager: ``with CompressedKVModelWrapper(model, compressor) as wrapped:`` (or ``kvlight.compress``)
+    restores the model on exit. A model is served by one open wrapper at a time; wrapping it again before
+    :meth:`close` raises :class:`~kvlight.errors.AlreadyWrappedError`.
 
     Args:
         model: a Hugging Face causal LM of the geometry the compressor was fitted to.
@@ -67,15 +91,24 @@ class CompressedKVModelWrapper(nn.Module):
         allow_model_mismatch: bool = False,
     ) -> None:
         super().__init__()
+        self.fast = self.tracker = None
+        open_wrapper = _OPEN.get(model)
+        if open_wrapper is not None and open_wrapper() is not None:
+            raise AlreadyWrappedError(ALREADY_WRAPPED)
         self.geometry = kv_geometry(model)
-        compressor.check_geometry(self.geometry)
+        compressor.check_geometry(self.geometry, _model_name(model))
         check_base_model(compressor.base_model, model, allow_mismatch=allow_model_mismatch)
         self.model = model
         self.compressor = compressor.to(device=next(model.parameters()).device)
         self.latent_dtype = latent_dtype
         self.storage_dtype = storage_dtype
-        self.fast = LatentAttention(model) if fast_decode else None  # first: it refuses a model already wrapped
-        self.tracker = PositionTracker(model) if self.geometry.rope else None
+        try:
+            self.fast = LatentAttention(model) if fast_decode else None  # first: it refuses a model already switched
+            self.tracker = PositionTracker(model) if self.geometry.rope else None
+        except BaseException:
+            self.close()  # a refusal leaves the model as it was
+            raise
+        _OPEN[model] = weakref.ref(self)
 
     def __getattr__(self, name: str):
         """Whatever this wrapper does not define is the model's (``device``, ``dtype``, ``config``,
@@ -134,10 +167,60 @@ class CompressedKVModelWrapper(nn.Module):
         return self.model.generate(*args, **self._with_cache(kwargs))
 
     def close(self) -> None:
-        """Detach from the model: remove the position hook and restore its attention implementation."""
+        """Detach from the model: remove the position hooks and restore its attention implementation. Closing twice
+        does nothing; the model can then be wrapped again."""
         if self.fast is not None:
             self.fast.close()
             self.fast = None
         if self.tracker is not None:
             self.tracker.close()
             self.tracker = None
+        model = self.__dict__["_modules"].get("model")
+        if model is not None:
+            open_wrapper = _OPEN.get(model)
+            if open_wrapper is not None and open_wrapper() in (self, None):
+                del _OPEN[model]
+
+    def __enter__(self) -> CompressedKVModelWrapper:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def compress(
+    model: nn.Module, compressor_or_path: KVCompressor | str | os.PathLike, **wrapper_kwargs
+) -> CompressedKVModelWrapper:
+    """Serve ``model`` with a compressed KV cache: ``compressor_or_path`` is a fitted :class:`KVCompressor`, the
+    directory ``save_pretrained`` wrote, or a Hugging Face Hub repo id (:func:`from_pretrained`).
+
+    ``wrapper_kwargs`` go to :class:`CompressedKVModelWrapper` (``fast_decode``, ``storage_dtype``, ...). Use it as
+    a context manager to restore the model afterwards: ``with kvlight.compress(model, path) as wrapped: ...``.
+    """
+    if isinstance(compressor_or_path, KVCompressor):
+        return CompressedKVModelWrapper(model, compressor_or_path, **wrapper_kwargs)
+    return from_pretrained(model, compressor_or_path, **wrapper_kwargs)
+
+
+def from_pretrained(
+    model: nn.Module,
+    path_or_repo_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+    **wrapper_kwargs,
+) -> CompressedKVModelWrapper:
+    """``model`` wrapped with the compressor of a local directory or a hub repo id
+    (:meth:`KVCompressor.from_pretrained`; ``revision``, ``token``, ``cache_dir`` and ``local_files_only`` are for the
+    download). The geometry is read from the model and checked against the one the compressor was fitted to;
+    ``wrapper_kwargs`` go to :class:`CompressedKVModelWrapper`."""
+    compressor = KVCompressor.from_pretrained(  # the wrapper checks the geometry, naming both models
+        path_or_repo_id,
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+    )
+    return CompressedKVModelWrapper(model, compressor, **wrapper_kwargs)
