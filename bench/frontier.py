@@ -461,46 +461,108 @@ def target_lines(rows: list[dict], base: float) -> list[str]:
     return lines
 
 
-def plot(results: dict) -> None:
+#: The plot's families, in legend order: (label, marker, colour, test on a row's method). A method belongs to the first
+#: family whose test accepts it; the baseline and unknown methods belong to none.
+PLOT_FAMILIES = [
+    ("HF QuantizedCache (quanto, hqq)", "s", "tab:gray", lambda m: m.startswith("HF QuantizedCache")),
+    ("kvlight ranks, PCA", "v", "tab:purple", lambda m: m in {"kvlight PCA", "kvlight query-weighted keys"}),
+    (
+        "kvlight widths, PCA basis (--compressor pca)",
+        "o",
+        "tab:orange",
+        lambda m: "widths" in m and "whitened" not in m and "distilled" not in m,
+    ),
+    (
+        "kvlight widths, Fisher-whitened basis (default)",
+        "D",
+        "tab:blue",
+        lambda m: "whitened" in m and "distilled" not in m,
+    ),
+    ("kvlight widths + KL distillation (trained)", "^", "tab:green", lambda m: "widths" in m and "distilled" in m),
+]
+#: The method and budget of what ``kvlight calibrate`` does with no flags, marked on the plot.
+DEFAULT_METHOD = "kvlight Fisher-whitened basis, Fisher-allocated widths, keys in RoPE blocks of 16"
+DEFAULT_SETTING_PREFIX = "budget 25 %"
+
+
+def pareto_front(points: list[tuple[float, float]], slack: float = 0.0) -> list[tuple[float, float]]:
+    """The points no other point beats: none costs less within the same bytes.
+
+    Args:
+        points: ``(bytes, cost)`` pairs, e.g. (% of fp16 bytes, % perplexity increase).
+        slack: relative bytes treated as equal: a point is beaten by one with a lower cost and at most
+            ``bytes * (1 + slack)`` bytes. Settings of one budget land a fraction of a percent apart (24.8 vs 25.0 %
+            of the bytes), and without slack the cheaper, far worse one would join the front.
+
+    Returns:
+        The front sorted by bytes, each point once.
+    """
+    unique = sorted(set(points))
+    return [
+        (size, cost)
+        for size, cost in unique
+        if not any(other < cost and other_size <= size * (1 + slack) for other_size, other in unique)
+    ]
+
+
+def plot_family(method: str) -> int | None:
+    """Index into :data:`PLOT_FAMILIES` of a row's method (None: the baseline or a method no family names)."""
+    return next((index for index, family in enumerate(PLOT_FAMILIES) if family[3](method)), None)
+
+
+def plot(results: dict, path: Path | None = None) -> None:
+    """Draw ``results`` (a frontier JSON) to ``path`` (default bench/results/NAME.png): one panel per window length,
+    the Pareto front of each family in :data:`PLOT_FAMILIES` (perplexity increase vs bytes), the default marked, the
+    legend below the panels. The .md tables hold every row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     lengths = sorted({r["length"] for r in results["rows"]})
-    # One colour per method across every panel.
-    every = list(dict.fromkeys(r["method"] for r in results["rows"] if not r["method"].startswith("none")))
-    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.5), squeeze=False)
+    present = sorted({plot_family(r["method"]) for r in results["rows"]} - {None})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4.6), squeeze=False, sharey=True)
     for ax, length in zip(axes[0], lengths):
         rows = [r for r in results["rows"] if r["length"] == length]
         base = next(r["perplexity"] for r in rows if r["method"].startswith("none"))
-        methods = [method for method in every if any(r["method"] == method for r in rows)]
-        colors = matplotlib.colormaps["tab20"]
-        for method in methods:
-            index = every.index(method)
-            pts = [
-                (100 * r["bytes_fraction"], 100 * (r["perplexity"] / base - 1)) for r in rows if r["method"] == method
-            ]
-            marker = "s" if method.startswith("HF") else ("^" if "distilled" in method else "o")
+        change = lambda r: 100 * (r["perplexity"] / base - 1)  # noqa: E731
+        for index in present:
+            label, marker, color, _ = PLOT_FAMILIES[index]
+            points = [(100 * r["bytes_fraction"], change(r)) for r in rows if plot_family(r["method"]) == index]
+            front = pareto_front(points, slack=0.02)
+            ax.plot(*zip(*front), marker=marker, color=color, label=label, markersize=6, linewidth=1.4)
+        default = [r for r in rows if r["method"] == DEFAULT_METHOD and r["setting"].startswith(DEFAULT_SETTING_PREFIX)]
+        for r in default:
             ax.plot(
-                *zip(*sorted(pts)),
-                marker=marker,
-                linestyle="-" if len(pts) > 1 else "",
-                color=colors(index % 20),
-                label=method.removeprefix("kvlight "),
-                markersize=5,
-                linewidth=0.8,
+                100 * r["bytes_fraction"],
+                change(r),
+                marker="*",
+                markersize=17,
+                color="tab:red",
+                linestyle="",
+                zorder=5,
+                label=f"the default (kvlight calibrate): {change(r):+.2f} %",
             )
-        ax.set_xlabel("stored bytes, % of fp16 DynamicCache")
-        ax.set_ylabel("perplexity change, % (symlog)")
         ax.set_yscale("symlog", linthresh=1)
-        ax.set_title(f"{length}-token windows, chunks of 64", fontsize=10)
+        ax.set_xlabel("cache bytes, % of an fp16 DynamicCache", fontsize=11)
+        ax.set_title(f"{length}-token windows", fontsize=12)
+        ax.tick_params(labelsize=10)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:+g} %" if v else "0"))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="upper right")
-    # The model names the figure once: a long name in every panel's title ran into the next panel's.
-    fig.suptitle(results.get("model", "SmolLM2-135M"), fontsize=11)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{TARGET['name']}.png", dpi=110)
+        if default:  # the default's entry names this panel's number
+            ax.legend(handles=ax.get_lines()[-1:], loc="lower left", fontsize=10, frameon=True)
+    axes[0][0].set_ylabel("perplexity increase, % (log above 1 %)", fontsize=11)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    handles, labels = handles[: len(present)], labels[: len(present)]
+    fig.suptitle(
+        f"{results.get('model', 'SmolLM2-135M')}: best setting of each family (lower and left is better)", fontsize=12
+    )
+    # The legend sits below the panels, never over the points.
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=10, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * ((len(handles) + 1) // 2), 1, 1))
+    fig.savefig(path or RESULTS / f"{TARGET['name']}.png", dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -531,6 +593,7 @@ def main() -> None:
     parser.add_argument("--distill-steps", type=int, default=DISTILL_STEPS, help="KL steps of the distilled rank rows")
     bitrows.add_distill_options(parser, prefix="width-")
     parser.add_argument("--rewrite", action="store_true", help="only rewrite frontier.md/png from frontier.json")
+    parser.add_argument("--plot-only", action="store_true", help="only redraw frontier.png from frontier.json")
     parser.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="model dtype (auto: bf16 where native)"
     )
@@ -548,6 +611,9 @@ def main() -> None:
         )
     elif args.name:
         TARGET["name"] = args.name
+    if args.plot_only:
+        plot(json.loads((RESULTS / f"{TARGET['name']}.json").read_text()))
+        return
     if args.rewrite:
         write(json.loads((RESULTS / f"{TARGET['name']}.json").read_text()))
         return
