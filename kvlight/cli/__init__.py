@@ -2,9 +2,10 @@
 
     kvlight fit --config configs/smollm2_pca.yaml
     kvlight validate --config configs/smollm2_pca.yaml --ckpt_path OUT/checkpoints/last.ckpt
-    kvlight calibrate --compressor pca --output-dir OUT        # fit + validate, the five result lines of the upstream design's step 2
-    kvlight analyze --strategy bits --target-memory-reduction 0.875 --output-dir analysis
+    kvlight calibrate --kv-budget 0.24 --output-dir OUT       # fit + validate in one go, the result lines printed
+    kvlight analyze --strategy bits --kv-budget 0.125 --output-dir analysis
     kvlight config uniform --model M --rank 32 -o cfg.json
+    kvlight --version
 
 Every :class:`~kvlight.errors.KVLightError` ends the command with one line on stderr and exit code 2.
 """
@@ -20,7 +21,7 @@ LIGHTNING_COMMANDS = {"fit", "validate", "test", "predict"}
 COMMANDS = {
     "fit": "calibrate a compressor (LightningCLI; see 'kvlight fit --help')",
     "validate": "baseline vs compressed perplexity of a checkpoint (LightningCLI; 'kvlight validate --help')",
-    "calibrate": "fit + validate in one go; prints the five result lines of the upstream design's step 2",
+    "calibrate": "fit + validate in one go at a KV budget; prints the results, writes the compressor",
     "analyze": "per-head sensitivity metrics -> ranks or widths per direction -> compression config",
     "config": "write a compression config (kvlight config uniform)",
 }
@@ -28,12 +29,14 @@ COMMANDS = {
 
 def _usage() -> str:
     lines = [
-        "usage: kvlight {" + ",".join(COMMANDS) + "} ...",
+        "usage: kvlight [--version] {" + ",".join(COMMANDS) + "} ...",
         "",
         "Post-hoc KV-cache compression for HF causal LMs.",
         "",
     ]
-    return "\n".join(lines + [f"  {name:<10} {text}" for name, text in COMMANDS.items()]) + "\n"
+    commands = [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
+    tail = ["", "kvlight --version prints the version; kvlight COMMAND --help, each command's flags."]
+    return "\n".join(lines + commands + tail) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         if not argv or argv[0] in ("-h", "--help"):
             print(_usage(), file=sys.stdout if argv else sys.stderr, end="")
             return 0 if argv else 2
+        if argv[0] == "--version":
+            from kvlight import __version__
+
+            print(f"kvlight {__version__}")
+            return 0
         command, rest = argv[0], argv[1:]
         from kvlight.cli.quiet import quiet
 

@@ -1,7 +1,7 @@
 """``kvlight analyze``: sensitivity metrics -> per-head ranks -> compression config (the upstream design's step 1).
 
-    kvlight analyze --calibration-samples 16 --generate-compression-config \\
-        --strategy budget --target-memory-reduction 0.5 --output-dir analysis
+    kvlight analyze --strategy bits --kv-budget 0.125 --output-dir analysis
+    kvlight analyze --generate-compression-config --strategy budget --kv-budget 0.5 --output-dir analysis
 
 Metrics come from the frozen model itself (:mod:`kvlight.analysis.sensitivity`), or from a file
 (``--metrics-file``) or a W&B project (``--entity/--project``, the upstream design's path) via
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvlight.analysis.bit_allocation import WHITENED, allocate_bits, check_bits_target
+from kvlight.analysis.bit_allocation import WEIGHTINGS, WHITENED, allocate_bits, check_bits_target
 from kvlight.analysis.metrics_io import (
     HeadMetrics,
     fetch_wandb_metrics,
@@ -41,7 +41,18 @@ from kvlight.analysis.sensitivity import measure_sensitivity
 from kvlight.calibration.datamodule import KVCalibrationDataModule
 from kvlight.calibration.module import KVCalibrationModule
 from kvlight.calibration.options import CompressionOptions, RuntimeOptions
-from kvlight.cli.flags import DATA_FLAGS, OneLineParser, add_flags, build, flags, parse, to_arguments
+from kvlight.cli.flags import (
+    DATA_FLAGS,
+    KV_BUDGET_HELP,
+    Flag,
+    OneLineParser,
+    add_flags,
+    budget_flags,
+    build,
+    flags,
+    parse,
+    to_arguments,
+)
 from kvlight.compressors.registry import backend_names
 from kvlight.config import RECOMMENDED
 from kvlight.errors import ConfigError
@@ -50,11 +61,6 @@ from kvlight.geometry import KVGeometry, kv_geometry
 from kvlight.models import EMBEDDED_DEFAULT, geometry_of, load_model
 
 METRICS_JSON, METRICS_CSV = "fim_metrics.json", "fim_metrics.csv"
-#: AnalyzeOptions fields that take a value on the command line (the two switches come after FLAGS' table).
-ANALYZE_FIELDS = (
-    "strategy", "compression_config_output", "rank_step", "algo", "attention_tokens", "seed", "metrics_file",
-    "entity", "project", "run_name", "trace_critical", "trace_moderate", "cond_excellent", "cond_good", "output_dir",
-)  # fmt: skip
 _DESCRIPTION = """\
 Measure, per layer and KV head, on calibrate's calibration windows:
   - the upstream design's attention-Fisher metrics trace, eigmax and cond of F = mean_i(diag(p_i) - p_i p_i^T)
@@ -66,8 +72,8 @@ Measure, per layer and KV head, on calibrate's calibration windows:
   - the share of K and V energy kept at every rank.
   - per principal direction and width (0, 1, 2, 3, 4, 5, 6, 8, 16 bits), the measured quantisation error.
 Strategies: bits (a width per principal direction minimising the predicted loss within
---target-memory-reduction of an fp16 cache: 0.875 stores 2 bits per element; always writes the config),
-budget (K/V ranks minimising the predicted loss at exactly --target-memory-reduction),
+--kv-budget of an fp16 cache's bytes: 0.125 stores 2 bits per element; always writes the config),
+budget (K/V ranks minimising the predicted loss at exactly --kv-budget),
 tiers (the upstream design's rules and thresholds, ranks scaled to head_dim), uniform (one rank everywhere)."""
 
 
@@ -76,11 +82,12 @@ class AnalyzeOptions:
     """What only ``kvlight analyze`` has.
 
     Args:
-        strategy: bits (a width per principal direction; always writes the config), budget, tiers or uniform.
+        strategy: bits (a width per principal direction, as calibrate allocates them; always writes the config),
+            or ranks: budget, tiers or uniform.
         generate_compression_config: write the config, its summary and a heatmap beside the metrics.
         compression_config_output: the config's file name, relative to output_dir.
         rank_step: rank strategies: ranks are multiples of this (None: head_dim / 16).
-        algo: the backend written into the config.
+        compressor: the backend the config names for every head.
         attention_tokens: prefix over which the attention Fisher is taken.
         seed: seed of the labels sampled from the model (the Fisher's one-sample estimates).
         metrics_file: import metrics from this CSV or JSON instead of measuring.
@@ -95,11 +102,11 @@ class AnalyzeOptions:
         progress: show progress bars.
     """
 
-    strategy: str = "budget"
+    strategy: str = "bits"
     generate_compression_config: bool = False
     compression_config_output: str = "compression_config.json"
     rank_step: int | None = None
-    algo: str = "kvsplice"
+    compressor: str = "kvsplice"
     attention_tokens: int = 256
     seed: int = 0
     metrics_file: str | None = None
@@ -116,23 +123,63 @@ class AnalyzeOptions:
     def __post_init__(self) -> None:
         if self.strategy not in ("bits", *STRATEGIES):
             raise ConfigError(f"--strategy {self.strategy!r} must be one of bits, {', '.join(STRATEGIES)}")
-        if self.algo not in backend_names():
-            raise ConfigError(f"--algo {self.algo!r} is not a known backend (known: {', '.join(backend_names())})")
+        if self.compressor not in backend_names():
+            known = ", ".join(backend_names())
+            raise ConfigError(f"--compressor {self.compressor!r} is not a known backend (known: {known})")
         if self.attention_tokens < 1:
             raise ConfigError(f"--attention-tokens must be a positive integer, got {self.attention_tokens}")
 
 
-FLAGS = DATA_FLAGS + flags(
-    ("--sensitivity-samples", "model.compression.sensitivity_samples"),
-    ("--batch-size", "model.runtime.capture_batch_size"),
-    ("--sink-tokens", "model.compression.sink_tokens"),
-    ("--recent-window", "model.compression.recent_window"),
-    ("--key-rope-block", "model.compression.key_rope_block"),
-    ("--target-memory-reduction", "model.compression.target_memory_reduction"),
-    ("--bits-weighting", "model.compression.bits_weighting"),
-    *((f"--{name.replace('_', '-')}", f"analyze.{name}") for name in ANALYZE_FIELDS),
-    ("--generate-compression-config", "analyze.generate_compression_config", "true"),
-    ("--no-progress", "analyze.progress", "false"),
+_BUDGET_HELP = f"{KV_BUDGET_HELP}; rank strategies keep exactly that fraction (default 0.5 for them)"
+#: every flag, in its help section.
+FLAGS = (
+    flags(
+        ("--model", "model.model"),
+        ("--output-dir", "analyze.output_dir"),
+        ("--generate-compression-config", "analyze.generate_compression_config", "true"),
+        ("--compression-config-output", "analyze.compression_config_output"),
+    )
+    + (
+        Flag("--no-progress", ("analyze.progress",), "false", help="hide the progress bars."),
+        Flag("--strategy", ("analyze.strategy",), choices=("bits", *STRATEGIES)),
+        Flag("--compressor", ("analyze.compressor",), choices=backend_names),
+        Flag("--algo", ("analyze.compressor",), alias_of="--compressor"),
+        *budget_flags("model.compression.target_memory_reduction", "0.24", _BUDGET_HELP),
+        Flag(
+            "--bits-weighting",
+            ("model.compression.bits_weighting",),
+            group="budget",
+            choices=WEIGHTINGS,
+            help="how the bits strategy weighs a direction's error (none: fisher-joint; the whitened ones need "
+            "kvlight calibrate, which fits the basis they index)",
+        ),
+    )  # fmt: skip
+    + flags(
+        ("--rank-step", "analyze.rank_step"),
+        ("--sink-tokens", "model.compression.sink_tokens"),
+        ("--recent-window", "model.compression.recent_window"),
+        ("--key-rope-block", "model.compression.key_rope_block"),
+        group="budget",
+    )
+    + tuple(Flag(flag.name, flag.keys, group="measurement") for flag in DATA_FLAGS if flag.name != "--model")
+    + flags(
+        ("--sensitivity-samples", "model.compression.sensitivity_samples"),
+        ("--attention-tokens", "analyze.attention_tokens"),
+        ("--seed", "analyze.seed"),
+        group="measurement",
+    )
+    + flags(
+        ("--metrics-file", "analyze.metrics_file"),
+        ("--entity", "analyze.entity"),
+        ("--project", "analyze.project"),
+        ("--run-name", "analyze.run_name"),
+        group="imported metrics (instead of measuring)",
+    )
+    + flags(
+        *((f"--{name.replace('_', '-')}", f"analyze.{name}") for name in TierThresholds.__dataclass_fields__),
+        group="tiers strategy",
+    )
+    + flags(("--batch-size", "model.runtime.capture_batch_size"), group="hardware")
 )
 
 
@@ -149,13 +196,17 @@ def source_parser():
 
 def main(argv: list[str]) -> int:
     """Parse ``kvlight analyze``'s flags and run it (:func:`run_analyze`)."""
+    return run_analyze(arguments(argv))
+
+
+def arguments(argv: list[str]) -> argparse.Namespace:
+    """The options of ``kvlight analyze argv``, as the flat namespace :func:`run_analyze` reads."""
     source = source_parser()
     cli = OneLineParser(
         prog="kvlight analyze", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_flags(cli, FLAGS, source)
-    config = parse(source, to_arguments(cli.parse_args(argv), FLAGS), FLAGS)
-    return run_analyze(_arguments(config))
+    return _arguments(parse(source, to_arguments(cli.parse_args(argv), FLAGS), FLAGS))
 
 
 def _arguments(config) -> argparse.Namespace:
@@ -249,13 +300,13 @@ def run_analyze(args: argparse.Namespace) -> int:
     )
     if plan.config_path is not None and args.strategy == "bits":
         allocation = allocate_bits(metrics, plan.target, args.bits_weighting)
-        config = allocation.to_config(args.algo, args.sink_tokens, args.recent_window)
+        config = allocation.to_config(args.compressor, args.sink_tokens, args.recent_window)
         files[plan.config_path] = config.to_json_text()
         files[_beside(plan.config_path, "_summary.txt")] = bits_summary_text(allocation, metrics, [model, source])
         files[_beside(plan.config_path, "_bits.png")] = bits_heatmap_png(allocation)
     elif plan.config_path is not None:
         allocation = allocate(args.strategy, metrics, plan.geometry, plan.target, plan.step, plan.thresholds)
-        config = allocation.to_config(args.algo, args.sink_tokens)
+        config = allocation.to_config(args.compressor, args.sink_tokens)
         config.recent_window = args.recent_window
         config.key_rope_block = metrics.info.get("key_rope_block", 1)  # how the metrics measured the keys
         files[plan.config_path] = config.to_json_text()

@@ -1,24 +1,42 @@
-"""``kvlight calibrate``: fit then validate in one go, the five result lines printed and every artefact written.
+"""``kvlight calibrate``: fit then validate in one go, the result lines printed and every artefact written.
 
-Its flags keep the upstream design's names (``--rank``, ``--calibration-samples``, ...) but declare nothing: each names options of
-the LightningModule, the DataModule, the Trainer or :class:`CalibrateRun` (see kvlight.cli.flags), so ``kvlight
-calibrate`` and ``kvlight fit`` share every type and default.
+    kvlight calibrate                                   # the recommended widths at a KV budget of 0.24
+    kvlight calibrate --kv-budget 0.125 --push-to-hub me/smollm2-kv-2bit
+
+Its flags (``--rank``, ``--calibration-samples``, ...) declare nothing: each names options of the LightningModule,
+the DataModule, the Trainer or :class:`CalibrateRun` (see kvlight.cli.flags), so ``kvlight calibrate`` and ``kvlight
+fit`` share every type and default.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvlight.analysis.bit_allocation import WEIGHTINGS
 from kvlight.analysis.metrics_io import metrics_to_json
 from kvlight.calibration.datamodule import KVCalibrationDataModule
 from kvlight.calibration.module import KVCalibrationModule
+from kvlight.calibration.options import MODEL_DTYPES, OBJECTIVES
 from kvlight.calibration.windows import shard_for_rank
-from kvlight.cli.flags import DATA_FLAGS, OneLineParser, add_flags, flags, named, parse, to_arguments
-from kvlight.cli.preflight import check_hardware, trainer_errors
+from kvlight.cli.flags import (
+    DATA_FLAGS,
+    Flag,
+    OneLineParser,
+    add_flags,
+    budget_flags,
+    flags,
+    given,
+    named,
+    parse,
+    to_arguments,
+)
+from kvlight.cli.preflight import check_hardware, check_repo_id, trainer_errors
+from kvlight.compressors.registry import backend_names
 from kvlight.errors import ConfigError
 from kvlight.files import atomic_torch_save, atomic_write_text
 from kvlight.outputs import OutputSet
@@ -35,48 +53,118 @@ class CalibrateRun:
             it and renamed into place at the end, see kvlight.outputs).
         seed: seed of everything (row sampling, shuffling, random starts).
         overwrite: replace the previous run's files in a non-empty output_dir (refused without it).
+        push_to_hub: a Hugging Face repo id (``you/name``) to upload the compressor directory to, with a model card,
+            once the run's files are written (needs a token: ``hf auth login`` or HF_TOKEN).
     """
 
     epochs: int = 10
     output_dir: str = "compression_results"
     seed: int = 0
     overwrite: bool = False
+    push_to_hub: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.push_to_hub is not None:
+            check_repo_id(self.push_to_hub)  # before anything loads: a typo must not cost the whole run
 
 
-FLAGS = DATA_FLAGS + flags(
-    ("--compressor", "model.compression.compressor"),
-    ("--config", "model.compression.config"),
-    ("--target-memory-reduction", "model.compression.target_memory_reduction"),
-    ("--bits-weighting", "model.compression.bits_weighting"),
-    ("--sensitivity-samples", "model.compression.sensitivity_samples"),
-    ("--rank", "model.compression.rank"),
-    ("--rank-k", "model.compression.rank_k"),
-    ("--rank-v", "model.compression.rank_v"),
-    ("--latent-bits", "model.compression.latent_bits"),
-    ("--quant-group-size", "model.compression.quant_group_size"),
-    ("--sink-tokens", "model.compression.sink_tokens"),
-    ("--recent-window", "model.compression.recent_window"),
-    ("--key-rope-block", "model.compression.key_rope_block"),
-    ("--batch-size", ("model.runtime.capture_batch_size", "data.batch_size")),
-    ("--model-dtype", "model.runtime.model_dtype"),
-    ("--max-samples-per-head", "data.max_samples_per_head"),
-    ("--lr", "model.objective.lr"),
-    ("--objective", "model.objective.objective"),
-    ("--key-objective", "model.objective.key_objective"),
-    ("--score-window", "model.objective.score_window"),
-    ("--value-objective", "model.objective.value_objective"),
-    ("--distill-batch-size", "model.objective.distill_batch_size"),
-    ("--precision", "trainer.precision"),
-    ("--accelerator", "trainer.accelerator"),
-    ("--devices", "trainer.devices"),
-    ("--epochs", "calibrate.epochs"),
-    ("--seed", ("calibrate.seed", "data.seed")),
-    ("--output-dir", "calibrate.output_dir"),
-    ("--overwrite", "calibrate.overwrite", "true"),
+#: every flag, in its help section; the data flags are the calibration text, a training setting.
+FLAGS = (
+    flags(
+        ("--model", "model.model"),
+        ("--output-dir", "calibrate.output_dir"),
+        ("--overwrite", "calibrate.overwrite", "true"),
+        ("--seed", ("calibrate.seed", "data.seed")),
+    )
+    + (
+        Flag("--push-to-hub", ("calibrate.push_to_hub",), metavar="REPO"),
+        Flag(
+            "--compression-config",
+            ("model.compression.config",),
+            metavar="PATH",
+            help="a compression config JSON, as kvlight analyze or kvlight config uniform write it; none: the ranks "
+            "below, or with no rank either, widths allocated at --kv-budget",
+        ),
+        Flag(
+            "--compressor",
+            ("model.compression.compressor",),
+            choices=backend_names,
+            shown="kvsplice",
+            help="the backend of every head: kvsplice, or pca when --bits-weighting is other than fisher-white; with "
+            "a compression config, the config's own unless given",
+        ),
+        Flag("--config", ("model.compression.config",), alias_of="--compression-config"),
+        *budget_flags("model.compression.target_memory_reduction", "0.24"),
+        Flag(
+            "--bits-weighting",
+            ("model.compression.bits_weighting",),
+            group="budget",
+            choices=WEIGHTINGS,
+            help="how the width allocation weighs a direction's error (none: fisher-white, or fisher-joint for a "
+            "backend without separate encoder and decoder, such as pca)",
+        ),
+    )
+    + flags(
+        ("--sensitivity-samples", "model.compression.sensitivity_samples"),
+        ("--rank", "model.compression.rank"),
+        ("--rank-k", "model.compression.rank_k"),
+        ("--rank-v", "model.compression.rank_v"),
+        ("--latent-bits", "model.compression.latent_bits"),
+        ("--quant-group-size", "model.compression.quant_group_size"),
+        ("--sink-tokens", "model.compression.sink_tokens"),
+        ("--recent-window", "model.compression.recent_window"),
+        ("--key-rope-block", "model.compression.key_rope_block"),
+        group="budget",
+    )
+    + tuple(Flag(flag.name, flag.keys, group="training") for flag in DATA_FLAGS if flag.name != "--model")
+    + flags(
+        ("--epochs", "calibrate.epochs"),
+        ("--lr", "model.objective.lr"),
+        ("--max-samples-per-head", "data.max_samples_per_head"),
+        ("--score-window", "model.objective.score_window"),
+        ("--distill-batch-size", "model.objective.distill_batch_size"),
+        group="training",
+    )
+    + (
+        Flag("--objective", ("model.objective.objective",), group="training", choices=OBJECTIVES),
+        Flag("--key-objective", ("model.objective.key_objective",), group="training", choices=("mse", "query")),
+        Flag("--value-objective", ("model.objective.value_objective",), group="training", choices=("mse", "output")),
+        Flag("--model-dtype", ("model.runtime.model_dtype",), group="hardware", choices=MODEL_DTYPES),
+    )
+    + flags(
+        ("--batch-size", ("model.runtime.capture_batch_size", "data.batch_size")),
+        ("--precision", "trainer.precision"),
+        ("--accelerator", "trainer.accelerator"),
+        ("--devices", "trainer.devices"),
+        group="hardware",
+    )
 )
 
 
 OPTION_GROUPS = ("model.compression", "model.objective", "model.runtime")
+
+
+def arguments(argv: list[str]):
+    """``(source parser, parsed options)`` of ``kvlight calibrate argv``, every flag checked that can be before
+    anything loads."""
+    source = source_parser()
+    cli = OneLineParser(
+        prog="kvlight calibrate",
+        description="Calibrate a compressor for a model's KV cache at a KV budget, validate it, and write it "
+        "(with no flags: the recommended widths on the embedded default model).",
+    )
+    add_flags(cli, FLAGS, source)
+    typed = cli.parse_args(argv)
+    config = parse(source, to_arguments(typed, FLAGS), FLAGS)
+    budget = given(typed, FLAGS, "--kv-budget")
+    compression = config.model.compression
+    ranks = (compression.rank, compression.rank_k, compression.rank_v)
+    if budget and (compression.config is not None or any(rank is not None for rank in ranks)):
+        raise ConfigError(
+            f"{budget} allocates a width per principal direction; it does not combine with a compression config or "
+            "ranks (give one or the other)"
+        )
+    return source, config
 
 
 def source_parser():
@@ -94,11 +182,9 @@ def source_parser():
 
 
 def main(argv: list[str]) -> int:
-    """fit + validate; prints the five result lines of the upstream design's step 2 and writes results, compressor and checkpoint."""
-    source = source_parser()
-    cli = OneLineParser(prog="kvlight calibrate", description="fit + validate in one go (the upstream design's step 2)")
-    add_flags(cli, FLAGS, source)
-    config = parse(source, to_arguments(cli.parse_args(argv), FLAGS), FLAGS)
+    """fit + validate; prints the result lines (the KV budget measured first) and writes results, compressor and
+    checkpoint; with ``--push-to-hub``, uploads the compressor with a model card."""
+    source, config = arguments(argv)
     run = CalibrateRun(**vars(config.calibrate))
     check_hardware(config.trainer.accelerator, config.trainer.devices, "--")  # before anything loads or is written
     # Everything is written into a staging directory and published at the end: a refused, failed or killed run
@@ -106,12 +192,13 @@ def main(argv: list[str]) -> int:
     outputs = OutputSet(Path(run.output_dir), run.overwrite)
     staging = outputs.stage()
     try:
-        return _calibrate(source, config, run, staging, outputs)
+        code = _calibrate(source, config, run, staging, outputs, shlex.join(["kvlight", "calibrate", *argv]))
     finally:
         outputs.close()
+    return code
 
 
-def _calibrate(source, config, run: CalibrateRun, output: Path, outputs: OutputSet) -> int:
+def _calibrate(source, config, run: CalibrateRun, output: Path, outputs: OutputSet, command: str) -> int:
     """main's work, every file written under ``output`` (the staging directory of ``outputs``)."""
     import lightning.pytorch as pl
 
@@ -139,8 +226,19 @@ def _calibrate(source, config, run: CalibrateRun, output: Path, outputs: OutputS
     trainer.validate(module, datamodule=data, verbose=False)
     if trainer.global_rank != 0:
         return 0
-    _write(module, data, config, output, calibration_seconds, outputs.directory)
+    results = _write(module, data, config, output, calibration_seconds, outputs.directory)
+    algo = results["compressor"]
+    if run.push_to_hub is not None:  # the card travels with the directory, and stays in the published set
+        from kvlight.compressors.card import CARD_NAME, model_card
+
+        card = model_card(results, module.compressor, command, run.push_to_hub)
+        atomic_write_text(output / f"compressor_{algo}" / CARD_NAME, card)
     outputs.publish()
+    if run.push_to_hub is not None:
+        from kvlight.compressors.hub import push_directory
+
+        url = push_directory(outputs.directory / f"compressor_{algo}", run.push_to_hub)
+        print(f"Pushed {outputs.directory}/compressor_{algo} to {url}")
     return 0
 
 
@@ -163,9 +261,9 @@ def _trainer(settings: dict, output: Path):
     return pl.Trainer(**{**settings, **fixed})
 
 
-def _write(module, data, config, output: Path, calibration_seconds: float, shown: Path) -> None:
-    """The results JSON, the compressor (``.pt`` and safetensors directory), its config, the five lines; written
-    under ``output``, named as under ``shown`` (where they are published)."""
+def _write(module, data, config, output: Path, calibration_seconds: float, shown: Path) -> dict:
+    """The results JSON, the compressor (``.pt`` and safetensors directory), its config, the result lines; written
+    under ``output``, named as under ``shown`` (where they are published). Returns the results."""
     algo = module.compression_options.compressor or module.compressor.config.algo_default
     objective = module.objective_options
     results = dict(module.results)
@@ -189,6 +287,10 @@ def _write(module, data, config, output: Path, calibration_seconds: float, shown
             "checkpoint": str(shown / "checkpoints" / "last.ckpt"),
         }
     )
+    # The budget as --kv-budget counts it: the bytes the cache kept, as a fraction of an fp16 DynamicCache's.
+    fp16 = results["fp16_cache_bytes"]
+    results["kv_budget"] = results["compressed_cache_bytes"] / fp16 if fp16 else 0.0
+    print(f"KV budget:              {100 * results['kv_budget']:.1f}% of an fp16 DynamicCache's bytes (measured)")
     if module.allocation_metrics is not None:
         results["allocation_seconds"] = module.allocation_seconds
         atomic_write_text(output / "fim_metrics.json", metrics_to_json(module.allocation_metrics))
@@ -218,3 +320,4 @@ def _write(module, data, config, output: Path, calibration_seconds: float, shown
     print(f"Memory savings:         {results['memory_savings_pct']:.1f}% ({versus})")
     print(f"Calibration time:       {calibration_seconds:.1f}s")
     print(f"Results saved to {shown}/calibration_results_{algo}.json and {shown}/compressor_{algo}.pt")
+    return results

@@ -1,5 +1,7 @@
 """``kvlight config uniform``: write a compression config with one rank everywhere.
 
+    kvlight config uniform --rank-k 16 --rank-v 32 --compressor pca -o cfg.json
+
 Its rank and exact-token flags name :class:`~kvlight.calibration.options.CompressionOptions` fields (kvlight.cli.flags);
 what only this command has is :class:`UniformConfig`.
 """
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvlight.calibration.options import CompressionOptions
-from kvlight.cli.flags import OneLineParser, add_flags, build, flags, parse, to_arguments
+from kvlight.cli.flags import Flag, OneLineParser, add_flags, build, flags, parse, to_arguments
 from kvlight.compressors.registry import backend_names
 from kvlight.config import RECOMMENDED, CompressionConfig
 from kvlight.errors import ConfigError, KVLightError, OutputError
@@ -25,24 +27,31 @@ class UniformConfig:
     Args:
         output: where to write the JSON.
         model: the model whose geometry the config is for (None: the embedded default).
-        algo: the backend every head names.
+        compressor: the backend every head names.
     """
 
     output: str | None = None
     model: str | None = None
-    algo: str = "kvsplice"
+    compressor: str = "kvsplice"
 
 
-FLAGS = flags(
-    ("--model", "uniform.model"),
-    ("--rank", "compression.rank"),
-    ("--rank-k", "compression.rank_k"),
-    ("--rank-v", "compression.rank_v"),
-    ("--algo", "uniform.algo"),
-    ("--sink-tokens", "compression.sink_tokens"),
-    ("--recent-window", "compression.recent_window"),
-    ("-o", "uniform.output"),
-    ("--output", "uniform.output"),
+#: the subcommands of ``kvlight config`` and what each does.
+SUBCOMMANDS = {"uniform": "one rank for every layer and KV head: kvlight config uniform --rank 32 -o cfg.json"}
+FLAGS = (
+    flags(("--model", "uniform.model"))
+    + (
+        Flag("--output", ("uniform.output",), short="-o", metavar="PATH"),
+        Flag("--compressor", ("uniform.compressor",), choices=backend_names),
+        Flag("--algo", ("uniform.compressor",), alias_of="--compressor"),
+    )
+    + flags(
+        ("--rank", "compression.rank"),
+        ("--rank-k", "compression.rank_k"),
+        ("--rank-v", "compression.rank_v"),
+        ("--sink-tokens", "compression.sink_tokens"),
+        ("--recent-window", "compression.recent_window"),
+        group="budget",
+    )
 )
 
 
@@ -56,9 +65,15 @@ def source_parser():
 
 
 def main(argv: list[str]) -> int:
-    """``kvlight config uniform ...`` (the only config subcommand)."""
-    if not argv or argv[0] != "uniform":
-        raise KVLightError("kvlight config takes the subcommand uniform: kvlight config uniform --rank 32 -o cfg.json")
+    """``kvlight config uniform ...`` (the only config subcommand); ``kvlight config --help`` lists them."""
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: kvlight config {" + ",".join(SUBCOMMANDS) + "} ...\n\nWrite a compression config.\n")
+        for name, text in SUBCOMMANDS.items():
+            print(f"  {name:<10} {text}")
+        return 0
+    if not argv or argv[0] not in SUBCOMMANDS:
+        got = f"unknown subcommand {argv[0]!r}" if argv else "a subcommand is missing"
+        raise KVLightError(f"kvlight config: {got}; the one there is: kvlight config uniform --rank 32 -o cfg.json")
     source = source_parser()
     cli = OneLineParser(prog="kvlight config uniform", description="one rank for every layer and KV head")
     add_flags(cli, FLAGS, source)
@@ -67,8 +82,9 @@ def main(argv: list[str]) -> int:
     compression = build(CompressionOptions, config.compression, FLAGS, "compression")
     if uniform.output is None:
         raise KVLightError("config uniform needs -o/--output: where to write the JSON")
-    if uniform.algo not in backend_names():
-        raise ConfigError(f"--algo {uniform.algo!r} is not a known backend (known: {', '.join(backend_names())})")
+    if uniform.compressor not in backend_names():
+        known = ", ".join(backend_names())
+        raise ConfigError(f"--compressor {uniform.compressor!r} is not a known backend (known: {known})")
     return write_uniform_config(uniform, compression)
 
 
@@ -83,7 +99,7 @@ def write_uniform_config(uniform: UniformConfig, compression: CompressionOptions
         rank=compression.rank,
         rank_k=compression.rank_k,
         rank_v=compression.rank_v,
-        algo=uniform.algo,
+        algo=uniform.compressor,
         # Unless told otherwise, the recommended exact tokens (4 sinks, no recent window), as calibrate uses.
         sink_tokens=RECOMMENDED["sink_tokens"] if compression.sink_tokens is None else compression.sink_tokens,
         recent_window=RECOMMENDED["recent_window"] if compression.recent_window is None else compression.recent_window,

@@ -109,6 +109,29 @@ def trainer_errors(prefix: str):
         raise KVLightError(f"{prefix}accelerator/devices/precision/strategy: {message[:300]}; see --help") from None
 
 
+def check_repo_id(repo_id: str) -> None:
+    """``repo_id`` is a Hugging Face repo id (``name`` or ``owner/name``), and a token and the network are there to
+    push to it: the upload comes after the whole run."""
+    import os
+
+    from huggingface_hub import get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ConfigError(
+            f"--push-to-hub {repo_id!r} is not a Hugging Face repo id: owner/name of letters, digits, '-', '_' and "
+            "'.', such as me/smollm2-kv"
+        ) from None
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise ConfigError(f"--push-to-hub {repo_id} needs the network, but HF_HUB_OFFLINE is set; unset it")
+    if get_token() is None:
+        raise ConfigError(
+            f"--push-to-hub {repo_id} needs a Hugging Face token: run 'hf auth login' or set HF_TOKEN first"
+        )
+
+
 def argument_error(exc: Exception, prog: str) -> KVLightError:
     """jsonargparse's multi-line parse error as one line naming the option and pointing to ``--help``."""
     text = str(exc)

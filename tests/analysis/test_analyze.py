@@ -328,7 +328,8 @@ def test_metrics_csv_has_the_seed_columns_and_one_row_per_head(analyze_metrics_f
 
 # ---------------------------------------------------------------------- 5. the command
 def analyze_args(model: str, output: Path, *extra: str) -> list[str]:
-    return ["analyze", "--model", model, "--output-dir", str(output), "--compression-config-output", "cfg.json", *extra]
+    return ["analyze", "--model", model, "--output-dir", str(output), "--compression-config-output", "cfg.json",
+            "--strategy", "budget", *extra]  # fmt: skip
 
 
 TINY_MEASURE = ["--calibration-samples", "4", "--eval-samples", "2", "--seq-len", "32", "--attention-tokens", "16"]

@@ -292,7 +292,7 @@ def test_analyze_and_calibrate_a_phi_model(tiny_phi_path, tmp_path, kvlight_cach
     monkeypatch.setattr(sys, "argv", ["kvlight"])
     analysis = tmp_path / "analysis"
     measure = ["--calibration-samples", "4", "--eval-samples", "2", "--seq-len", "32", "--attention-tokens", "16"]
-    argv = ["analyze", "--model", tiny_phi_path, "--output-dir", str(analysis), *measure]
+    argv = ["analyze", "--model", tiny_phi_path, "--output-dir", str(analysis), "--strategy", "budget", *measure]
     assert main([*argv, "--generate-compression-config", "--target-memory-reduction", "0.5", "--algo", "pca"]) == 0
     assert (analysis / "fim_metrics.json").is_file()
     assert json.loads((analysis / "compression_config.json").read_text())

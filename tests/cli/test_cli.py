@@ -192,14 +192,14 @@ def parse_printed(stdout: str) -> dict[str, float]:
 
 def test_config_uniform_then_calibrate_pca(tmp_path, tiny_llama_path, tiny_models, kvlight_cache, capsys):
     config_path = tmp_path / "cfg.json"
-    assert (
-        main(["config", "uniform", "--model", tiny_llama_path, "--rank", "8", "--algo", "pca", "-o", str(config_path)])
-        == 0
-    )
+    argv = ["config", "uniform", "--model", tiny_llama_path, "--rank", "8", "--compressor", "pca"]
+    assert main([*argv, "-o", str(config_path)]) == 0
     capsys.readouterr()
 
     output = tmp_path / "out"
-    code = main(tiny_calibrate_args(tiny_llama_path, output, "--compressor", "pca", "--config", str(config_path)))
+    code = main(
+        tiny_calibrate_args(tiny_llama_path, output, "--compressor", "pca", "--compression-config", str(config_path))
+    )
     stdout = capsys.readouterr().out
     assert code == 0
     printed = parse_printed(stdout)
@@ -220,6 +220,11 @@ def test_config_uniform_then_calibrate_pca(tmp_path, tiny_llama_path, tiny_model
     assert results["memory_savings_vs_fp16_pct"] == pytest.approx(vs_fp16)
     assert (f"; {vs_fp16:.1f}% vs fp16)" in stdout) == (itemsize == 4)
     assert results["compressor"] == "pca" and results["seq_len"] == 32
+    # The first result line is the budget as --kv-budget counts it: the bytes kept, of an fp16 DynamicCache's.
+    assert results["kv_budget"] == pytest.approx(results["compressed_cache_bytes"] / results["fp16_cache_bytes"])
+    lines = [line for line in stdout.splitlines() if re.match(r"[A-Z][\w ]+: ", line)]  # not the progress bars
+    first = re.fullmatch(r"KV budget:\s+([0-9.]+)% of an fp16 DynamicCache's bytes \(measured\)", lines[0])
+    assert first and float(first.group(1)) == pytest.approx(100 * results["kv_budget"], abs=0.05), stdout
 
     # compressor_pca.pt loads into the seed's PCACompressor(config) ...
     compressor = PCACompressor(CompressionConfig.from_json(output / "compression_config_pca.json"))

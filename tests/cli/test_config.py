@@ -94,7 +94,8 @@ def test_bad_config_is_a_config_error_naming_the_key(case, tmp_path):
 def test_bad_config_through_calibrate_is_one_line_exit_2(case, tmp_path, tiny_llama_path, kvlight_cache, capfd):
     content, fragments = {**BAD_CONFIGS, **BAD_JSON}[case]
     output = tmp_path / "out"
-    argv = ["calibrate", "--model", tiny_llama_path, "--config", _write(tmp_path, content), "--output-dir", str(output)]
+    argv = ["calibrate", "--model", tiny_llama_path, "--compression-config", _write(tmp_path, content),
+            "--output-dir", str(output)]  # fmt: skip
     assert main(argv) == 2
     line = one_error_line(capfd.readouterr().err)
     for fragment in fragments:

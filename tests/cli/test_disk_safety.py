@@ -216,7 +216,7 @@ def _fail_in_fit(monkeypatch):
 
 #: case -> (extra calibrate flags, what to break); each run fails with one line and leaves no output directory
 REFUSED = {
-    "missing --config file": (["--config", "/nonexistent/cfg.json"], None),
+    "missing --compression-config file": (["--compression-config", "/nonexistent/cfg.json"], None),
     "offline hub dataset": (["--calibration-dataset", "wikitext"], None),
     "fails during fit": ([], _fail_in_fit),
 }

@@ -89,7 +89,7 @@ CASES = {
         ["is a directory", "cfg.json"],
     ),
     "compression-config-huge-int": (
-        lambda t, m, g, o: tiny_calibrate_args(m, o, "--config", _hostile(t, "huge config")),
+        lambda t, m, g, o: tiny_calibrate_args(m, o, "--compression-config", _hostile(t, "huge config")),
         ["cfg.json", "integer too long"],
     ),
     "metrics-file-huge-int": (
