@@ -224,8 +224,10 @@ class SlotTable:
             self.exact_col,
         ]  # fmt: skip
 
-    def pointers(self) -> list[int]:
-        return [t.data_ptr() for t in self.tensors()]
+    @functools.cached_property
+    def pointers(self) -> tuple[int, ...]:
+        """The tables' addresses, read once: the tables never change after :meth:`of`."""
+        return tuple(t.data_ptr() for t in self.tensors())
 
 
 @dataclass(frozen=True)
@@ -242,10 +244,25 @@ class KindOperands:
     weight_t: torch.Tensor = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
+        heads, r_max, _ = self.weight.shape
+        if self.table.slots != heads * r_max:
+            raise ValueError(f"the slot table has {self.table.slots} slots, the decoder {heads} x {r_max}")
+        for tensor in (self.weight, self.bias):
+            if tensor.dtype != torch.float32 or not tensor.is_contiguous():
+                raise ValueError("decoder weights and biases must be float32 and contiguous")
         if self.weight_t is None:
             pad = (-self.weight.shape[1]) % PROJ_TILE
             padded = torch.nn.functional.pad(self.weight.transpose(1, 2), (0, pad)).contiguous()
             object.__setattr__(self, "weight_t", padded)
+
+    @functools.cached_property
+    def template(self) -> _PackedKind:
+        """``packed_kind`` with everything but the codes filled in: operands are checked and addressed once, a decode
+        step only copies this and points it at the codes (checked in :func:`_kind`)."""
+        return _PackedKind(
+            None, 0, 0, *self.table.pointers, None, 0, 0, 0, self.weight.shape[1],
+            self.weight.data_ptr(), self.weight_t.data_ptr(), self.bias.data_ptr(),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -272,20 +289,13 @@ def _kind(codes: torch.Tensor, exact: torch.Tensor, operands: KindOperands) -> _
         raise ValueError(f"exact channels must be [B, T, n_exact] held token-minor, got {tuple(exact.shape)}")
     if exact.shape[2] and exact.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"exact channels must be float32 or bfloat16, got {exact.dtype}")
-    heads, r_max, _ = operands.weight.shape
-    if operands.table.slots != heads * r_max:
-        raise ValueError(f"the slot table has {operands.table.slots} slots, the decoder {heads} x {r_max}")
-    for tensor in (operands.weight, operands.bias):
-        if tensor.dtype != torch.float32 or not tensor.is_contiguous():
-            raise ValueError("decoder weights and biases must be float32 and contiguous")
     if operands.table.exact_count != exact.shape[2]:
         raise ValueError(f"the slot table reads {operands.table.exact_count} exact channels, not {exact.shape[2]}")
-    return _PackedKind(
-        codes.data_ptr(), codes.stride(0), codes.stride(2), *operands.table.pointers(),
-        exact.data_ptr(), exact.stride(0), exact.stride(2),
-        int(exact.dtype == torch.bfloat16), r_max,
-        operands.weight.data_ptr(), operands.weight_t.data_ptr(), operands.bias.data_ptr(),
-    )  # fmt: skip
+    kind = _PackedKind.from_buffer_copy(operands.template)
+    kind.codes, kind.batch_stride, kind.column_stride = codes.data_ptr(), codes.stride(0), codes.stride(2)
+    kind.exact, kind.exact_batch_stride, kind.exact_col_stride = exact.data_ptr(), exact.stride(0), exact.stride(2)
+    kind.exact_dtype = int(exact.dtype == torch.bfloat16)
+    return kind
 
 
 def _exact(keys: torch.Tensor, values: torch.Tensor) -> _ExactTokens:
