@@ -354,8 +354,8 @@ class KVCompressor(nn.Module):
         raise GeometryMismatchError(
             f"this compressor was fitted to {fitted} ({mine[0]} layers x {mine[1]} KV heads x head_dim {mine[2]}"
             f"{', RoPE' if fitted_rope else ''}), but the model given, {given}, has {theirs[0]} x {theirs[1]} x "
-            f"{theirs[2]}{', RoPE' if geometry.rope else ''}; serve it on {fitted}, or calibrate a compressor for "
-            f"{given}"
+            f"{theirs[2]}{', RoPE' if geometry.rope else ''}; serve it on {fitted if fitted != given else 'that model'}"
+            f", or calibrate a compressor for this model{f' (kvlight calibrate --model {model_name})' if model_name else ''}"
         )
 
     def fitted_name(self) -> str | None:
