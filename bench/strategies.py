@@ -60,7 +60,7 @@ def calibrate(config: Path, work: Path, args: argparse.Namespace) -> dict:
     out = work / config.stem
     run(
         [
-            "calibrate", "--compressor", "pca", "--config", str(config), "--output-dir", str(out), "--overwrite",
+            "calibrate", "--compressor", "pca", "--compression-config", str(config), "--output-dir", str(out), "--overwrite",
             "--calibration-samples", str(args.calibration_samples), "--eval-samples", str(args.eval_samples),
             "--seq-len", "512", "--sink-tokens", str(args.sink_tokens), "--model-dtype", args.model_dtype,
         ]
@@ -87,7 +87,20 @@ def main() -> int:
 
     # 1. One measurement, shared by every config.
     sinks = ["--sink-tokens", str(args.sink_tokens)]
-    run(["analyze", *window, *sinks, "--seq-len", "512", "--output-dir", str(work / "analysis"), "--no-progress"])
+    run(
+        [
+            "analyze",
+            "--strategy",
+            "budget",
+            *window,
+            *sinks,
+            "--seq-len",
+            "512",
+            "--output-dir",
+            str(work / "analysis"),
+            "--no-progress",
+        ]
+    )
     measure_s = time.perf_counter() - started
     metrics_file = work / "analysis" / "fim_metrics.json"
     geometry = geometry_of(None)
@@ -104,12 +117,12 @@ def main() -> int:
             name = f"{strategy}_{round(100 * target)}"
             configs.append((strategy, target, work / f"{name}.json"))
             run(["analyze", "--metrics-file", str(metrics_file), "--generate-compression-config", "--strategy",
-                 strategy, "--target-memory-reduction", str(target), "--compression-config-output", f"{name}.json",
-                 "--algo", "pca", *sinks, "--output-dir", str(work)])  # fmt: skip
+                 strategy, "--kv-budget", str(round(1 - target, 6)), "--compression-config-output", f"{name}.json",
+                 "--compressor", "pca", *sinks, "--output-dir", str(work)])  # fmt: skip
     for label, source in (("tiers", metrics_file), ("tiers-seed-cond", seed_file)):
         configs.append((label, None, work / f"{label}.json"))
         run(["analyze", "--metrics-file", str(source), "--generate-compression-config", "--strategy", "tiers",
-             "--compression-config-output", f"{label}.json", "--algo", "pca", *sinks, "--output-dir", str(work)])  # fmt: skip
+             "--compression-config-output", f"{label}.json", "--compressor", "pca", *sinks, "--output-dir", str(work)])  # fmt: skip
 
     # 3. Calibrate + validate each.
     rows = []

@@ -115,8 +115,9 @@ def budget_units(geometry: KVGeometry, target: float, step: int) -> int:
     if units < items:
         smallest = 1.0 - step / geometry.head_dim
         raise ConfigError(
-            f"target_memory_reduction {target} cannot be met: at --rank-step {step} every K and V keeps at least "
-            f"rank {step}, which saves at most {smallest:.4f}; lower the target or the rank step"
+            f"a KV budget of {1 - target:.4g} (target_memory_reduction {target}) cannot be met: at --rank-step {step} "
+            f"every K and V keeps at least rank {step}, a budget of at least {1 - smallest:.4f}; raise --kv-budget or "
+            "lower the rank step"
         )
     return units
 
