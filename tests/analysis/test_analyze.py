@@ -25,7 +25,6 @@ from kvlight.errors import ConfigError, MetricsError
 from kvlight.geometry import KVGeometry, kv_geometry
 from kvlight.models import geometry_of
 
-REPO = Path(__file__).resolve().parents[2]
 OUTPUTS = ("fim_metrics.json", "fim_metrics.csv", "cfg.json", "cfg_summary.txt", "cfg_ranks.png")
 
 
@@ -561,29 +560,3 @@ def test_unreachable_wandb_is_one_line_pointing_to_metrics_file(tiny_llama_path,
     line = one_error_line(capfd.readouterr().err)
     assert "W&B project me/fim" in line and "Max retries exceeded" in line and "--metrics-file" in line
     assert_nothing_written(output)
-
-
-# ---------------------------------------------------------------------- 7. the walkthrough notebook
-def test_walkthrough_notebook_runs_on_a_tiny_model(tiny_llama_path, tmp_path, kvlight_cache, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    notebook = nbformat.read(REPO / "notebooks" / "walkthrough.ipynb", as_version=4)
-    parameters = {  # read by the notebook's first cell; the kernel inherits the environment
-        "KVLIGHT_NB_MODEL": tiny_llama_path,
-        "KVLIGHT_NB_SEQ_LEN": "32",
-        "KVLIGHT_NB_CALIBRATION_SAMPLES": "4",
-        "KVLIGHT_NB_EVAL_SAMPLES": "2",
-        "KVLIGHT_NB_TARGETS": "0.5,0.75",
-        "KVLIGHT_NB_WORK_DIR": str(tmp_path / "work"),
-        "KVLIGHT_NB_MAX_NEW_TOKENS": "8",
-    }
-    for key, value in parameters.items():
-        monkeypatch.setenv(key, value)
-    resources = {"metadata": {"path": str(tmp_path)}}
-    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3", resources=resources).execute()
-
-    outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", [])]
-    assert [out for out in outputs if out.get("output_type") == "error"] == []
-    assert (tmp_path / "work" / "analysis" / "compression_config_ranks.png").is_file()
-    images = [out for out in outputs if "image/png" in out.get("data", {})]
-    assert len(images) >= 2  # the heatmap and the rank-vs-perplexity plot
