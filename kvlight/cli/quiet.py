@@ -19,6 +19,9 @@ NOISE = (
     r"The number of training batches \(\d+\) is smaller than the logging interval",
     # kvlight seeds every run itself (--seed / seed_everything: 0 in the YAMLs).
     r"No seed found, seed set to",
+    # `kvlight validate --ckpt_path` on a calibrate checkpoint: the checkpoint callback's bookkeeping (best score,
+    # top-k paths) belongs to the run that wrote it, and validate writes no checkpoint.
+    r"The dirpath has changed from",
 )
 #: Log lines of the same kind: advertisements for optional packages, and the seed kvlight chose.
 LOG_NOISE = ("💡 Tip:", "Seed set to")
