@@ -4,8 +4,8 @@
   imports its packages' ``__init__``).
 - Nothing imports ``kvlight.cli`` (the command line sits on top); ``kvlight.serving`` loads neither Lightning nor
   ``datasets``; ``import kvlight`` loads no Lightning code.
-- Every ``kvlight/...`` path and ``kvlight.x.y`` name in the README, pyproject.toml and the package's docstrings and
-  comments resolves, and so does every Sphinx role (``:func:`name```) in a docstring, from the module it is in.
+- Every ``kvlight/...`` path and ``kvlight.x.y`` name in the README, the docs (docs/**/*.md), pyproject.toml and the
+  package's docstrings and comments resolves, and so does every Sphinx role (``:func:`name```) in a docstring, from the module it is in.
 """
 
 from __future__ import annotations
@@ -145,6 +145,7 @@ def resolve(dotted: str, namespace: dict | None = None) -> bool:
 
 def doc_texts() -> list[tuple[str, str]]:
     texts = [("README.md", (ROOT / "README.md").read_text()), ("pyproject.toml", (ROOT / "pyproject.toml").read_text())]
+    texts += [(str(path.relative_to(ROOT)), path.read_text()) for path in sorted((ROOT / "docs").rglob("*.md"))]
     texts += [(str(path.relative_to(ROOT)), path.read_text()) for path in MODULES]
     return texts
 
