@@ -136,9 +136,10 @@ def _budget_of(reduction: str) -> str:
 
 
 def plain(text: str) -> str:
-    """Docstring text as a terminal shows it: no reST markup (````x````, ``:class:`~a.B```), no module paths."""
+    """Docstring text as a terminal shows it: no reST markup (double backquotes, roles such as class or data), no module
+    paths."""
     text = re.sub(r":\w+:`~[\w.]*?\.?(\w+)`", r"\1", text)  # :class:`~a.b.C` -> C
-    text = re.sub(r":\w+:`([^`]+)`", r"\1", text)  # :data:`a.B` -> a.B
+    text = re.sub(r":\w+:`([^`]+)`", r"\1", text)  # a role around a name -> the name
     text = re.sub(r"``([^`]+)``", r"\1", text)
     text = re.sub(r"\s*\((?:see )?kvlight\.[\w.]+\)", "", text)  # "(kvlight.compressors.registry)"
     text = re.sub(r",? see kvlight\.[\w.]+", "", text)

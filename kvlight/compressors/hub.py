@@ -9,8 +9,6 @@ can cause is one line, a :class:`~kvlight.errors.HubError` naming the id and say
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from kvlight.compressors.artefacts import CONFIG_NAME, WEIGHTS_NAME
@@ -129,14 +127,14 @@ def push_directory(
     token: str | bool | None = None,
     commit_message: str | None = None,
 ) -> str:
-    """Upload the compressor directory ``directory`` (what ``save_pretrained`` wrote, with its ``README.md`` card
-    if it has one) to the hub repository ``repo_id``, created if missing; returns the repository's URL.
+    """Upload the compressor directory ``directory`` (what ``save_pretrained`` wrote, with its ``README.md`` model
+    card) to the hub repository ``repo_id``, created if missing; returns the repository's URL.
 
-    A directory without a card is uploaded with one written from what the compressor records
-    (:func:`kvlight.compressors.card.model_card` without results); the directory itself is not changed.
+    A directory without a card is refused: ``KVCompressor.from_pretrained(directory).push_to_hub(repo_id)`` writes one
+    from what the compressor records (this module moves files; it does not build compressors).
 
     Raises:
-        KVLightError: ``directory`` is not a compressor directory.
+        KVLightError: ``directory`` is not a compressor directory, or has no model card.
         HubError: not a repo id, offline, no token or no write access, or the upload failed.
     """
     directory = Path(directory)
@@ -147,17 +145,12 @@ def push_directory(
     check_repo_id(repo_id, "not a Hugging Face Hub repo id to push to")
     if _offline():
         raise HubError(f"pushing to {repo_id!r} needs the network, but HF_HUB_OFFLINE is set; unset it")
-    if (directory / CARD_NAME).is_file():
-        return _upload(directory, repo_id, private, token, commit_message)
-    from kvlight.compressors.card import model_card
-    from kvlight.compressors.compressor import load_compressor
-
-    card = model_card(None, load_compressor(directory), None, repo_id)
-    with tempfile.TemporaryDirectory(prefix="kvlight-push-") as staging:
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            shutil.copy2(directory / name, Path(staging) / name)
-        (Path(staging) / CARD_NAME).write_text(card, encoding="utf-8")
-        return _upload(Path(staging), repo_id, private, token, commit_message)
+    if not (directory / CARD_NAME).is_file():
+        raise KVLightError(
+            f"{directory} has no {CARD_NAME} model card: push it with "
+            f"KVCompressor.from_pretrained({str(directory)!r}).push_to_hub({repo_id!r}), which writes one"
+        )
+    return _upload(directory, repo_id, private, token, commit_message)
 
 
 def _upload(directory: Path, repo_id: str, private: bool | None, token, commit_message: str | None) -> str:

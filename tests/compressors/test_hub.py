@@ -234,18 +234,25 @@ def test_push_to_hub_writes_the_card_it_is_given(fake_hub):
     assert FakeApi.uploaded["README.md"].decode() == card
 
 
-@pytest.mark.parametrize("with_card", [True, False], ids=["card-in-directory", "no-card"])
-def test_push_directory_uploads_a_saved_directory(with_card, fake_hub, tmp_path):
+def test_push_directory_uploads_a_saved_directory_with_its_card(fake_hub, tmp_path):
     directory = tmp_path / "compressor_pca"
-    card = model_card(RESULTS, compressor(), COMMAND) if with_card else None
+    card = model_card(RESULTS, compressor(), COMMAND)
     compressor().save_pretrained(directory, card=card)
     before = {p.name: p.read_bytes() for p in directory.iterdir()}
     url = push_directory(directory, "me/smollm2-kv")
     assert url == "https://huggingface.co/me/smollm2-kv"
     assert set(FakeApi.uploaded) == FILES
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before  # the directory is not changed
-    uploaded = FakeApi.uploaded["README.md"].decode()
-    assert uploaded == card if with_card else 'kvlight.from_pretrained(model, "me/smollm2-kv")' in uploaded
+    assert FakeApi.uploaded["README.md"].decode() == card
+
+
+def test_push_directory_without_a_card_names_the_call_that_writes_one(fake_hub, tmp_path):
+    directory = tmp_path / "compressor_pca"
+    compressor().save_pretrained(directory)
+    with pytest.raises(KVLightError) as caught:
+        push_directory(directory, "me/smollm2-kv")
+    one_line(caught.value, "README.md", ".push_to_hub('me/smollm2-kv')")
+    assert FakeApi.uploaded == {}
 
 
 def _raise(error):
