@@ -41,6 +41,9 @@ FIELDS = {
 }
 
 FIELD_SIZES = (8, 4, 2, 1)
+#: at most this many code rows (batch x tokens) are packed bit by bit (:meth:`DirectionQuantizer._pack_by_bits`: a
+#: decode step's flush of 16 tokens); more, such as a prefill, field by field, which holds no ``[rows, bits]`` tensor.
+BIT_PACK_ROWS = 512
 
 
 @dataclass
@@ -201,15 +204,49 @@ class DirectionQuantizer:
     def quantize(self, z: torch.Tensor) -> PackedCodes:
         """``z [B, T, R]`` -> :class:`PackedCodes`."""
         codes = self.codes(z)
+        rows = codes.numel() // codes.shape[-1] if codes.shape[-1] else 0
+        packed = self._pack_by_bits(codes) if 0 < rows <= BIT_PACK_ROWS else self._pack_fields(codes)
+        # Always a tensor (maybe of 0 channels), so the packed form knows its batch and token counts.
+        return PackedCodes(packed, z[..., self.exact_index].to(self.exact_dtype))
+
+    def _pack_fields(self, codes: torch.Tensor) -> torch.Tensor:
+        """uint8 codes ``[..., n_coded]`` -> packed bytes ``[..., n_bytes]``, field size by field size."""
         fields = []
         for (size, positions, shifts), shifted in zip(self.plan, self._shifted):
             part = codes[..., positions]
             if shifted:
                 part = part >> shifts
             fields.append(pack_codes(part & (2**size - 1), size))
-        packed = torch.cat(fields, dim=-1) if fields else codes.new_zeros(*codes.shape[:-1], 0)
-        # Always a tensor (maybe of 0 channels), so the packed form knows its batch and token counts.
-        return PackedCodes(packed, z[..., self.exact_index].to(self.exact_dtype))
+        return torch.cat(fields, dim=-1) if fields else codes.new_zeros(*codes.shape[:-1], 0)
+
+    def _pack_by_bits(self, codes: torch.Tensor) -> torch.Tensor:
+        """:meth:`_pack_fields` in five operations, for the few tokens a decode step compresses (there, the
+        field-by-field path's two dozen small operations cost more than the arithmetic): every stored bit of every
+        code moved to its place in :attr:`_bit_places` and added into its byte."""
+        channel, shift, byte, bit = self._bit_places
+        bits = (codes.index_select(-1, channel) >> shift) & 1  # [..., stored bits]
+        packed = torch.zeros(*codes.shape[:-1], self.n_bytes, dtype=torch.uint8, device=codes.device)
+        return packed.index_add_(-1, byte, bits << bit)
+
+    @functools.cached_property
+    def _bit_places(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per stored code bit ``[S]``: its coded channel and bit in the code, its byte and bit in the packed form
+        (from :attr:`_fields`). Adding the bits of a byte is their OR: no two code bits share a packed bit, so no sum
+        carries (each byte sums to at most 255)."""
+        places = [
+            (j, shift + i, byte, bit + i)
+            for j, fields in enumerate(self._fields)
+            for byte, bit, size, shift in fields
+            for i in range(size)
+        ]
+        channel, shift, byte, bit = zip(*places) if places else ((), (), (), ())
+        device = self.step.device
+        return (
+            torch.tensor(channel, dtype=torch.long, device=device),
+            torch.tensor(shift, dtype=torch.uint8, device=device),
+            torch.tensor(byte, dtype=torch.long, device=device),
+            torch.tensor(bit, dtype=torch.uint8, device=device),
+        )
 
     def dequantize(self, packed: PackedCodes, dtype: torch.dtype) -> torch.Tensor:
         """:class:`PackedCodes` -> ``z_hat [B, T, R]`` in ``dtype`` (computed in float32)."""

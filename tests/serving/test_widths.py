@@ -54,6 +54,31 @@ def test_every_code_of_every_width_survives_packing(width):
     assert nbytes(packed.tensors()) == 2 * 5 * expected == 2 * 5 * quantizer.bytes_per_token()
 
 
+#: width tables whose fields take every size, shifted and not, with exact and dropped channels between them
+PACK_CASES = {
+    "every-width": [16, 8, 6, 5, 4, 3, 2, 1, 0] * 3,
+    "one-width-per-byte-boundary": [3] * 11 + [1] * 5,
+    "wide-only": [8, 8, 16, 6],
+    "narrow-only": [1, 2, 1, 2, 1],
+}
+
+
+@pytest.mark.parametrize("case", PACK_CASES)
+@pytest.mark.parametrize("rows", [(1, 16), (3, 1), (2, 400)], ids=["decode-flush", "batch", "prefill"])
+def test_both_packings_give_the_same_bytes(case, rows):
+    """A decode step's flush packs bit by bit, a prefill field by field: byte for byte the same codes."""
+    widths = PACK_CASES[case]
+    quantizer, _, _ = quantizer_for(widths)
+    levels = (2 ** torch.tensor(widths)[quantizer.coded_index] - 1).clamp_min(1)
+    codes = (torch.rand(*rows, len(quantizer.coded_index)) * (levels + 1)).floor().clamp_max(levels).to(torch.uint8)
+    by_fields, by_bits = quantizer._pack_fields(codes), quantizer._pack_by_bits(codes)
+    assert by_fields.dtype == by_bits.dtype == torch.uint8
+    assert torch.equal(by_fields, by_bits)
+    z = quantizer.offset + quantizer.step * torch.zeros(*rows, len(widths))
+    z[..., quantizer.coded_index] += quantizer.step[quantizer.coded_index] * codes.float()
+    assert torch.equal(quantizer.quantize(z).codes, by_fields)  # whichever path quantize takes for this size
+
+
 def test_mixed_widths_bytes_match_the_formula_and_values_round_trip():
     widths = [16, 8, 6, 5, 4, 3, 2, 1, 0] * 3
     quantizer, center, sigma = quantizer_for(widths)
