@@ -231,7 +231,7 @@ class DirectionQuantizer:
     @functools.cached_property
     def _bit_places(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per stored code bit ``[S]``: its coded channel and bit in the code, its byte and bit in the packed form
-        (from :attr:`_fields`). Adding the bits of a byte is their OR: no two code bits share a packed bit, so no sum
+        (from ``self._fields``). Adding the bits of a byte is their OR: no two code bits share a packed bit, so no sum
         carries (each byte sums to at most 255)."""
         places = [
             (j, shift + i, byte, bit + i)
