@@ -42,8 +42,8 @@ from kvlight.calibration.datamodule import KVCalibrationDataModule
 from kvlight.calibration.module import KVCalibrationModule
 from kvlight.calibration.options import CompressionOptions, RuntimeOptions
 from kvlight.cli.flags import (
-    DATA_FLAGS,
     KV_BUDGET_HELP,
+    STORAGE_FLAGS,
     Flag,
     OneLineParser,
     add_flags,
@@ -51,6 +51,7 @@ from kvlight.cli.flags import (
     build,
     flags,
     parse,
+    text_flags,
     to_arguments,
 )
 from kvlight.compressors.registry import backend_names
@@ -154,14 +155,9 @@ FLAGS = (
             "kvlight calibrate, which fits the basis they index)",
         ),
     )  # fmt: skip
-    + flags(
-        ("--rank-step", "analyze.rank_step"),
-        ("--sink-tokens", "model.compression.sink_tokens"),
-        ("--recent-window", "model.compression.recent_window"),
-        ("--key-rope-block", "model.compression.key_rope_block"),
-        group="budget",
-    )
-    + tuple(Flag(flag.name, flag.keys, group="measurement") for flag in DATA_FLAGS if flag.name != "--model")
+    + flags(("--rank-step", "analyze.rank_step"), group="budget")
+    + STORAGE_FLAGS
+    + text_flags("measurement")
     + flags(
         ("--sensitivity-samples", "model.compression.sensitivity_samples"),
         ("--attention-tokens", "analyze.attention_tokens"),

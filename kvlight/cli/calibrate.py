@@ -24,7 +24,7 @@ from kvlight.calibration.module import KVCalibrationModule
 from kvlight.calibration.options import MODEL_DTYPES, OBJECTIVES
 from kvlight.calibration.windows import shard_for_rank
 from kvlight.cli.flags import (
-    DATA_FLAGS,
+    STORAGE_FLAGS,
     Flag,
     OneLineParser,
     add_flags,
@@ -33,6 +33,7 @@ from kvlight.cli.flags import (
     given,
     named,
     parse,
+    text_flags,
     to_arguments,
 )
 from kvlight.cli.preflight import check_hardware, check_repo_id, trainer_errors
@@ -111,12 +112,10 @@ FLAGS = (
         ("--rank-v", "model.compression.rank_v"),
         ("--latent-bits", "model.compression.latent_bits"),
         ("--quant-group-size", "model.compression.quant_group_size"),
-        ("--sink-tokens", "model.compression.sink_tokens"),
-        ("--recent-window", "model.compression.recent_window"),
-        ("--key-rope-block", "model.compression.key_rope_block"),
         group="budget",
     )
-    + tuple(Flag(flag.name, flag.keys, group="training") for flag in DATA_FLAGS if flag.name != "--model")
+    + STORAGE_FLAGS
+    + text_flags("training")
     + flags(
         ("--epochs", "calibrate.epochs"),
         ("--lr", "model.objective.lr"),

@@ -15,7 +15,7 @@ import logging
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvlight.errors import KVLightError
 
@@ -94,6 +94,19 @@ DATA_FLAGS = flags(
     ("--eval-samples", "data.eval_samples"),
     ("--seq-len", "data.seq_len"),
 )
+#: How the cache keeps tokens exact and codes its keys: what ``calibrate`` fits and ``analyze`` measures alike.
+STORAGE_FLAGS = flags(
+    ("--sink-tokens", "model.compression.sink_tokens"),
+    ("--recent-window", "model.compression.recent_window"),
+    ("--key-rope-block", "model.compression.key_rope_block"),
+    group="budget",
+)
+
+
+def text_flags(group: str) -> tuple[Flag, ...]:
+    """:data:`DATA_FLAGS` but ``--model`` (the calibration text: its source and window sizes), in help section
+    ``group``."""
+    return tuple(replace(flag, group=group) for flag in DATA_FLAGS if flag.name != "--model")
 
 
 def kv_budget(text: str) -> str:
