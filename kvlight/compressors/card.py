@@ -38,7 +38,7 @@ def model_card(results: dict | None, compressor, command: str | None, repo_id: s
             compressor records.
         compressor: the :class:`~kvlight.compressors.compressor.KVCompressor` the card describes.
         command: the command line that made it (shown verbatim), or None.
-        repo_id: the repository the card is uploaded to, for the loading snippet (a placeholder without it).
+        repo_id: the repository the card is uploaded to, named by the loading snippet (``<user>/<repo>`` without it).
     """
     results = results or {}
     model = results.get("model") or compressor.fitted_name()

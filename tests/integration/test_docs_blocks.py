@@ -158,8 +158,8 @@ def _environment() -> dict[str, str]:
     return env
 
 
-def _run_shell(block: Block, directory: Path) -> None:
-    done = subprocess.run(
+def _run_shell(block: Block, directory: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
         ["bash", "-c", "set -euo pipefail\n" + block.code],
         cwd=directory,
         capture_output=True,
@@ -167,6 +167,9 @@ def _run_shell(block: Block, directory: Path) -> None:
         env=_environment(),
         timeout=SHELL_TIMEOUT_S,
     )
+
+
+def _exit_zero(block: Block, done: subprocess.CompletedProcess) -> None:
     assert done.returncode == 0, f"{block.id}: exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
 
 
@@ -179,7 +182,7 @@ def fixture_runs(tmp_path_factory):
         if name not in made:
             directory = tmp_path_factory.mktemp(f"fixture-{name}")
             try:
-                _run_shell(FIXTURES[name], directory)
+                _exit_zero(FIXTURES[name], _run_shell(FIXTURES[name], directory))
                 made[name] = directory
             except BaseException as error:
                 made[name] = error
@@ -228,12 +231,31 @@ def test_block_runs(block, pages, tmp_path_factory, fixture_runs, monkeypatch):
     try:
         for name in [*block.setup, *([block.fixture] if block.fixture else [])]:
             _copy_products(fixture_runs(name), state.directory)
-        if block.fixture is not None:
-            pass  # it ran verbatim in fixture_runs; its page now holds what it wrote
+        if block.fixture is not None:  # it ran verbatim in fixture_runs (exit 0); its page now holds what it wrote
+            assert any(state.directory.iterdir()), f"{block.id}: the fixture wrote nothing"
         elif block.language == "python":
             exec(compile(block.code, block.id, "exec"), state.namespace)
+            # it ran to its end: every name it binds at top level (what later blocks of its page read) is bound
+            unbound = _bound_names(block.code) - set(state.namespace)
+            assert not unbound, f"{block.id}: never bound {sorted(unbound)}"
         else:
-            _run_shell(block, state.directory)
+            _exit_zero(block, _run_shell(block, state.directory))
     except BaseException:
         state.failed = block.id
         raise
+
+
+def _bound_names(code: str) -> set[str]:
+    """The names ``code`` binds at top level: imports, plain assignments, defs and classes."""
+    import ast
+
+    names: set[str] = set()
+    for node in ast.parse(code).body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names if alias.name != "*"}
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name)}
+    return names
