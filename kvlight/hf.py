@@ -29,6 +29,7 @@ __all__ = [
     "gguf_model_type",
     "original_attention",
     "pipeline_for",
+    "quantized_cache",
     "register_attention",
     "rope_layers",
     "rotary_call_layer_type",
@@ -59,6 +60,17 @@ def default_cache(config) -> DynamicCache:
     """The cache transformers gives this model when none is passed, ``DynamicCache(config=config)``: sliding layers
     keep their window only (``DynamicSlidingWindowLayer``)."""
     return DynamicCache(config=config)
+
+
+def quantized_cache(config, backend: str = "quanto", nbits: int = 4, group_size: int = 64, residual: int = 16):
+    """transformers' ``QuantizedCache``: K/V quantized to ``nbits`` by ``backend`` (``quanto`` needs optimum-quanto,
+    ``hqq`` needs hqq) in groups of ``group_size``, the last ``residual`` tokens kept exact; the baseline the
+    benchmarks and ``kvlight eval`` compare against."""
+    from transformers.cache_utils import QuantizedCache
+
+    return QuantizedCache(
+        backend=backend, config=config, nbits=nbits, q_group_size=group_size, residual_length=residual
+    )
 
 
 def attention_implementation(model: nn.Module) -> str:

@@ -5,6 +5,7 @@
     kvlight calibrate --kv-budget 0.24 --output-dir OUT       # fit + validate in one go, the result lines printed
     kvlight analyze --strategy bits --kv-budget 0.125 --output-dir analysis
     kvlight config uniform --model M --rank 32 -o cfg.json
+    kvlight eval --compressor-path OUT/compressor_kvsplice --tasks niah_single_1 --limit 30
     kvlight --version
 
 Every :class:`~kvlight.errors.KVLightError` ends the command with one line on stderr and exit code 2.
@@ -24,6 +25,7 @@ COMMANDS = {
     "calibrate": "fit + validate in one go at a KV budget; prints the results, writes the compressor",
     "analyze": "per-head sensitivity metrics -> ranks or widths per direction -> compression config",
     "config": "write a compression config (kvlight config uniform)",
+    "eval": "lm-evaluation-harness tasks (RULER, ...) through several caches, one table (pip install 'kvlight[eval]')",
 }
 
 
@@ -72,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             from kvlight.cli import config_command
 
             return config_command.main(rest)
+        if command == "eval":
+            from kvlight.cli import eval as eval_command
+
+            return eval_command.main(rest)
         raise KVLightError(f"unknown command {command!r}; the commands are {', '.join(COMMANDS)}")
     except KVLightError as exc:
         print(f"kvlight: error: {exc}", file=sys.stderr)
