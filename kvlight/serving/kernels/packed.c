@@ -36,7 +36,6 @@
 #define DIM_TILE 8      /* key channels rebuilt at a time, held in registers */
 #define PROJ_TILE (4 * VEC) /* latent rows a projected query is accumulated in at a time (4 vectors per query) */
 #define RUN_BLOCKS 8        /* RoPE blocks one work item scores at most */
-#define MIX_LANES 4         /* independent accumulators per query while mixing values */
 
 typedef float vec_f __attribute__((vector_size(VEC * sizeof(float))));
 typedef int32_t vec_i __attribute__((vector_size(VEC * sizeof(int32_t))));
@@ -85,7 +84,33 @@ static inline int slot_used(const packed_kind *kind, int64_t s) {
     return (kind->mask_lo[s] | kind->mask_hi[s]) || kind->exact_col[s] >= 0;
 }
 
-/* VEC bytes (floats) from src; only the first n (zeros after) at the end of a row. */
+/* VEC bytes (floats) from src; only the first n (zeros after) at the end of a row. With AVX-512 a masked load: no
+ * element-wise copy and no call, so the vectors around it stay in registers (a copy through memory, or a call to
+ * memcpy, makes GCC keep every accumulator of the loop in memory). */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define MASKED_IO 1
+static inline vec_u8 load_bytes(const uint8_t *src, int n) {
+    const __m128i in = _mm_maskz_loadu_epi8((__mmask16)((1u << n) - 1u), src);
+    vec_u8 v;
+    memcpy(&v, &in, sizeof v);
+    return v;
+}
+
+static inline vec_f load_floats(const float *src, int n) {
+    const __m512 in = _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), src);
+    vec_f v;
+    memcpy(&v, &in, sizeof v);
+    return v;
+}
+
+/* The first n floats of x to dst (the rest of dst untouched). */
+static inline void store_floats(float *dst, vec_f x, int n) {
+    __m512 out;
+    memcpy(&out, &x, sizeof out);
+    _mm512_mask_storeu_ps(dst, (__mmask16)((1u << n) - 1u), out);
+}
+#else
 static inline vec_u8 load_bytes(const uint8_t *src, int n) {
     vec_u8 v = {0};
     if (__builtin_expect(n == VEC, 1)) memcpy(&v, src, VEC);
@@ -99,6 +124,12 @@ static inline vec_f load_floats(const float *src, int n) {
     else for (int t = 0; t < n; t++) v[t] = src[t];
     return v;
 }
+
+static inline void store_floats(float *dst, vec_f x, int n) {
+    if (__builtin_expect(n == VEC, 1)) memcpy(dst, &x, sizeof x);
+    else for (int t = 0; t < n; t++) dst[t] = x[t];
+}
+#endif
 
 /* Bytes -> int32 lanes: one instruction where the CPU has one (GCC 12 scalarises __builtin_convertvector here). */
 #if defined(__AVX512F__)
@@ -126,27 +157,58 @@ static inline vec_i widen(vec_u8 bytes) {
 static inline vec_i widen(vec_u8 bytes) { return __builtin_convertvector(bytes, vec_i); }
 #endif
 
-/* The codes of slot s for the n <= VEC tokens from t0 of batch row b, as floats (0 past n). */
-static vec_f exact_slot(const packed_kind *kind, int b, int64_t column, int64_t t0, int n) {
-    const int64_t offset = (int64_t)b * kind->exact_batch_stride + column * kind->exact_col_stride + t0;
-    if (kind->exact_dtype == 0) return load_floats((const float *)kind->exact + offset, n);
-    const uint16_t *half = (const uint16_t *)kind->exact + offset;
-    vec_i bits = {0};
-    for (int t = 0; t < n; t++) bits[t] = (int32_t)((uint32_t)half[t] << 16); /* bfloat16: a float's top half */
-    vec_f out;
-    memcpy(&out, &bits, sizeof out);
-    return out;
+/* Slot s of batch row b resolved once, so a loop over its tokens reads nothing but the codes: its fields' byte
+ * columns at token 0 and how to cut them (form SLOT_LO: one field; SLOT_LO_HI: a code split over two bytes;
+ * SLOT_EXACT: a channel kept exactly, float32 or bfloat16). */
+enum { SLOT_LO = 0, SLOT_LO_HI = 1, SLOT_EXACT = 2 };
+typedef struct {
+    const uint8_t *lo, *hi;
+    const void *exact;
+    int form, exact_bf16, bit_lo, bit_hi, shift_hi, mask_lo, mask_hi;
+} slot_reader;
+
+static inline slot_reader slot_at(const packed_kind *kind, int b, int64_t s) {
+    slot_reader r = {0};
+    if (kind->exact_col[s] >= 0) {
+        r.form = SLOT_EXACT;
+        r.exact_bf16 = kind->exact_dtype == 1;
+        r.exact = (const char *)kind->exact + ((int64_t)b * kind->exact_batch_stride + kind->exact_col[s] * kind->exact_col_stride) * (r.exact_bf16 ? 2 : 4);
+        return r;
+    }
+    const uint8_t *base = kind->codes + (int64_t)b * kind->batch_stride;
+    r.lo = base + (int64_t)kind->byte_lo[s] * kind->column_stride;
+    r.bit_lo = kind->bit_lo[s];
+    r.mask_lo = kind->mask_lo[s];
+    r.form = kind->mask_hi[s] ? SLOT_LO_HI : SLOT_LO;
+    if (r.form == SLOT_LO_HI) {
+        r.hi = base + (int64_t)kind->byte_hi[s] * kind->column_stride;
+        r.bit_hi = kind->bit_hi[s];
+        r.mask_hi = kind->mask_hi[s];
+        r.shift_hi = kind->shift_hi[s];
+    }
+    return r;
 }
 
-static inline vec_f decode_slot(const packed_kind *kind, int b, int64_t s, int64_t t0, int n) {
-    if (__builtin_expect(kind->exact_col[s] >= 0, 0)) return exact_slot(kind, b, kind->exact_col[s], t0, n);
-    const uint8_t *base = kind->codes + (int64_t)b * kind->batch_stride + t0;
-    vec_i x = widen(load_bytes(base + (int64_t)kind->byte_lo[s] * kind->column_stride, n));
-    x = (x >> (int32_t)kind->bit_lo[s]) & (int32_t)kind->mask_lo[s];
-    if (kind->mask_hi[s]) {
-        vec_i y = widen(load_bytes(base + (int64_t)kind->byte_hi[s] * kind->column_stride, n));
-        x |= ((y >> (int32_t)kind->bit_hi[s]) & (int32_t)kind->mask_hi[s]) << (int32_t)kind->shift_hi[s];
+/* The codes of the n <= VEC tokens from t0 of a resolved slot of form FORM (a constant where the caller knows it,
+ * so the other forms' code folds away), as floats (0 past n). */
+static inline __attribute__((always_inline)) vec_f read_slot(const slot_reader *r, int64_t t0, int n, const int form) {
+    if (form == SLOT_EXACT) {
+        if (!r->exact_bf16) return load_floats((const float *)r->exact + t0, n);
+        const uint16_t *half = (const uint16_t *)r->exact + t0;
+        vec_i bits;
+#if defined(MASKED_IO)
+        const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1u), half)), 16);
+        memcpy(&bits, &wide, sizeof bits);
+#else
+        bits = (vec_i){0};
+        for (int t = 0; t < n; t++) bits[t] = (int32_t)((uint32_t)half[t] << 16); /* bfloat16: a float's top half */
+#endif
+        vec_f out;
+        memcpy(&out, &bits, sizeof out);
+        return out;
     }
+    vec_i x = (widen(load_bytes(r->lo + t0, n)) >> r->bit_lo) & r->mask_lo;
+    if (form == SLOT_LO_HI) x |= ((widen(load_bytes(r->hi + t0, n)) >> r->bit_hi) & r->mask_hi) << r->shift_hi;
     return __builtin_convertvector(x, vec_f);
 }
 
@@ -234,31 +296,60 @@ typedef struct {
 /* Each per-query routine below takes the tile's query count GN as a constant (it is inlined into a switch over
  * 1..GROUP_TILE), so its loops unroll exactly and its accumulators live in registers. */
 #define INLINE static inline __attribute__((always_inline))
-INLINE void score_segments_n(const packed_kind *k, int b, int h, const segment *seg, int count, const int GN,
+/* One run's accumulators: one vector per query of the tile, named (GCC keeps an array of vectors indexed in a loop in
+ * memory, and the loop then waits on stores and loads; named vectors stay in registers). */
+#define RUN_ACC(i) vec_f acc##i##_0, acc##i##_1, acc##i##_2, acc##i##_3
+#define RUN_INIT(i)                                                                                                    \
+    acc##i##_0 = (vec_f){0} + seg[i].q_bias[0];                                                                       \
+    acc##i##_1 = (vec_f){0} + (GN > 1 ? seg[i].q_bias[1] : 0.0f);                                                      \
+    acc##i##_2 = (vec_f){0} + (GN > 2 ? seg[i].q_bias[2] : 0.0f);                                                      \
+    acc##i##_3 = (vec_f){0} + (GN > 3 ? seg[i].q_bias[3] : 0.0f)
+#define RUN_STEP(i, form)                                                                                              \
+    do {                                                                                                               \
+        const vec_f x = read_slot(&r, seg[i].t0, seg[i].n, form);                                                      \
+        const float *w = seg[i].q_latent + j;                                                                          \
+        acc##i##_0 += w[0] * x;                                                                                        \
+        if (GN > 1) acc##i##_1 += w[r_max] * x;                                                                        \
+        if (GN > 2) acc##i##_2 += w[2 * r_max] * x;                                                                    \
+        if (GN > 3) acc##i##_3 += w[3 * r_max] * x;                                                                    \
+    } while (0)
+#define RUN_STEPS(form)                                                                                                \
+    do {                                                                                                               \
+        RUN_STEP(0, form); RUN_STEP(1, form); RUN_STEP(2, form); RUN_STEP(3, form);                                    \
+    } while (0)
+#define RUN_STORE(i)                                                                                                   \
+    do {                                                                                                               \
+        store_floats(rows[0] + seg[i].t0, acc##i##_0, seg[i].n);                                                       \
+        if (GN > 1) store_floats(rows[1] + seg[i].t0, acc##i##_1, seg[i].n);                                           \
+        if (GN > 2) store_floats(rows[2] + seg[i].t0, acc##i##_2, seg[i].n);                                           \
+        if (GN > 3) store_floats(rows[3] + seg[i].t0, acc##i##_3, seg[i].n);                                           \
+    } while (0)
+
+INLINE void score_segments_n(const packed_kind *k, int b, int h, const segment *given, int count, const int GN,
                              float *const rows[GROUP_TILE]) {
-    vec_f acc[SEGMENTS][GROUP_TILE];
-    for (int i = 0; i < SEGMENTS; i++)
-        for (int g = 0; g < GN; g++) acc[i][g] = (vec_f){0} + (i < count ? seg[i].q_bias[g] : 0.0f);
+    /* Always SEGMENTS (4) runs, those past count empty (masked loads of nothing, stores of nothing). */
+    segment seg[SEGMENTS];
+    for (int i = 0; i < SEGMENTS; i++) seg[i] = i < count ? given[i] : (segment){given[0].t0, 0, given[0].q_latent, given[0].q_bias};
+    const int r_max = k->r_max;
+    RUN_ACC(0); RUN_ACC(1); RUN_ACC(2); RUN_ACC(3);
+    RUN_INIT(0); RUN_INIT(1); RUN_INIT(2); RUN_INIT(3);
     /* The next run's bytes of every column this head reads: each column is a separate stream the hardware
      * prefetcher does not follow, so without this every item waits on a cache miss per column. */
-    const uint8_t *next = k->codes + (int64_t)b * k->batch_stride + seg[count - 1].t0 + VEC;
-    for (int j = 0; j < k->r_max; j++) {
-        const int64_t s = (int64_t)h * k->r_max + j;
+    const uint8_t *next = k->codes + (int64_t)b * k->batch_stride + given[count - 1].t0 + VEC;
+    for (int j = 0; j < r_max; j++) {
+        const int64_t s = (int64_t)h * r_max + j;
         if (k->mask_lo[s]) __builtin_prefetch(next + (int64_t)k->byte_lo[s] * k->column_stride);
         if (k->mask_hi[s]) __builtin_prefetch(next + (int64_t)k->byte_hi[s] * k->column_stride);
     }
-    for (int j = 0; j < k->r_max; j++) {
-        const int64_t s = (int64_t)h * k->r_max + j;
+    for (int j = 0; j < r_max; j++) {
+        const int64_t s = (int64_t)h * r_max + j;
         if (!slot_used(k, s)) continue;
-        for (int i = 0; i < SEGMENTS; i++) {
-            if (i >= count) break;
-            const vec_f v = decode_slot(k, b, s, seg[i].t0, seg[i].n);
-            const float *weight = seg[i].q_latent + j;
-            for (int g = 0; g < GN; g++) acc[i][g] += weight[g * k->r_max] * v;
-        }
+        const slot_reader r = slot_at(k, b, s);
+        if (r.form == SLOT_LO) RUN_STEPS(SLOT_LO);
+        else if (r.form == SLOT_LO_HI) RUN_STEPS(SLOT_LO_HI);
+        else RUN_STEPS(SLOT_EXACT);
     }
-    for (int i = 0; i < count; i++)
-        for (int g = 0; g < GN; g++) memcpy(rows[g] + seg[i].t0, &acc[i][g], sizeof(float) * (size_t)seg[i].n);
+    RUN_STORE(0); RUN_STORE(1); RUN_STORE(2); RUN_STORE(3);
 }
 
 static void score_segments(const packed_kind *k, int b, int h, const segment *seg, int count, int gn,
@@ -280,7 +371,10 @@ static void scores_rope(const packed_kind *k, const rope_tables *rope, int b, in
     for (int j = 0; j < k->r_max; j++) {
         const int64_t s = (int64_t)h * k->r_max + j;
         if (!slot_used(k, s)) continue;
-        z[count] = decode_slot(k, b, s, t0, n);
+        const slot_reader r = slot_at(k, b, s);
+        z[count] = r.form == SLOT_LO      ? read_slot(&r, t0, n, SLOT_LO)
+                   : r.form == SLOT_LO_HI ? read_slot(&r, t0, n, SLOT_LO_HI)
+                                          : read_slot(&r, t0, n, SLOT_EXACT);
         used[count++] = j;
     }
     const float *A = k->weight + (int64_t)h * k->r_max * dim, *c = k->bias + (int64_t)h * dim;
@@ -306,23 +400,36 @@ static void scores_rope(const packed_kind *k, const rope_tables *rope, int b, in
         const float *qg = q + (int64_t)g * dim;
         vec_f score = {0};
         for (int d = 0; d < dim; d++) score += qg[d] * key[d];
-        memcpy(row0 + g * row_stride + t0, &score, sizeof(float) * (size_t)n);
+        store_floats(row0 + g * row_stride + t0, score, n);
     }
 }
 
 /* The queries of one (b, h) split by rotary pair once per work item: qa / qb [GROUP_TILE][P] their pairs' first and
- * second channels (each block then turns them as whole vectors), the rest of q passing through (channels >= 2P). */
+ * second channels (each block then turns them as whole vectors), the rest of q passing through (channels >= 2P);
+ * and their dot with the bias c in the form each block's rotation enters it: q_rot . c = sum_i cos_i bu_i + sin_i
+ * bv_i + rest, with bu_i = x_i c_f + y_i c_s, bv_i = y_i c_f - x_i c_s (x, y the pair's channels, c_f, c_s the
+ * bias at them). */
 typedef struct {
     float qa[GROUP_TILE][DIM_MAX / 2], qb[GROUP_TILE][DIM_MAX / 2];
+    float bu[GROUP_TILE][DIM_MAX / 2], bv[GROUP_TILE][DIM_MAX / 2], rest[GROUP_TILE];
     const float *q;
 } paired_queries;
 
-INLINE void pair_queries(const rope_tables *rope, const float *q, int dim, const int GN, paired_queries *out) {
-    for (int g = 0; g < GN; g++)
+INLINE void pair_queries(const rope_tables *rope, const float *q, const float *c, int dim, const int GN,
+                         paired_queries *out) {
+    for (int g = 0; g < GN; g++) {
         for (int i = 0; i < rope->pairs; i++) {
-            out->qa[g][i] = q[(int64_t)g * dim + rope->first[i]];
-            out->qb[g][i] = q[(int64_t)g * dim + rope->second[i]];
+            const float x = q[(int64_t)g * dim + rope->first[i]], y = q[(int64_t)g * dim + rope->second[i]];
+            const float cf = c[rope->first[i]], cs = c[rope->second[i]];
+            out->qa[g][i] = x;
+            out->qb[g][i] = y;
+            out->bu[g][i] = x * cf + y * cs;
+            out->bv[g][i] = y * cf - x * cs;
         }
+        float rest = 0.0f;
+        for (int d = 2 * rope->pairs; d < dim; d++) rest += q[(int64_t)g * dim + d] * c[d];
+        out->rest[g] = rest;
+    }
     out->q = q;
 }
 
@@ -335,44 +442,69 @@ INLINE void block_queries_n(const packed_kind *k, const rope_tables *rope, int b
     const float *ce = rope->cos + row + e * rope->pairs, *se = rope->sin + row + e * rope->pairs; /* entry-major */
     const int pairs = rope->pairs;
     const int r_pad = (k->r_max + PROJ_TILE - 1) / PROJ_TILE * PROJ_TILE;
-    const float *At = k->weight_t + (int64_t)h * dim * r_pad, *c = k->bias + (int64_t)h * dim;
+    const float *At = k->weight_t + (int64_t)h * dim * r_pad;
     float tf[GROUP_TILE][DIM_MAX / 2], ts[GROUP_TILE][DIM_MAX / 2];
     for (int g = 0; g < GN; g++) {
-        float bias = 0.0f;
+        const float *restrict qa = pq->qa[g], *restrict qb = pq->qb[g], *restrict bu = pq->bu[g], *restrict bv = pq->bv[g];
+        float *restrict tfg = tf[g], *restrict tsg = ts[g];
+        float bias = pq->rest[g];
+#pragma omp simd reduction(+ : bias)
         for (int i = 0; i < pairs; i++) {
-            const float x = pq->qa[g][i], y = pq->qb[g][i];
-            tf[g][i] = x * ce[i] + y * se[i];
-            ts[g][i] = y * ce[i] - x * se[i];
+            tfg[i] = qa[i] * ce[i] + qb[i] * se[i];
+            tsg[i] = qb[i] * ce[i] - qa[i] * se[i];
+            bias += ce[i] * bu[i] + se[i] * bv[i];
         }
-        for (int i = 0; i < pairs; i++) bias += tf[g][i] * c[rope->first[i]] + ts[g][i] * c[rope->second[i]];
-        for (int d = 2 * pairs; d < dim; d++) bias += pq->q[(int64_t)g * dim + d] * c[d];
         q_bias[g] = bias;
     }
+    /* Each query's PROJ_TILE latent rows in four named vectors (registers: see RUN_ACC). */
+#define PROJ_ACC(g) vec_f p##g##_0 = {0}, p##g##_1 = {0}, p##g##_2 = {0}, p##g##_3 = {0}
+#define PROJ_PAIR(g)                                                                                                   \
+    if (GN > g) {                                                                                                      \
+        const float wf = tf[g][i], ws = ts[g][i];                                                                      \
+        p##g##_0 += wf * f0;                                                                                       \
+        p##g##_0 += ws * s0;                                                                                       \
+        p##g##_1 += wf * f1;                                                                                       \
+        p##g##_1 += ws * s1;                                                                                       \
+        p##g##_2 += wf * f2;                                                                                       \
+        p##g##_2 += ws * s2;                                                                                       \
+        p##g##_3 += wf * f3;                                                                                       \
+        p##g##_3 += ws * s3;                                                                                       \
+    }
+#define PROJ_REST(g)                                                                                                   \
+    if (GN > g) {                                                                                                      \
+        const float w = pq->q[(int64_t)g * dim + d];                                                                   \
+        p##g##_0 += w * f0;                                                                                            \
+        p##g##_1 += w * f1;                                                                                            \
+        p##g##_2 += w * f2;                                                                                            \
+        p##g##_3 += w * f3;                                                                                            \
+    }
+#define PROJ_STORE(g)                                                                                                  \
+    if (GN > g) {                                                                                                      \
+        float *dst = q_latent + g * k->r_max + j0;                                                                     \
+        store_floats(dst, p##g##_0, keep < VEC ? keep : VEC);                                                          \
+        if (keep > VEC) store_floats(dst + VEC, p##g##_1, keep - VEC < VEC ? keep - VEC : VEC);                        \
+        if (keep > 2 * VEC) store_floats(dst + 2 * VEC, p##g##_2, keep - 2 * VEC < VEC ? keep - 2 * VEC : VEC);        \
+        if (keep > 3 * VEC) store_floats(dst + 3 * VEC, p##g##_3, keep - 3 * VEC < VEC ? keep - 3 * VEC : VEC);        \
+    }
     for (int j0 = 0; j0 < r_pad; j0 += PROJ_TILE) {
-        vec_f acc[GROUP_TILE][PROJ_TILE / VEC];
-        for (int g = 0; g < GN; g++)
-            for (int v = 0; v < PROJ_TILE / VEC; v++) acc[g][v] = (vec_f){0};
+        PROJ_ACC(0); PROJ_ACC(1); PROJ_ACC(2); PROJ_ACC(3);
         for (int i = 0; i < pairs; i++) {
             const float *colf = At + (int64_t)rope->first[i] * r_pad + j0;
             const float *cols = At + (int64_t)rope->second[i] * r_pad + j0;
-            vec_f f[PROJ_TILE / VEC], sc[PROJ_TILE / VEC];
-            for (int v = 0; v < PROJ_TILE / VEC; v++) f[v] = load_floats(colf + v * VEC, VEC);
-            for (int v = 0; v < PROJ_TILE / VEC; v++) sc[v] = load_floats(cols + v * VEC, VEC);
-            for (int g = 0; g < GN; g++) {
-                const float wf = tf[g][i], ws = ts[g][i];
-                for (int v = 0; v < PROJ_TILE / VEC; v++) acc[g][v] += wf * f[v] + ws * sc[v];
-            }
+            const vec_f f0 = load_floats(colf, VEC), f1 = load_floats(colf + VEC, VEC);
+            const vec_f f2 = load_floats(colf + 2 * VEC, VEC), f3 = load_floats(colf + 3 * VEC, VEC);
+            const vec_f s0 = load_floats(cols, VEC), s1 = load_floats(cols + VEC, VEC);
+            const vec_f s2 = load_floats(cols + 2 * VEC, VEC), s3 = load_floats(cols + 3 * VEC, VEC);
+            PROJ_PAIR(0) PROJ_PAIR(1) PROJ_PAIR(2) PROJ_PAIR(3)
         }
         for (int d = 2 * pairs; d < dim; d++) { /* channels that do not rotate */
-            vec_f col[PROJ_TILE / VEC];
-            for (int v = 0; v < PROJ_TILE / VEC; v++) col[v] = load_floats(At + (int64_t)d * r_pad + j0 + v * VEC, VEC);
-            for (int g = 0; g < GN; g++) {
-                const float w = pq->q[(int64_t)g * dim + d];
-                for (int v = 0; v < PROJ_TILE / VEC; v++) acc[g][v] += w * col[v];
-            }
+            const float *col = At + (int64_t)d * r_pad + j0;
+            const vec_f f0 = load_floats(col, VEC), f1 = load_floats(col + VEC, VEC);
+            const vec_f f2 = load_floats(col + 2 * VEC, VEC), f3 = load_floats(col + 3 * VEC, VEC);
+            PROJ_REST(0) PROJ_REST(1) PROJ_REST(2) PROJ_REST(3)
         }
         const int keep = k->r_max - j0 < PROJ_TILE ? k->r_max - j0 : PROJ_TILE;
-        for (int g = 0; g < GN; g++) memcpy(q_latent + g * k->r_max + j0, acc[g], sizeof(float) * (size_t)keep);
+        PROJ_STORE(0) PROJ_STORE(1) PROJ_STORE(2) PROJ_STORE(3)
     }
 }
 
@@ -381,7 +513,7 @@ INLINE void block_queries_n(const packed_kind *k, const rope_tables *rope, int b
 INLINE void score_blocks_n(const packed_kind *k, const rope_tables *rope, int b, int h, int64_t first, int64_t last,
                            int64_t tokens, int dim, const float *q, const int GN, float *const rows[GROUP_TILE]) {
     paired_queries pq;
-    pair_queries(rope, q, dim, GN, &pq);
+    pair_queries(rope, q, k->bias + (int64_t)h * dim, dim, GN, &pq);
     float block_latent[RUN_BLOCKS][GROUP_TILE * DIM_MAX], block_bias[RUN_BLOCKS][GROUP_TILE];
     segment seg[SEGMENTS];
     int count = 0;
@@ -412,38 +544,66 @@ static void score_blocks(const packed_kind *k, const rope_tables *rope, int b, i
     }
 }
 
+static inline float hsum(vec_f x) {
+#if defined(MASKED_IO)
+    __m512 v;
+    memcpy(&v, &x, sizeof v);
+    return _mm512_reduce_add_ps(v);
+#else
+    float sum = 0.0f;
+    for (int t = 0; t < VEC; t++) sum += x[t];
+    return sum;
+#endif
+}
+
+/* sum_t p[g][t] code_j(t) of one resolved slot over tokens [first_vec * VEC, last_vec * VEC), for the queries of a
+ * tile (GN of them), into out[g * r_max]. Two token vectors per step, each query's two sums in named accumulators
+ * (registers: see RUN_ACC), so the multiply-adds do not wait on each other's latency. */
+INLINE void mix_slot_n(const slot_reader *r, const int form, int64_t first_vec, int64_t last_vec, int64_t tokens,
+                       const float *const rows[GROUP_TILE], const int GN, float *out, int r_max) {
+    const float *r0 = rows[0], *r1 = rows[GN > 1 ? 1 : 0], *r2 = rows[GN > 2 ? 2 : 0], *r3 = rows[GN > 3 ? 3 : 0];
+    vec_f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+    int64_t i = first_vec;
+    for (; i + 2 <= last_vec && (i + 2) * VEC <= tokens; i += 2) {
+        const int64_t t0 = i * VEC, t1 = t0 + VEC;
+        const vec_f c0 = read_slot(r, t0, VEC, form), c1 = read_slot(r, t1, VEC, form);
+        a0 += load_floats(r0 + t0, VEC) * c0;
+        b0 += load_floats(r0 + t1, VEC) * c1;
+        if (GN > 1) a1 += load_floats(r1 + t0, VEC) * c0, b1 += load_floats(r1 + t1, VEC) * c1;
+        if (GN > 2) a2 += load_floats(r2 + t0, VEC) * c0, b2 += load_floats(r2 + t1, VEC) * c1;
+        if (GN > 3) a3 += load_floats(r3 + t0, VEC) * c0, b3 += load_floats(r3 + t1, VEC) * c1;
+    }
+    for (; i < last_vec; i++) {
+        const int64_t t0 = i * VEC;
+        const int n = (int)(tokens - t0 < VEC ? tokens - t0 : VEC);
+        const vec_f c0 = read_slot(r, t0, n, form);
+        a0 += load_floats(r0 + t0, n) * c0;
+        if (GN > 1) a1 += load_floats(r1 + t0, n) * c0;
+        if (GN > 2) a2 += load_floats(r2 + t0, n) * c0;
+        if (GN > 3) a3 += load_floats(r3 + t0, n) * c0;
+    }
+    out[0] = hsum(a0 + b0);
+    if (GN > 1) out[r_max] = hsum(a1 + b1);
+    if (GN > 2) out[2 * r_max] = hsum(a2 + b2);
+    if (GN > 3) out[3 * r_max] = hsum(a3 + b3);
+}
+
 /* sum_t p[g][t] code_j(t) over tokens [first_vec * VEC, last_vec * VEC) of one (b, h), every stored slot j, for the
  * queries g0 .. g0 + gn; into out [gn, r_max]. */
 INLINE void mix_chunk_n(const packed_kind *v, int b, int h, int64_t first_vec, int64_t last_vec, int64_t tokens,
                         const float *const rows[GROUP_TILE], const int GN, float *out) {
-    for (int j = 0; j < v->r_max; j++) {
-        const int64_t s = (int64_t)h * v->r_max + j;
-        /* MIX_LANES independent accumulators per query (vectors i, i+1, ... of the chunk), so the multiply-adds do
-         * not wait on each other's latency; added up at the end. */
-        vec_f acc[MIX_LANES][GROUP_TILE];
-        for (int u = 0; u < MIX_LANES; u++)
-            for (int g = 0; g < GN; g++) acc[u][g] = (vec_f){0};
-        if (slot_used(v, s)) {
-            int64_t i = first_vec;
-            for (; i + MIX_LANES <= last_vec && (i + MIX_LANES) * VEC <= tokens; i += MIX_LANES)
-                for (int u = 0; u < MIX_LANES; u++) {
-                    const int64_t t0 = (i + u) * VEC;
-                    const vec_f code = decode_slot(v, b, s, t0, VEC);
-                    for (int g = 0; g < GN; g++) acc[u][g] += load_floats(rows[g] + t0, VEC) * code;
-                }
-            for (; i < last_vec; i++) {
-                const int64_t t0 = i * VEC;
-                const int n = (int)(tokens - t0 < VEC ? tokens - t0 : VEC);
-                const vec_f code = decode_slot(v, b, s, t0, n);
-                for (int g = 0; g < GN; g++) acc[0][g] += load_floats(rows[g] + t0, n) * code;
-            }
+    const int r_max = v->r_max;
+    for (int j = 0; j < r_max; j++) {
+        const int64_t s = (int64_t)h * r_max + j;
+        if (!slot_used(v, s)) {
+            for (int g = 0; g < GN; g++) out[g * r_max + j] = 0.0f;
+            continue;
         }
-        for (int g = 0; g < GN; g++) {
-            vec_f total = acc[0][g];
-            for (int u = 1; u < MIX_LANES; u++) total += acc[u][g];
-            float sum = 0.0f;
-            for (int t = 0; t < VEC; t++) sum += total[t];
-            out[g * v->r_max + j] = sum;
+        const slot_reader r = slot_at(v, b, s);
+        switch (r.form) {
+        case SLOT_LO: mix_slot_n(&r, SLOT_LO, first_vec, last_vec, tokens, rows, GN, out + j, r_max); break;
+        case SLOT_LO_HI: mix_slot_n(&r, SLOT_LO_HI, first_vec, last_vec, tokens, rows, GN, out + j, r_max); break;
+        default: mix_slot_n(&r, SLOT_EXACT, first_vec, last_vec, tokens, rows, GN, out + j, r_max); break;
         }
     }
 }
