@@ -354,8 +354,7 @@ class CompressedLayer(DynamicLayer):
             )
             cos, sin = (t.transpose(-1, -2).flatten(0, 1) for t in (cos, sin))  # [R, P, n], contiguous
         elif self.key_block > 1:  # per block: rotate and project the queries
-            tables = self.positions.block_rope(first, n, self.key_block, self.layer_idx)
-            cos, sin = (t[:, 0].contiguous() for t in tables)  # [R, blocks, P]
+            cos, sin = self.positions.block_rope_rows(first, n, self.key_block, self.layer_idx)  # [R, blocks, P]
         if self.key_block:
             layout = self.positions.tracker.layout
             rope = kernels.Rope(layout.pair_channels, cos, sin, self.key_block, first % self.key_block)

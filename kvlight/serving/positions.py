@@ -501,6 +501,17 @@ class PositionLog:
         self._rope[group] = entry
         return cos[:, :, low - start : high - start], sin[:, :, low - start : high - start]
 
+    def block_rope_rows(self, first: int, count: int, block: int, layer_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`block_rope` as the native kernel reads it, ``(cos, sin) [B|1, K, D_rot/2]`` contiguous; made once per
+        step (memoised like :meth:`tables_of`) and handed to every layer of the same rotary type."""
+        stamp = (id(self.positions), self.positions.shape[1])
+        if self._memo_stamp != stamp:
+            self._memo, self._memo_stamp = {}, stamp
+        key = ("block rows", first, count, block, None if self.tracker is None else self.tracker.kind(layer_idx))
+        if key not in self._memo:
+            self._memo[key] = tuple(t[:, 0].contiguous() for t in self.block_rope(first, count, block, layer_idx))
+        return self._memo[key]
+
     def _block_tables(self, low: int, high: int, block: int, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pair tables ``[B|1, 1, high - low, D_rot/2]`` float32 of the first slots of blocks ``low:high``."""
         slots = torch.arange(low, high, device=self.positions.device) * block

@@ -128,6 +128,27 @@ def test_attend_equals_the_unpacked_attention(case, monkeypatch):
         scores = scores + mask[:, None, None, :]
     expected = torch.softmax(scores, dim=-1) @ all_v
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    # A decode step reuses the kernel's view of the codes it built last time; other codes (a fresh buffer, fewer
+    # tokens) get their own, and the result follows them, never the cached pointers.
+    again = kernels.attend(q, sink, recent, codes_k, keys, codes_v, values, mask, case.softcap, scratch, rope)
+    assert torch.equal(again, out)
+    if case.rope is None:
+        doubled = tuple(t.clone() for t in codes_k)  # the same codes in another buffer, laid out alike
+        assert doubled[0].data_ptr() != codes_k[0].data_ptr()
+        torch.testing.assert_close(
+            kernels.attend(q, sink, recent, doubled, keys, codes_v, values, mask, case.softcap, scratch), out
+        )
+        fewer = case.tokens // 2
+        if fewer and mask is None:
+            short = [tuple(t[:, :fewer] for t in codes) for codes in (codes_k, codes_v)]
+            k_all = torch.cat([sink[0].float(), decoded_k[:, :, :fewer], recent[0].float()], dim=2)
+            v_all = torch.cat([sink[1].float(), decoded_v[:, :, :fewer], recent[1].float()], dim=2)
+            scores = q @ k_all.transpose(-1, -2)
+            if case.softcap is not None:
+                scores = torch.tanh(scores / case.softcap) * case.softcap
+            expected_short = torch.softmax(scores, dim=-1) @ v_all
+            got = kernels.attend(q, sink, recent, short[0], keys, short[1], values, None, case.softcap, scratch)
+            torch.testing.assert_close(got, expected_short, rtol=1e-4, atol=1e-4)
     if case.rope is not None:  # one table row serves every batch row when the positions agree
         shared = kernels.Rope(rope.pairs, rope.cos[:1].contiguous(), rope.sin[:1].contiguous(), case.block, case.lead)
         again = kernels.attend(q, sink, recent, codes_k, keys, codes_v, values, mask, case.softcap, scratch, shared)
