@@ -501,7 +501,9 @@ class PositionLog:
         self._rope[group] = entry
         return cos[:, :, low - start : high - start], sin[:, :, low - start : high - start]
 
-    def block_rope_rows(self, first: int, count: int, block: int, layer_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def block_rope_rows(
+        self, first: int, count: int, block: int, layer_idx: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`block_rope` as the native kernel reads it, ``(cos, sin) [B|1, K, D_rot/2]`` contiguous; made once per
         step (memoised like :meth:`tables_of`) and handed to every layer of the same rotary type."""
         stamp = (id(self.positions), self.positions.shape[1])

@@ -288,7 +288,8 @@ def _kind(codes: torch.Tensor, exact: torch.Tensor, operands: KindOperands) -> _
     """``packed_kind`` of ``operands`` pointed at ``codes`` / ``exact``: checked and built on the first call for those
     buffers (their addresses, shapes, strides and dtype), then reused: a cache layer's buffers stay put between
     flushes, so a decode step pays for neither the checks nor the struct."""
-    key = (codes.data_ptr(), codes.shape, codes.stride(), codes.dtype, exact.data_ptr(), exact.shape, exact.stride(), exact.dtype)
+    key = (codes.data_ptr(), codes.shape, codes.stride(), codes.dtype)
+    key += (exact.data_ptr(), exact.shape, exact.stride(), exact.dtype)
     cached = operands.last_kind
     if cached is not None and cached[0] == key:
         return cached[1]
