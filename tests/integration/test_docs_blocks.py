@@ -143,7 +143,7 @@ def test_readme_install_is_what_ci_runs():
     """.ci/run installs exactly as the README's Install says, and runs the README's test command."""
     ci = [_normalise(line.split("#")[0]) for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     installs = [_normalise(line) for line in _install_block() if line.startswith("pip install")]
-    assert any('".[test,docs]"' in line for line in installs), installs
+    assert any('".[test,docs,eval]"' in line for line in installs), installs
     missing = [line for line in installs if line not in ci]
     assert missing == [], f".ci/run does not run the README's install lines {missing}"
     assert _normalise("python -m pytest -q") in ci
