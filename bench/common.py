@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import contextlib
 import fcntl
+import importlib
+import inspect
 import math
 import platform
 import subprocess
@@ -71,6 +73,49 @@ def prose_documents() -> list[str]:
                 if text and len(text) >= 300 and sum(c.isalpha() or c.isspace() for c in text) > 0.85 * len(text):
                     documents.append(text)
     return documents
+
+
+#: the standard-library modules :func:`docstring_documents` reads: pure Python, importable on every platform, sorted.
+DOCSTRING_MODULES = (
+    "argparse", "ast", "base64", "calendar", "cmd", "code", "collections", "configparser", "contextlib", "csv",
+    "dataclasses", "difflib", "email.message", "email.utils", "enum", "fileinput", "fractions", "ftplib", "functools",
+    "gettext", "glob", "gzip", "http.client", "http.server", "inspect", "ipaddress", "json", "logging",
+    "logging.handlers", "mailbox", "optparse", "pathlib", "pprint", "random", "shlex", "shutil", "smtplib",
+    "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "typing", "unittest",
+    "urllib.parse", "urllib.request", "uuid", "zipfile",
+)  # fmt: skip
+
+
+def docstring_documents(modules: tuple[str, ...] = DOCSTRING_MODULES) -> list[str]:
+    """``inspect.getdoc`` of each module in ``modules`` (sorted) and of its public classes and functions (those it
+    defines, by sorted name, each class's public methods after it), non-empty and each text once.
+
+    Deterministic for a given Python version (the docstrings are the running interpreter's): a text no calibration
+    reads (kvlight's built-in corpus is CPython's pydoc topics, not these docstrings).
+    """
+    documents: dict[str, None] = {}
+
+    def add(obj) -> None:
+        text = inspect.getdoc(obj)
+        if text and text.strip():
+            documents.setdefault(text.strip())
+
+    for name in sorted(modules):
+        module = importlib.import_module(name)
+        add(module)
+        for attr in sorted(vars(module)):
+            obj = vars(module)[attr]
+            if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+                continue  # private, or re-exported from another module
+            if inspect.isfunction(obj):
+                add(obj)
+            elif inspect.isclass(obj):
+                add(obj)
+                for method in sorted(vars(obj)):
+                    member = vars(obj)[method]
+                    if not method.startswith("_") and inspect.isfunction(member):
+                        add(member)
+    return list(documents)
 
 
 def prose_tokens(tokenizer) -> torch.Tensor:
