@@ -108,14 +108,14 @@ class AllocateWidths(pl.Callback):
         options, start, config, metrics = pl_module.compression_options, time.perf_counter(), None, None
         weights = None
         if trainer.global_rank == 0:
-            windows = _datamodule(trainer).all_calibration_windows()[: options.sensitivity_samples]
+            windows = sensitivity_windows(_datamodule(trainer).all_calibration_windows(), options)
             if len(windows) == 0:
                 raise ConfigError("allocating widths needs calibration windows: raise --calibration-samples")
             model = pl_module.frozen.to(trainer.strategy.root_device)
             provisional = pl_module.compressor.config
             sinks = provisional.sink_tokens
             metrics = measure_sensitivity(
-                model, pl_module.geometry, windows, 2, sink_tokens=sinks, progress=False,
+                model, pl_module.geometry, windows, 2, sink_tokens=sinks, progress=True,
                 rope_blocks=provisional.rope_blocks(),
             )  # fmt: skip
             target = options.target_memory_reduction
@@ -128,6 +128,17 @@ class AllocateWidths(pl.Callback):
             weights = fisher_weights(metrics) if whitened else None
         config, weights = trainer.strategy.broadcast((config, weights), src=0)
         pl_module.install_allocation(config, metrics, time.perf_counter() - start, weights)
+
+
+def sensitivity_windows(windows: torch.Tensor, options) -> torch.Tensor:
+    """The first ``options.sensitivity_samples`` windows ``[S, T']`` of the calibration windows ``[C, T]``, each
+    window first cut into consecutive pieces of ``T' = options.sensitivity_seq_len`` tokens when it is longer (the
+    tail shorter than T' is left out)."""
+    length = options.sensitivity_seq_len
+    if length is not None and windows.shape[1] > length:
+        pieces = windows.shape[1] // length
+        windows = windows[:, : pieces * length].reshape(-1, length)
+    return windows[: options.sensitivity_samples]
 
 
 class CaptureKV(pl.Callback):

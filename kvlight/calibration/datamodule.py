@@ -225,6 +225,16 @@ class KVCalibrationDataModule(pl.LightningDataModule):
             source_name=f"dataset '{hp.dataset}'",
         )
 
+    def keep_calibration_windows(self, count: int) -> None:
+        """Calibrate on the first ``count`` calibration windows only (what a time budget trades first); the
+        hyperparameters, and with them the capture's key, say so."""
+        self.setup()
+        assert self._calibration_windows is not None
+        if not 1 <= count <= self._calibration_windows.shape[0]:
+            raise ValueError(f"count must be between 1 and {self._calibration_windows.shape[0]}, got {count}")
+        self._calibration_windows = self._calibration_windows[:count]
+        self.hparams.calibration_samples = count
+
     def _rank_share(self, windows: torch.Tensor) -> torch.Tensor:
         rank, world_size = self.rank_and_world_size()
         index = torch.tensor(shard_for_rank(windows.shape[0], rank, world_size), dtype=torch.long)

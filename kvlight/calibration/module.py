@@ -119,7 +119,7 @@ class KVCalibrationModule(pl.LightningModule):
         self.hparams["compression"]["config"] = config.to_dict()
         algo = self.compression_options.compressor
         self.compressor = KVCompressor(config, self.geometry, algo=algo, options=self.backend_options)
-        check_objectives(self.compressor, self.objective_options)
+        check_objectives(self.compressor, self.objective_options, self.trains)
 
     @property
     def trains(self) -> bool:

@@ -77,8 +77,13 @@ def resolve_config(options: CompressionOptions, geometry: KVGeometry) -> Compres
     return config.validate(*shape)
 
 
-def check_objectives(compressor, objective: ObjectiveOptions) -> None:
-    """Refuse objectives the compressor's backends cannot serve, with one line naming the option."""
+def check_objectives(compressor, objective: ObjectiveOptions, trains: bool | None = None) -> None:
+    """Refuse objectives the compressor's backends cannot serve, with one line naming the option.
+
+    ``trains``: whether the fit will have trainable heads (None: the compressor's own say). A pending
+    "fisher-white" allocation installs KVSplice heads over a provisional PCA config, so its provisional compressor
+    alone would refuse ``objective kl``.
+    """
     weighted = {"k": objective.key_objective == "query", "v": objective.value_objective == "output"}
     for kind, name in (("k", "key_objective query"), ("v", "value_objective output")):
         algos = {head.algo for layer in compressor.layers for head in layer[kind].heads} - {"none"}
@@ -87,7 +92,7 @@ def check_objectives(compressor, objective: ObjectiveOptions) -> None:
                 f"{name} needs KVSplice {'key' if kind == 'k' else 'value'} heads (separate encoder and "
                 "decoder): use --compressor kvsplice"
             )
-    if objective.objective == "kl" and not compressor.trainable:
+    if objective.objective == "kl" and not (compressor.trainable if trains is None else trains):
         raise ConfigError("objective kl trains KVSplice heads and this config has none: use --compressor kvsplice")
 
 

@@ -46,6 +46,9 @@ class CompressionOptions:
         bits_weighting: how that allocation weighs a direction's error (kvlight.analysis.bit_allocation.WEIGHTINGS);
             None: the recommended one the backend can serve (:attr:`weighting`).
         sensitivity_samples: calibration windows the sensitivity pass of that allocation measures.
+        sensitivity_seq_len: tokens per window of that pass: longer calibration windows are cut into windows of
+            this length first (its eager attention holds every score for the backward, so its memory grows with the
+            square of the length: 16 windows of 4096 tokens need more than 24 GB); None: the calibration windows'.
         sink_tokens: first positions kept exact (None: a config file's, else the recommended 4, ranks included).
         recent_window: newest positions kept exact (None: a config file's, else the recommended 0).
         latent_bits: rank configs: store latents as 8, 4, 2 (integer codes with per-token group scales) or "fp8".
@@ -64,6 +67,7 @@ class CompressionOptions:
     target_memory_reduction: float | None = None
     bits_weighting: str | None = None
     sensitivity_samples: int = 16
+    sensitivity_seq_len: int | None = 512
     sink_tokens: int | None = None
     recent_window: int | None = None
     latent_bits: int | str | None = None
@@ -94,6 +98,7 @@ class CompressionOptions:
         if self.bits_weighting is not None and self.bits_weighting not in WEIGHTINGS:
             raise ConfigError(f"bits_weighting {self.bits_weighting!r} must be one of {', '.join(WEIGHTINGS)}")
         _at_least(self, "sensitivity_samples", 1)
+        _at_least(self, "sensitivity_seq_len", 2, optional=True, what="a number of tokens >= 2")
         for name in ("rank", "rank_k", "rank_v", "quant_group_size"):
             _at_least(self, name, 1, optional=True)
         for name in ("sink_tokens", "recent_window"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from kvlight.analysis.metrics_io import metrics_to_json
 from kvlight.calibration.datamodule import KVCalibrationDataModule
 from kvlight.calibration.module import KVCalibrationModule
 from kvlight.calibration.options import MODEL_DTYPES, OBJECTIVES
+from kvlight.calibration.recipes import Applied, apply, recipe_for
+from kvlight.calibration.timing import TimeEstimate, minutes
 from kvlight.calibration.windows import shard_for_rank
 from kvlight.cli.flags import (
     STORAGE_FLAGS,
@@ -38,6 +41,7 @@ from kvlight.cli.flags import (
 )
 from kvlight.cli.preflight import check_hardware, check_repo_id, trainer_errors
 from kvlight.compressors.registry import backend_names
+from kvlight.config import RECOMMENDED
 from kvlight.errors import ConfigError
 from kvlight.files import atomic_torch_save, atomic_write_text
 from kvlight.outputs import OutputSet
@@ -56,6 +60,8 @@ class CalibrateRun:
         overwrite: replace the previous run's files in a non-empty output_dir (refused without it).
         push_to_hub: a Hugging Face repo id (``you/name``) to upload the compressor directory to, with a model card,
             once the run's files are written (needs a token: ``hf auth login`` or HF_TOKEN).
+        time_budget: minutes the fit and validation may take: fewer calibration windows, then fewer passes, until
+            the time estimate printed before the fit fits (None: the recipe's plan, however long).
     """
 
     epochs: int = 10
@@ -63,8 +69,12 @@ class CalibrateRun:
     seed: int = 0
     overwrite: bool = False
     push_to_hub: str | None = None
+    time_budget: float | None = None
 
     def __post_init__(self) -> None:
+        budget = self.time_budget
+        if budget is not None and (isinstance(budget, bool) or not math.isfinite(budget) or budget <= 0):
+            raise ConfigError(f"--time-budget must be a positive number of minutes such as 30, got {budget!r}")
         if self.push_to_hub is not None:
             check_repo_id(self.push_to_hub)  # before anything loads: a typo must not cost the whole run
 
@@ -76,6 +86,7 @@ FLAGS = (
         ("--output-dir", "calibrate.output_dir"),
         ("--overwrite", "calibrate.overwrite", "true"),
         ("--seed", ("calibrate.seed", "data.seed")),
+        ("--time-budget", "calibrate.time_budget"),
     )
     + (
         Flag("--push-to-hub", ("calibrate.push_to_hub",), metavar="REPO"),
@@ -107,6 +118,7 @@ FLAGS = (
     )
     + flags(
         ("--sensitivity-samples", "model.compression.sensitivity_samples"),
+        ("--sensitivity-seq-len", "model.compression.sensitivity_seq_len"),
         ("--rank", "model.compression.rank"),
         ("--rank-k", "model.compression.rank_k"),
         ("--rank-v", "model.compression.rank_v"),
@@ -154,16 +166,46 @@ def arguments(argv: list[str]):
     )
     add_flags(cli, FLAGS, source)
     typed = cli.parse_args(argv)
-    config = parse(source, to_arguments(typed, FLAGS), FLAGS)
     budget = given(typed, FLAGS, "--kv-budget")
-    compression = config.model.compression
-    ranks = (compression.rank, compression.rank_k, compression.rank_v)
-    if budget and (compression.config is not None or any(rank is not None for rank in ranks)):
+    fixed = [name for name in ("--compression-config", "--rank", "--rank-k", "--rank-v") if given(typed, FLAGS, name)]
+    if budget and fixed:
         raise ConfigError(
-            f"{budget} allocates a width per principal direction; it does not combine with a compression config or "
-            "ranks (give one or the other)"
+            f"{budget} allocates a width per principal direction; it does not combine with {fixed[0]} (give one or "
+            "the other)"
         )
-    return source, config
+    applied = None if fixed else _take_recipe(typed)
+    config = parse(source, to_arguments(typed, FLAGS), FLAGS)
+    return source, config, applied
+
+
+def _budget(typed) -> float | None:
+    """The KV budget of the parsed flags: ``--kv-budget``, its old spelling (``1 - R``), or the recommended one;
+    None when the value given is no budget (parsing the flags then says so in one line)."""
+    spelling = given(typed, FLAGS, "--kv-budget")
+    if spelling is None:
+        return round(1.0 - RECOMMENDED["target_memory_reduction"], 12)
+    value = getattr(typed, next(flag for flag in FLAGS if flag.name == spelling).dest)
+    try:
+        budget = float(value) if spelling == "--kv-budget" else 1.0 - float(value)
+    except ValueError:
+        return None
+    return round(budget, 12) if 0.0 < budget < 1.0 else None
+
+
+def _take_recipe(typed) -> Applied | None:
+    """Apply the recipe of the run's budget (kvlight.calibration.recipes) to the flags the user did not give."""
+    budget = _budget(typed)
+    if budget is None:
+        return None
+    by_name = {flag.name: flag for flag in FLAGS}
+    given_values = {}
+    for flag, _ in recipe_for(budget).flags():
+        spelling = given(typed, FLAGS, flag)
+        given_values[flag] = None if spelling is None else str(getattr(typed, by_name[spelling].dest))
+    applied = apply(budget, given_values)
+    for flag, value in applied.taken:
+        setattr(typed, by_name[flag].dest, value)
+    return applied
 
 
 def source_parser():
@@ -183,8 +225,13 @@ def source_parser():
 def main(argv: list[str]) -> int:
     """fit + validate; prints the result lines (the KV budget measured first) and writes results, compressor and
     checkpoint; with ``--push-to-hub``, uploads the compressor with a model card."""
-    source, config = arguments(argv)
+    source, config, applied = arguments(argv)
     run = CalibrateRun(**vars(config.calibrate))
+    if applied is not None:
+        print(applied.summary())
+        warning = applied.recipe.retrieval_warning(applied.budget)
+        if warning is not None:
+            print(warning, file=sys.stderr)
     check_hardware(config.trainer.accelerator, config.trainer.devices, "--")  # before anything loads or is written
     # Everything is written into a staging directory and published at the end: a refused, failed or killed run
     # leaves the previous set (or nothing), never a mix (kvlight.outputs).
@@ -209,8 +256,9 @@ def _calibrate(source, config, run: CalibrateRun, output: Path, outputs: OutputS
     module, data = built.model, built.data
     # Read the data before the Trainer exists: a bad source then fails with one line and writes no logs.
     data.setup("fit")
+    timing = TimeEstimate(None if run.time_budget is None else 60.0 * run.time_budget)
     with trainer_errors("--"):
-        trainer = _trainer(vars(config.trainer), output)
+        trainer = _trainer(vars(config.trainer), output, [timing])
     epochs = 1 + (run.epochs if module.trains else 0)
     trainer.fit_loop.max_epochs = epochs
     objective = module.objective_options
@@ -225,7 +273,7 @@ def _calibrate(source, config, run: CalibrateRun, output: Path, outputs: OutputS
     trainer.validate(module, datamodule=data, verbose=False)
     if trainer.global_rank != 0:
         return 0
-    results = _write(module, data, config, output, calibration_seconds, outputs.directory)
+    results = _write(module, data, config, output, calibration_seconds, outputs.directory, timing, start)
     algo = results["compressor"]
     if run.push_to_hub is not None:  # the card travels with the directory, and stays in the published set
         from kvlight.compressors.card import CARD_NAME, model_card
@@ -241,16 +289,16 @@ def _calibrate(source, config, run: CalibrateRun, output: Path, outputs: OutputS
     return 0
 
 
-def _trainer(settings: dict, output: Path):
+def _trainer(settings: dict, output: Path, callbacks: list):
     """The Trainer of the trainer flags (Lightning parses devices and precision itself), logging and checkpointing
-    into ``output``; validation only when asked (after fit)."""
+    into ``output``, with ``callbacks`` besides the checkpoint's; validation only when asked (after fit)."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
     fixed = {
         "logger": TensorBoardLogger(output, name="logs"),
-        "callbacks": [ModelCheckpoint(dirpath=output / "checkpoints", save_last=True, save_top_k=0)],
+        "callbacks": [*callbacks, ModelCheckpoint(dirpath=output / "checkpoints", save_last=True, save_top_k=0)],
         "num_sanity_val_steps": 0,
         "check_val_every_n_epoch": None,
         "val_check_interval": 10**9,
@@ -260,9 +308,19 @@ def _trainer(settings: dict, output: Path):
     return pl.Trainer(**{**settings, **fixed})
 
 
-def _write(module, data, config, output: Path, calibration_seconds: float, shown: Path) -> dict:
+def _write(module, data, config, output: Path, calibration_seconds: float, shown: Path, timing, start) -> dict:
     """The results JSON, the compressor (``.pt`` and safetensors directory), its config, the result lines; written
-    under ``output``, named as under ``shown`` (where they are published). Returns the results."""
+    under ``output``, named as under ``shown`` (where they are published). ``timing``: the run's
+    :class:`TimeEstimate`; ``start``: when the fit started (perf_counter). Returns the results."""
+    took = time.perf_counter() - start
+    fit_phases = module.allocation_seconds + module.capture_seconds
+    measured = {
+        "setup": timing.probe_seconds,
+        "sensitivity": module.allocation_seconds,
+        "capture": module.capture_seconds,
+        "fit": calibration_seconds - fit_phases - timing.probe_seconds,
+        "validation": took - calibration_seconds,
+    }
     algo = module.compression_options.compressor or module.compressor.config.algo_default
     objective = module.objective_options
     results = dict(module.results)
@@ -284,6 +342,9 @@ def _write(module, data, config, output: Path, calibration_seconds: float, shown
             "objective": objective.objective,
             "compression_config": module.compressor.config.to_dict(),
             "checkpoint": str(shown / "checkpoints" / "last.ckpt"),
+            "estimated_seconds": timing.estimated,
+            "phase_seconds": measured,
+            "fit_and_validate_seconds": took,
         }
     )
     # The budget as --kv-budget counts it: the bytes the cache kept, as a fraction of an fp16 DynamicCache's.
@@ -318,5 +379,11 @@ def _write(module, data, config, output: Path, calibration_seconds: float, shown
         versus += f"; {results['memory_savings_vs_fp16_pct']:.1f}% vs fp16"
     print(f"Memory savings:         {results['memory_savings_pct']:.1f}% ({versus})")
     print(f"Calibration time:       {calibration_seconds:.1f}s")
+    if timing.estimated is not None:
+        print(
+            f"Time taken:             {minutes(took - timing.probe_seconds)} after the time estimate, which said "
+            f"{minutes(sum(timing.estimated.values()))} (loading and timing the model took "
+            f"{minutes(timing.probe_seconds)} before it)"
+        )
     print(f"Results saved to {shown}/calibration_results_{algo}.json and {shown}/compressor_{algo}.pt")
     return results

@@ -222,7 +222,9 @@ def test_config_uniform_then_calibrate_pca(tmp_path, tiny_llama_path, tiny_model
     assert results["compressor"] == "pca" and results["seq_len"] == 32
     # The first result line is the budget as --kv-budget counts it: the bytes kept, of an fp16 DynamicCache's.
     assert results["kv_budget"] == pytest.approx(results["compressed_cache_bytes"] / results["fp16_cache_bytes"])
-    lines = [line for line in stdout.splitlines() if re.match(r"[A-Z][\w ]+: ", line)]  # not the progress bars
+    # Result lines only: not the progress bars, nor the plan printed before the fit (recipe, time estimate).
+    before = ("Recipe:", "Time estimate:", "Time budget:")
+    lines = [line for line in stdout.splitlines() if re.match(r"[A-Z][\w ]+: ", line) and not line.startswith(before)]
     first = re.fullmatch(r"KV budget:\s+([0-9.]+)% of an fp16 DynamicCache's bytes \(measured\)", lines[0])
     assert first and float(first.group(1)) == pytest.approx(100 * results["kv_budget"], abs=0.05), stdout
 
