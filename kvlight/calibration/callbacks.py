@@ -108,7 +108,8 @@ class AllocateWidths(pl.Callback):
         options, start, config, metrics = pl_module.compression_options, time.perf_counter(), None, None
         weights = None
         if trainer.global_rank == 0:
-            windows = sensitivity_windows(_datamodule(trainer).all_calibration_windows(), options)
+            datamodule = _datamodule(trainer)
+            windows = sensitivity_windows(datamodule.all_calibration_windows(), options)
             if len(windows) == 0:
                 raise ConfigError("allocating widths needs calibration windows: raise --calibration-samples")
             model = pl_module.frozen.to(trainer.strategy.root_device)
@@ -116,7 +117,7 @@ class AllocateWidths(pl.Callback):
             sinks = provisional.sink_tokens
             metrics = measure_sensitivity(
                 model, pl_module.geometry, windows, 2, sink_tokens=sinks, progress=True,
-                rope_blocks=provisional.rope_blocks(),
+                rope_blocks=provisional.rope_blocks(), seed=datamodule.hparams.seed,
             )  # fmt: skip
             target = options.target_memory_reduction
             target = RECOMMENDED["target_memory_reduction"] if target is None else target

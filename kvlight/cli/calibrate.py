@@ -102,8 +102,8 @@ FLAGS = (
             ("model.compression.compressor",),
             choices=backend_names,
             shown="kvsplice",
-            help="the backend of every head: kvsplice, or pca when --bits-weighting is other than fisher-white; with "
-            "a compression config, the config's own unless given",
+            help="the backend of every head: the budget's recipe's (kvsplice at every budget; see "
+            "kvlight.calibration.recipes); with a compression config or a rank, the config's own unless given",
         ),
         Flag("--config", ("model.compression.config",), alias_of="--compression-config"),
         *budget_flags("model.compression.target_memory_reduction", "0.24"),

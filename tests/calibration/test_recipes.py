@@ -149,3 +149,42 @@ def test_no_recipe_without_an_allocation(fixed):
 def test_a_bad_budget_is_still_one_line():
     with pytest.raises(KVLightError, match=re.escape("--kv-budget '2' must be a fraction")):
         parsed("--kv-budget", "2")
+
+
+def test_calibrate_warns_in_one_line_when_the_recipe_loses_retrieval(tmp_path, tiny_llama_path, kvlight_cache, capfd):
+    from helpers import tiny_calibrate_args
+
+    from kvlight.cli import main
+
+    output = tmp_path / "out"
+    argv = tiny_calibrate_args(tiny_llama_path, output, "--kv-budget", "0.094", "--epochs", "1")
+    assert main(argv) == 0
+    captured = capfd.readouterr()
+    warnings = [line for line in captured.err.splitlines() if "does not keep retrieval" in line]
+    assert len(warnings) == 1 and "44.4 %" in warnings[0] and warnings[0].startswith("kvlight: warning:")
+    assert re.search(r"^Recipe: .* --objective kl", captured.out, flags=re.MULTILINE)
+    assert (output / "calibration_results_kvsplice.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("shape", "length", "samples", "expected"),
+    [
+        ((16, 4096), 512, 16, (16, 512)),  # the 12.5 % recipe: its first two windows, cut in eight
+        ((2, 1000), 512, 16, (2, 512)),  # a tail shorter than the length is left out
+        ((32, 512), 512, 16, (16, 512)),  # windows of the length are taken as they are
+        ((4, 256), 512, 16, (4, 256)),  # shorter windows too
+        ((16, 4096), None, 4, (4, 4096)),  # None: the calibration windows' own length
+    ],
+)
+def test_the_sensitivity_pass_cuts_long_windows(shape, length, samples, expected):
+    import torch
+
+    from kvlight.calibration.callbacks import sensitivity_windows
+    from kvlight.calibration.options import CompressionOptions
+
+    windows = torch.arange(shape[0] * shape[1]).reshape(shape)
+    cut = sensitivity_windows(windows, CompressionOptions(sensitivity_samples=samples, sensitivity_seq_len=length))
+    assert tuple(cut.shape) == expected
+    assert torch.equal(cut[0], windows[0, : expected[1]])  # consecutive tokens, from the start
+    if 2 * expected[1] <= shape[1]:  # the next piece of the same window comes next
+        assert torch.equal(cut[1], windows[0, expected[1] : 2 * expected[1]])
