@@ -163,6 +163,7 @@ def test_calibrate_warns_in_one_line_when_the_recipe_loses_retrieval(tmp_path, t
     warnings = [line for line in captured.err.splitlines() if "does not keep retrieval" in line]
     assert len(warnings) == 1 and "44.4 %" in warnings[0] and warnings[0].startswith("kvlight: warning:")
     assert re.search(r"^Recipe: .* --objective kl", captured.out, flags=re.MULTILINE)
+    assert re.search(r"^fit: (\d+)/\1 steps, about 0 s left$", captured.out, flags=re.MULTILINE), captured.out
     assert (output / "calibration_results_kvsplice.json").exists()
 
 
