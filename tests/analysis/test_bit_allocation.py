@@ -279,7 +279,7 @@ def test_calibrate_with_a_target_measures_allocates_and_calibrates(tiny_llama_pa
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--target-memory-reduction", "0.75", "--rank", "8"], "does not combine with a compression config or ranks"),
+        (["--target-memory-reduction", "0.75", "--rank", "8"], "does not combine with --rank (give one or the other)"),
         (["--target-memory-reduction", "1.5"], "strictly between 0 and 1"),
         (["--target-memory-reduction", "nan"], "strictly between 0 and 1"),
     ],
