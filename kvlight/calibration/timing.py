@@ -247,7 +247,7 @@ class TimeEstimate(pl.Callback):
         self.probe_seconds = 0.0
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage != "fit":
+        if stage != "fit" or pl_module.sharded:  # a sharded model cannot be timed whole before FSDP shards it
             return
         datamodule = trainer.datamodule
         planned = workload_of(trainer, pl_module, datamodule)
