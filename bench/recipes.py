@@ -483,6 +483,11 @@ def overlap_note(rows: list[dict]) -> str:
     )
 
 
+def text_columns(lengths) -> str:
+    """The header cells of the perplexity columns: every length on the corpus, then on the docstrings."""
+    return " | ".join(f"{text} {n}" for text in TEXTS for n in lengths)
+
+
 def write(results: dict, name: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -523,9 +528,7 @@ def write(results: dict, name: str) -> None:
             f"Each row ran (dtype and seed its own): `{members[0].get('calibrate_command', '(not recorded)')}`",
             "",
             "| dtype | seed | measured budget | estimate | took | estimate/took | whole command | printed change | "
-            + " | ".join(f"corpus {n}" for n in lengths)
-            + " | "
-            + " | ".join(f"docstrings {n}" for n in lengths)
+            + text_columns(lengths)
             + " | docstrings/corpus at 2048 | passkey |",
             "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (2 * len(lengths)) + "---:|---:|",
         ]
@@ -554,11 +557,7 @@ def write(results: dict, name: str) -> None:
     lines += [
         f"## References ({results['eval_dtype']} model, the same windows)",
         "",
-        "| method | setting | "
-        + " | ".join(f"corpus {n}" for n in lengths)
-        + " | "
-        + " | ".join(f"docstrings {n}" for n in lengths)
-        + " | passkey |",
+        "| method | setting | " + text_columns(lengths) + " | passkey |",
         "|---|---|" + "---:|" * (2 * len(lengths)) + "---:|",
     ]
     for r in refs:

@@ -74,11 +74,6 @@ class Recipe:
         """Every flag it sets, ``--compressor`` first."""
         return (("--compressor", self.backend), *self.settings)
 
-    def command(self) -> str:
-        """The ``kvlight calibrate`` arguments that spell it out (``--kv-budget`` included)."""
-        words = [f"--kv-budget {self.budget:g}"] + [f"{flag} {value}" for flag, value in self.settings]
-        return " ".join(words)
-
     def retrieval_warning(self, budget: float) -> str | None:
         """One line for a run at ``budget`` with this recipe when its cache does not keep retrieval, else None."""
         if self.keeps_retrieval:
