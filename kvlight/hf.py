@@ -3,13 +3,16 @@
 What moves between releases lives here and nowhere else: the keyword a model takes its cache under (``past_key_values``
 up to 5.23, ``cache`` from 5.24), the cache base classes kvlight's caches subclass, how a custom attention function and
 its mask function are registered, how a model's attention implementation is read and switched, the eager attention
-function of a modeling file, and how a rotary module is called for ``(cos, sin)``.
+function of a modeling file, how a rotary module is called for ``(cos, sin)``, and how a model computes its logits at
+some positions only.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 
+import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
@@ -27,6 +30,7 @@ __all__ = [
     "dynamic_cache",
     "gguf_architectures",
     "gguf_model_type",
+    "logits_at",
     "original_attention",
     "pipeline_for",
     "quantized_cache",
@@ -49,6 +53,21 @@ CACHE_KWARG = "past_key_values"
 def cache_kwargs(cache: Cache | None) -> dict:
     """``{CACHE_KWARG: cache, 'use_cache': ...}`` for ``model(...)`` / ``model.generate(...)``."""
     return {CACHE_KWARG: cache, "use_cache": cache is not None}
+
+
+def logits_at(model: nn.Module, positions: torch.Tensor | None, **inputs) -> torch.Tensor:
+    """``model(**inputs).logits`` at ``positions`` only: ``[B, P, V]`` for a 1-D ``positions [P]`` (None: every
+    position, ``[B, T, V]``).
+
+    Why: the vocabulary projection and a softmax over it cost as much as the layers below them at a few thousand
+    tokens on a small model. A causal LM whose forward takes ``logits_to_keep`` (transformers >= 4.50) projects only the
+    kept positions; another computes every logit and the kept ones are taken from them (same values).
+    """
+    if positions is None:
+        return model(**inputs).logits
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return model(**inputs, logits_to_keep=positions).logits
+    return model(**inputs).logits[:, positions]
 
 
 def dynamic_cache() -> DynamicCache:

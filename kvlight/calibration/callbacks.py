@@ -43,6 +43,7 @@ class Capture:
         kv_batch_size: rows per batch of the K/V stream.
         query_moments: ``{"sums", "count"}`` of the capture's queries, or None when not measured.
         seconds: how long the capture took (0 when reused).
+        seed: the run's seed (the DataModule's), which also draws the positions distillation compares.
     """
 
     directory: Path
@@ -51,6 +52,7 @@ class Capture:
     kv_batch_size: int
     query_moments: dict | None
     seconds: float
+    seed: int = 0
 
 
 def _datamodule(trainer):
@@ -181,7 +183,9 @@ class CaptureKV(pl.Callback):
         seconds = time.perf_counter() - start
         moments = load_query_moments(directory) if queries else None
         kv_batch_size = datamodule.hparams.kv_batch_size
-        capture = Capture(directory, windows, datamodule.hparams.seq_len, kv_batch_size, moments, seconds)
+        capture = Capture(
+            directory, windows, datamodule.hparams.seq_len, kv_batch_size, moments, seconds, datamodule.hparams.seed
+        )
         pl_module.use_capture(capture)
         # Every rank takes the same number of steps (DDP collectives must line up): enough for the rank with the
         # most rows to see each once in the statistics epoch; ranks with fewer get empty or cycled batches.

@@ -12,6 +12,11 @@ position is encoded, quantized as the cache stores it (the forward sees the roun
 through rounding as if it were the identity, the straight-through estimator), and decoded. Keys of RoPE models are
 compressed as the cache codes them (pre-RoPE, or relative to their RoPE block: ``key_rope_block``). The recent window is not simulated (in one full-window forward no position is
 "newest" for every query), so training sees a little more compression than serving does.
+
+A step may compare the two distributions at a random sample of the positions only (``distill_tokens``): the mean KL
+over a uniform sample is an unbiased estimate of the mean over all positions, every position's K/V still reaches the
+kept positions through attention, and the vocabulary projection, softmax and KL, which on a small model cost as much
+as its layers, shrink with the sample.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torch import nn
 
 from kvlight.compressors.base import STEP_CORRECTIONS
 from kvlight.compressors.compressor import KVCompressor
-from kvlight.hf import cache_kwargs
+from kvlight.hf import cache_kwargs, logits_at
 from kvlight.serving.capture_cache import CaptureCache
 from kvlight.serving.positions import PositionTracker
 from kvlight.serving.quant import LatentQuantizer, codec_quantizer
@@ -84,6 +89,24 @@ def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torc
     return F.kl_div(student, teacher, log_target=True, reduction="sum") / tokens
 
 
+def kept_positions(
+    length: int, share: float, generator: torch.Generator, device: torch.device | str | None = None
+) -> torch.Tensor | None:
+    """The positions ``[P]`` (ascending, on ``device``) of a ``length``-token window whose outputs a step compares: a
+    uniform sample of ``P = ceil(share * length)`` of them drawn with ``generator``, or None when that is every
+    position."""
+    count = math.ceil(share * length)
+    if count >= length:
+        return None
+    return torch.randperm(length, generator=generator)[:count].sort().values.to(device)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of a step's :func:`kept_positions`: a function of the run's seed and the step alone, so a resumed
+    fit draws what the uninterrupted one would have."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
 def distillation_loss(
     model: nn.Module,
     compressor: KVCompressor,
@@ -92,6 +115,7 @@ def distillation_loss(
     quantizers: dict[tuple[int, str], Quantizer] | None = None,
     sink_tokens: int | None = None,
     teacher_logits: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean per-token ``KL(p_model || p_model with compressed K/V)`` over ``input_ids [B, T]``.
 
@@ -101,12 +125,13 @@ def distillation_loss(
         tracker: the model's :class:`PositionTracker` (RoPE models), None otherwise.
         quantizers: from :func:`latent_quantizers` (None: latents unquantized).
         sink_tokens: exact first positions (None: the compressor's config).
-        teacher_logits: the exact model's logits ``[B, T, V]`` when already computed.
+        teacher_logits: the exact model's logits ``[B, P, V]`` (at ``positions``) when already computed.
+        positions: the positions ``[P]`` whose distributions are compared (:func:`kept_positions`; None: all).
     """
     sinks = compressor.config.sink_tokens if sink_tokens is None else sink_tokens
     if teacher_logits is None:
         with torch.no_grad():
-            teacher_logits = model(input_ids=input_ids).logits
+            teacher_logits = logits_at(model, positions, input_ids=input_ids)
 
     def replace(layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         quant = (lambda kind: None) if quantizers is None else (lambda kind: quantizers.get((layer, kind)))
@@ -116,7 +141,7 @@ def distillation_loss(
         )
 
     cache = CaptureCache(compressor.num_layers, replace, tracker, compressor.rope_blocks)
-    student_logits = model(input_ids=input_ids, **cache_kwargs(cache)).logits
+    student_logits = logits_at(model, positions, input_ids=input_ids, **cache_kwargs(cache))
     return token_kl(teacher_logits, student_logits)
 
 
@@ -169,11 +194,14 @@ def distill(
     lr: float = 3e-4,
     batch_size: int = 1,
     log=None,
+    tokens: float = 1.0,
+    seed: int = 0,
 ) -> list[float]:
     """Adam on :func:`distillation_loss` over ``windows [N, T]`` (cycled in order), ``steps`` steps; the losses.
 
     The plain-PyTorch loop behind ``objective="kl"`` (the LightningModule runs the same step and schedule), for
-    scripts and benchmarks. The compressor must have trainable heads (KVSplice).
+    scripts and benchmarks. The compressor must have trainable heads (KVSplice). ``tokens``: the share of positions
+    each step compares (:func:`kept_positions`, drawn as the LightningModule draws them from ``seed``).
     """
     optimizer = compressor_optimizer(compressor, lr)
     if optimizer is None:
@@ -185,7 +213,8 @@ def distill(
     losses = []
     for step in range(steps):
         batch = batches[step % len(batches)].to(device)
-        loss = distillation_loss(model, compressor, batch, tracker, quantizers)
+        positions = kept_positions(batch.shape[1], tokens, step_generator(seed, step), device)
+        loss = distillation_loss(model, compressor, batch, tracker, quantizers, positions=positions)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -19,7 +19,14 @@ from torchmetrics import SumMetric
 
 from kvlight.analysis.bit_allocation import WHITENED
 from kvlight.calibration.callbacks import AllocateWidths, Capture, CaptureKV, SafeCheckpoints
-from kvlight.calibration.distill import compressor_optimizer, distillation_loss, latent_quantizers, warmup_cosine
+from kvlight.calibration.distill import (
+    compressor_optimizer,
+    distillation_loss,
+    kept_positions,
+    latent_quantizers,
+    step_generator,
+    warmup_cosine,
+)
 from kvlight.calibration.divergence import DivergedError, check_finite, first_bad_head
 from kvlight.calibration.frozen import shard
 from kvlight.calibration.objectives import (
@@ -346,7 +353,11 @@ class KVCalibrationModule(pl.LightningModule):
         index = self.global_step % math.ceil(len(windows) / size)
         input_ids = windows[index * size : (index + 1) * size].to(self.device)
         quantizers = latent_quantizers(self.compressor, next(self.frozen.parameters()).dtype)
-        return distillation_loss(self.frozen, self.compressor, input_ids, self._tracker, quantizers)
+        share, generator = self.objective_options.distill_tokens, step_generator(self._capture.seed, self.global_step)
+        positions = kept_positions(input_ids.shape[1], share, generator, self.device)
+        return distillation_loss(
+            self.frozen, self.compressor, input_ids, self._tracker, quantizers, positions=positions
+        )
 
     def on_train_epoch_end(self) -> None:
         # Normally fitted at the last batch already; this covers an epoch cut short (max_steps, limit_train_batches).

@@ -118,6 +118,10 @@ class ObjectiveOptions:
             serve (None: the calibration windows' length).
         lr: Adam learning rate of trainable heads (peak, with warm-up and cosine decay, for "kl").
         distill_batch_size: calibration windows per step with "kl".
+        distill_tokens: with "kl", the fraction of each window's positions whose next-token distributions the KL
+            compares, a fresh random sample at every step (1: all). Every position's K/V still shapes the kept
+            positions' outputs; at 0.5 a step at 4096 tokens takes 0.6 of the time on a small model, whose
+            vocabulary projection and softmax cost as much as its layers.
     """
 
     objective: str = "reconstruction"
@@ -126,6 +130,7 @@ class ObjectiveOptions:
     score_window: int | None = None
     lr: float = 1e-3
     distill_batch_size: int = 1
+    distill_tokens: float = 1.0
 
     def __post_init__(self) -> None:
         _one_of(self, "objective", OBJECTIVES)
@@ -133,6 +138,9 @@ class ObjectiveOptions:
         _one_of(self, "value_objective", VALUE_OBJECTIVES)
         _at_least(self, "distill_batch_size", 1)
         _at_least(self, "score_window", 1, optional=True, what="a positive number of tokens")
+        share = self.distill_tokens
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ConfigError(f"distill_tokens must be a fraction in (0, 1] such as 0.5, got {share!r}")
         lr = self.lr
         # Adam takes nan and inf without complaint and fills every weight with NaN; a negative rate ascends.
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:

@@ -24,12 +24,14 @@ from kvlight.compressors.registry import backend
 UNCOMPRESSED_PASSKEY = 91.1
 RETRIEVAL_TOLERANCE = 5.0
 #: the settings of a recipe that only a trainable backend can use (end-to-end distillation and its schedule).
-TRAINING_FLAGS = ("--objective", "--epochs", "--lr", "--distill-batch-size")
+TRAINING_FLAGS = ("--objective", "--epochs", "--lr", "--distill-batch-size", "--distill-tokens")
 
 
 @dataclass(frozen=True)
 class Measured:
-    """What the frontier measured for a recipe on the embedded default (float32, 2-core CPU, chunked by 64).
+    """What a recipe measured on the embedded default (2-core CPU, evaluated in float32, chunked by 64): the
+    frontier's row (float32 fit), or for a recipe changed since, ``bench/recipes.py``'s run of ``kvlight calibrate
+    --kv-budget B`` (fitted in the dtype ``auto`` picks; bytes: the frontier's, which the budget fixes).
 
     Attributes:
         bytes_pct: bytes kept, % of an fp16 cache's, at 512 and 2048 tokens.
@@ -99,7 +101,10 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe(
         0.25,
         "kvsplice",
-        (),
+        # A sensitivity pass on 32 windows rather than 16: fitted in bf16 on a 2-core Xeon, +0.66 % mean over 3 seeds
+        # at 512 tokens (bench/results/default_sensitivity32.md) against +0.80 % with 16 (bench/results/recipes.md,
+        # EPYC); the frontier's figures below are of 16.
+        (("--sensitivity-samples", "32"),),
         Measured((25.0, 24.6), (0.82, 1.06), 90.0),
         "serving: fast decode, near-lossless",
     ),
@@ -120,9 +125,11 @@ RECIPES: tuple[Recipe, ...] = (
             ("--calibration-samples", "16"),
             ("--epochs", "4"),
             ("--distill-batch-size", "1"),
+            ("--distill-tokens", "0.5"),
             ("--lr", "3e-4"),
         ),
-        Measured((12.5, 12.0), (2.31, 3.79), 87.8),
+        # bench/results/recipes_xeon.md: bf16 fit on a 2-core Xeon, whole command 25.3 min
+        Measured((12.5, 12.0), (2.94, 3.59), 93.3),
         "long contexts at 2 bits per element",
     ),
     Recipe(

@@ -14,29 +14,36 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import lightning.pytorch as pl
 import torch
 
+from kvlight.calibration.distill import kept_positions
 from kvlight.calibration.shards import load_manifest
+from kvlight.hf import logits_at
 
-#: The per-phase factors, each the phase's measured seconds over what the probes predict for it, from two whole
-#: runs of ``kvlight calibrate`` on the embedded default (2-core AMD EPYC: the default recipe in float32, the 12.5 %
-#: recipe in bf16; ``bench/recipes.py`` sets each run's estimate beside the time it took):
+#: The per-phase factors, each the phase's measured seconds over what the probes predict for it, fitted across whole
+#: runs of ``kvlight calibrate`` on the embedded default on the two kinds of 2-core machine the project measures on
+#: (``bench/results/recipes.md``: AMD EPYC with AVX512-BF16, the default in float32 and bf16 and the 12.5 % recipe in
+#: bf16; ``bench/results/recipes_xeon.md`` and ``default_sensitivity32.md``: Intel Xeon with AMX, the same in bf16).
+#: On the Xeon the bf16 matrix units make the model's own products several times faster than the float32 and memory
+#: work around them, so a model-based factor there is up to about twice the EPYC's (in brackets: EPYC / Xeon); each
+#: value sits between the two:
 #: sensitivity: per window, over (forward + forward-and-backward) at its length (eager attention, two passes);
 #: capture: per window, over a forward (hooks, moments and shard writes);
-#: distillation: per window and step, over (forward + forward-and-backward) (the student codes every layer);
-#: reconstruction: per epoch, seconds per million captured rows x layers x heads x head_dim, over a forward of 512;
+#: distillation: per window and step, over the step's probe (the student codes every layer);
+#: reconstruction: per epoch (the statistics epoch counted as one), over a float32 step of stand-in codecs on one batch
+#: of captured rows (the epochs run in float32 whatever the model's dtype) times the batches an epoch reads;
 #: validation: per window, over a forward at its length, for keys in RoPE blocks (> 1) and before RoPE (1), whose
 #: every chunk rebuilds the stored keys.
 FACTORS = {
-    "sensitivity": 1.6,  # 1.35 in float32 at 512 tokens, 1.8 in bf16
-    "capture": 1.1,
-    "distillation": 1.08,
-    "reconstruction": 0.113,
-    "validation_blocks": 1.58,
-    "validation_prerope": 3.3,
+    "sensitivity": 2.0,  # (1.35 in float32, 1.8 in bf16 / 2.5)
+    "capture": 1.25,  # (1.1 / 1.3-1.4)
+    "distillation": 1.2,  # (1.08 on every position / 1.3 on half of them)
+    "reconstruction": 6.3,  # (- / 6.3; the Xeon's alone: the EPYC runs predate this probe)
+    "validation_blocks": 2.6,  # (1.58 / 3.9)
+    "validation_prerope": 6.4,  # (3.3 / 12.5)
 }
 #: seconds between two progress lines of distillation.
 SAY_EVERY = 60.0
@@ -50,10 +57,17 @@ class Speed:
         forward: ``{length: seconds}`` of a forward pass without gradients.
         backward: ``{length: seconds}`` of a forward and backward pass (gradients with respect to activations only,
             as distillation and the sensitivity pass take them: the model stays frozen).
+        kept: ``{length: seconds}`` of a forward and a forward-and-backward that compute logits at a share of the
+            positions only, as a distillation step with ``distill_tokens < 1`` does (measured only for such a run).
+        rows_step: seconds of a float32 forward and backward of stand-in codecs (every layer and kind, each head
+            through a square projection and back) on one batch of captured rows, as a reconstruction epoch's step
+            runs (measured only for a run without distillation, whose statistics and epochs read the rows).
     """
 
     forward: dict[int, float]
     backward: dict[int, float]
+    kept: dict[int, float] = field(default_factory=dict)
+    rows_step: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -69,10 +83,12 @@ class Workload:
         distill_batch: windows per distillation step.
         reconstruction_epochs: Adam epochs on captured rows (0: none).
         rows: captured rows per layer and head (what one reconstruction epoch reads).
+        rows_batch: captured rows per step of a reconstruction epoch (``kv_batch_size``).
         geometry: ``(layers, kv_heads, head_dim)``.
         eval_windows: validation windows.
         prerope_keys: keys coded before RoPE (key_rope_block 1), which makes chunked validation slower.
         capture_reused: an intact capture of the same windows is on disk (the capture phase then only reads it).
+        distill_tokens: the share of positions a distillation step compares (``ObjectiveOptions.distill_tokens``).
     """
 
     seq_len: int
@@ -83,19 +99,29 @@ class Workload:
     distill_batch: int
     reconstruction_epochs: int
     rows: int
+    rows_batch: int
     geometry: tuple[int, int, int]
     eval_windows: int
     prerope_keys: bool
     capture_reused: bool = False
+    distill_tokens: float = 1.0
 
     def lengths(self) -> tuple[int, ...]:
         """The window lengths :func:`measure_speed` must time for this workload."""
         return tuple(sorted({self.seq_len, self.sensitivity_len} if self.sensitivity_windows else {self.seq_len}))
 
 
-def measure_speed(model: torch.nn.Module, lengths: tuple[int, ...], vocab_size: int | None = None) -> Speed:
+def measure_speed(
+    model: torch.nn.Module,
+    lengths: tuple[int, ...],
+    vocab_size: int | None = None,
+    distill_tokens: float = 1.0,
+    rows: tuple[tuple[int, int, int], int] | None = None,
+) -> Speed:
     """Time a forward (the faster of two) and a forward-and-backward of ``model`` on a random window of each of
-    ``lengths``.
+    ``lengths``; with ``distill_tokens < 1``, also both with logits at that share of the positions, at the longest
+    length (the calibration windows', which distillation reads); with ``rows = ((layers, kv_heads, head_dim),
+    batch)``, a reconstruction step's float32 work on one batch of rows (:func:`time_rows_step`).
 
     A 16-token forward first pays the first call's one-off costs, so the times are those of the run's steady state.
     """
@@ -103,7 +129,7 @@ def measure_speed(model: torch.nn.Module, lengths: tuple[int, ...], vocab_size: 
     device, vocab = parameter.device, vocab_size or model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     embeddings = model.get_input_embeddings()
-    forward, backward = {}, {}
+    forward, backward, kept = {}, {}, {}
     with torch.no_grad():
         model(input_ids=torch.randint(vocab, (1, 16), generator=generator).to(device))
     for length in lengths:
@@ -125,7 +151,54 @@ def measure_speed(model: torch.nn.Module, lengths: tuple[int, ...], vocab_size: 
         _sync(device)
         backward[length] = time.perf_counter() - start
         del inputs, logits
-    return Speed(forward, backward)
+        if distill_tokens < 1 and length == max(lengths):
+            kept[length] = _time_kept(model, ids, kept_positions(length, distill_tokens, generator))
+    rows_step = 0.0 if rows is None else time_rows_step(*rows, device=device)
+    return Speed(forward, backward, kept, rows_step)
+
+
+def time_rows_step(geometry: tuple[int, int, int], batch: int, device: torch.device | str = "cpu") -> float:
+    """Seconds (the faster of two) of a float32 forward and backward of stand-in codecs on ``batch`` captured rows.
+
+    Why a stand-in: the reconstruction epochs run in float32 whatever dtype the model runs in, so a model forward
+    (in bf16 on a GPU or an AMX CPU, several times faster than float32) says little about them, and the real codecs
+    are allocated only after this estimate. Per layer and kind, rows ``[1, H, batch, D]`` go through a trainable
+    ``[H, D, D]`` projection, rounding (straight through) and back, into a mean squared error, as a codec does.
+    """
+    layers, heads, dim = geometry
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(1, heads, batch, dim, generator=generator).to(device)
+    weight = (torch.randn(heads, dim, dim, generator=generator) / dim**0.5).to(device).requires_grad_(True)
+    times = []
+    for _ in range(2):
+        _sync(device)
+        start = time.perf_counter()
+        with torch.enable_grad():
+            total = rows.new_zeros(())
+            for _ in range(2 * layers):
+                codes = rows @ weight
+                codes = codes + (codes.round() - codes).detach()
+                total = total + ((codes @ weight.transpose(1, 2)) - rows).square().mean()
+            total.backward()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        weight.grad = None
+    return min(times)
+
+
+def _time_kept(model: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor | None) -> float:
+    """Seconds of a forward and a forward-and-backward of ``ids [1, T]`` with logits at ``positions`` only."""
+    device = ids.device
+    positions = None if positions is None else positions.to(device)
+    _sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        logits_at(model, positions, input_ids=ids)
+    with torch.enable_grad():
+        inputs = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits_at(model, positions, inputs_embeds=inputs).float().logsumexp(-1).mean().backward()
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def _sync(device: torch.device) -> None:
@@ -143,11 +216,12 @@ def estimate(work: Workload, speed: Speed, factors: dict[str, float] = FACTORS) 
         per_window = speed.forward[length] + speed.backward[length]
         phases["sensitivity"] = factors["sensitivity"] * work.sensitivity_windows * per_window
     phases["capture"] = 0.0 if work.capture_reused else factors["capture"] * work.capture_windows * forward
-    distill = factors["distillation"] * work.distill_steps * work.distill_batch * (forward + both)
-    layers, heads, dim = work.geometry
-    row_units = work.rows * layers * heads * dim / 1e6
-    reference = speed.forward.get(512, forward * 512 / work.seq_len)
-    reconstruction = factors["reconstruction"] * work.reconstruction_epochs * row_units * reference
+    step = speed.kept[work.seq_len] if work.distill_tokens < 1 and work.seq_len in speed.kept else forward + both
+    distill = factors["distillation"] * work.distill_steps * work.distill_batch * step
+    # The statistics epoch reads every row once too (distillation's factor covers it in a distillation run).
+    epochs = work.reconstruction_epochs + (0 if work.distill_steps else 1)
+    batches = math.ceil(work.rows / work.rows_batch)
+    reconstruction = factors["reconstruction"] * epochs * batches * speed.rows_step
     phases["fit"] = distill + reconstruction
     validation = factors["validation_prerope" if work.prerope_keys else "validation_blocks"]
     phases["validation"] = work.eval_windows * forward * (1.0 + validation)
@@ -211,9 +285,11 @@ def workload_of(trainer, module, datamodule) -> Workload:
         distill_batch=objective.distill_batch_size,
         reconstruction_epochs=epochs,
         rows=min(hp.max_samples_per_head, windows * hp.seq_len),
+        rows_batch=hp.kv_batch_size,
         geometry=(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim),
         eval_windows=len(datamodule.eval_windows()),
         prerope_keys=any(block == 1 for block in module.compressor.rope_blocks) and geometry.rope,
+        distill_tokens=objective.distill_tokens if steps else 1.0,
     )
 
 
@@ -236,6 +312,8 @@ class TimeEstimate(pl.Callback):
         estimated: the estimate of the phases still to run once it is made, seconds per phase (the run's results
             record it beside what each took).
         workload: the workload it estimated (after any shrinking).
+        speed: what the probes timed (the estimate's inputs; the run's results record them, so that the factors can be
+            checked against whole runs on other machines).
         probe_seconds: how long loading and timing the model took, before the estimate (the "setup" phase of the
             run's measured phases).
     """
@@ -244,6 +322,7 @@ class TimeEstimate(pl.Callback):
         self.time_budget = time_budget
         self.estimated: dict[str, float] | None = None
         self.workload: Workload | None = None
+        self.speed: Speed | None = None
         self.probe_seconds = 0.0
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -257,7 +336,8 @@ class TimeEstimate(pl.Callback):
             model = pl_module.frozen.to(trainer.strategy.root_device)
             directory = datamodule.capture_path(pl_module.fingerprint, pl_module.compressor.rope_blocks)
             planned = replace(planned, capture_reused=load_manifest(directory, verify=False) is not None)
-            speed = measure_speed(model, planned.lengths())
+            rows = None if planned.distill_steps else (planned.geometry, planned.rows_batch)
+            speed = measure_speed(model, planned.lengths(), distill_tokens=planned.distill_tokens, rows=rows)
             probe = time.perf_counter() - start
             work = planned if self.time_budget is None else fit_time_budget(planned, speed, self.time_budget - probe)
             decision = (work, estimate(work, speed), speed, probe)
@@ -268,7 +348,7 @@ class TimeEstimate(pl.Callback):
             trainer.fit_loop.epoch_loop.max_steps = work.distill_steps
         if work.reconstruction_epochs != planned.reconstruction_epochs:
             trainer.fit_loop.max_epochs = pl_module.stats_epochs + work.reconstruction_epochs
-        self.workload, self.estimated, self.probe_seconds = work, phases, probe
+        self.workload, self.estimated, self.probe_seconds, self.speed = work, phases, probe, speed
         if trainer.global_rank == 0:
             print(_estimate_line(phases, speed, work, probe), flush=True)
             if self.time_budget is not None:

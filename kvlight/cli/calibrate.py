@@ -15,7 +15,7 @@ import math
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kvlight.analysis.bit_allocation import WEIGHTINGS
@@ -134,6 +134,7 @@ FLAGS = (
         ("--max-samples-per-head", "data.max_samples_per_head"),
         ("--score-window", "model.objective.score_window"),
         ("--distill-batch-size", "model.objective.distill_batch_size"),
+        ("--distill-tokens", "model.objective.distill_tokens"),
         group="training",
     )
     + (
@@ -343,6 +344,7 @@ def _write(module, data, config, output: Path, calibration_seconds: float, shown
             "compression_config": module.compressor.config.to_dict(),
             "checkpoint": str(shown / "checkpoints" / "last.ckpt"),
             "estimated_seconds": timing.estimated,
+            "time_probe": None if timing.speed is None else asdict(timing.speed),
             "phase_seconds": measured,
             "fit_and_validate_seconds": took,
         }

@@ -173,7 +173,8 @@ def add_flags(parser: argparse.ArgumentParser, table: tuple[Flag, ...], source) 
         if flag.group not in sections:
             sections[flag.group] = parser.add_argument_group(GROUPS.get(flag.group, flag.group))
         section = sections[flag.group]
-        text = plain(flag.help if flag.help is not None else action.help or "")
+        # argparse %-formats help strings: a literal "%" in a docstring ("12.5 %") must reach it doubled.
+        text = plain(flag.help if flag.help is not None else action.help or "").replace("%", "%%")
         shown = flag.shown if flag.shown is not None else "none" if action.default is None else action.default
         also = f"; also sets {', '.join(flag.keys[1:])}" if len(flag.keys) > 1 else ""
         if flag.switch is not None:

@@ -19,8 +19,11 @@ from kvlight.calibration.distill import (
     compressor_optimizer,
     distill,
     distillation_loss,
+    kept_positions,
     latent_quantizers,
     simulate,
+    step_generator,
+    token_kl,
     warmup_cosine,
 )
 from kvlight.calibration.options import grouped
@@ -30,6 +33,7 @@ from kvlight.compressors.weighting import output_weight, weighted_projection
 from kvlight.config import CompressionConfig
 from kvlight.errors import ConfigError
 from kvlight.geometry import kv_geometry
+from kvlight.hf import cache_kwargs, logits_at
 from kvlight.models import decoder_blocks, output_projections
 from kvlight.serving.positions import PositionTracker
 
@@ -104,8 +108,97 @@ def test_kl_grows_as_rank_falls(tiny_models, tiny_rows, tiny_windows):
     assert kls == sorted(kls) and kls[0] > 0, kls
 
 
-@pytest.mark.parametrize("arch, bits", [("llama", 4), ("llama", None), ("gpt2", 2)])
-def test_distillation_lowers_heldout_kl(arch, bits, tiny_models, tiny_rows, tiny_windows):
+@pytest.mark.parametrize(
+    "length, share, count", [(10, 1.0, None), (10, 0.5, 5), (10, 0.25, 3), (4096, 0.5, 2048), (7, 0.01, 1)]
+)
+def test_kept_positions_are_a_sorted_sample_of_the_share(length, share, count):
+    positions = kept_positions(length, share, step_generator(0, 3))
+    if count is None:
+        assert positions is None
+        return
+    assert len(positions) == count and len(set(positions.tolist())) == count
+    assert (
+        positions.tolist() == sorted(positions.tolist()) and 0 <= int(positions.min()) <= int(positions.max()) < length
+    )
+    assert torch.equal(positions, kept_positions(length, share, step_generator(0, 3)))  # a resumed step draws the same
+    draws = {
+        tuple(kept_positions(length, share, step_generator(seed, step)).tolist()) for seed in (0, 1) for step in (0, 1)
+    }
+    assert count == length or len(draws) > 1  # each step (and seed) draws afresh
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward has no ``logits_to_keep`` (an older or custom model class)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids=None, **kwargs):
+        return self.model(input_ids=input_ids, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_logits_at_are_the_full_logits_at_those_positions(arch, wrapped, tiny_models, tiny_windows):
+    model = tiny_models[arch]
+    ids = tiny_windows["eval"][:2]
+    positions = torch.tensor([0, 3, 4, ids.shape[1] - 1])
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        kept = logits_at(_NoLogitsToKeep(model) if wrapped else model, positions, input_ids=ids)
+        every = logits_at(model, None, input_ids=ids)
+    torch.testing.assert_close(kept, full[:, positions])
+    torch.testing.assert_close(every, full)
+
+
+def test_distillation_loss_at_kept_positions_is_their_mean_kl(tiny_models, tiny_rows, tiny_windows):
+    """With positions, the loss is the mean per-token KL over those positions alone (each computed from the full
+    forward), and its gradient reaches every trainable parameter."""
+    model = tiny_models["llama"]
+    compressor = _compressor(tiny_models, tiny_rows, "llama", rank=3, bits=4, sinks=1)
+    quantizers = latent_quantizers(compressor)
+    ids = tiny_windows["eval"][:2]
+    positions = kept_positions(ids.shape[1], 0.5, step_generator(0, 0))
+    tracker = _tracker(model)
+    try:
+        loss = distillation_loss(model, compressor, ids, tracker, quantizers, positions=positions)
+        loss.backward()
+        with torch.no_grad():
+            full = [
+                token_kl(
+                    model(input_ids=ids).logits[:, [p]],
+                    _student_logits(model, compressor, ids, tracker, quantizers)[:, [p]],
+                )
+                for p in positions.tolist()
+            ]
+    finally:
+        tracker.close()
+    torch.testing.assert_close(loss.detach(), torch.stack(full).mean(), rtol=1e-4, atol=1e-7)
+    assert float(loss.detach()) > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in compressor.parameters() if p.requires_grad)
+
+
+def _student_logits(model, compressor, ids, tracker, quantizers):
+    """The student's logits at every position: distillation_loss's forward, with the teacher's KL taken away."""
+    from kvlight.serving.capture_cache import CaptureCache
+
+    sinks = compressor.config.sink_tokens
+
+    def replace(layer, keys, values):
+        return (
+            simulate(compressor, layer, "k", keys, quantizers.get((layer, "k")), sinks),
+            simulate(compressor, layer, "v", values, quantizers.get((layer, "v")), sinks),
+        )
+
+    cache = CaptureCache(compressor.num_layers, replace, tracker, compressor.rope_blocks)
+    return model(input_ids=ids, **cache_kwargs(cache)).logits
+
+
+@pytest.mark.parametrize(
+    "arch, bits, tokens", [("llama", 4, 1.0), ("llama", None, 1.0), ("gpt2", 2, 1.0), ("llama", 4, 0.5)]
+)
+def test_distillation_lowers_heldout_kl(arch, bits, tokens, tiny_models, tiny_rows, tiny_windows):
     model = tiny_models[arch]
     compressor = _compressor(tiny_models, tiny_rows, arch, rank=3, bits=bits, sinks=1)
     frozen = {name: p.clone() for name, p in model.named_parameters()}
@@ -118,7 +211,9 @@ def test_distillation_lowers_heldout_kl(arch, bits, tiny_models, tiny_rows, tiny
                 return float(distillation_loss(model, compressor, tiny_windows["eval"], tracker, quantizers))
 
         before = heldout()
-        losses = distill(model, compressor, tiny_windows["calib"], tracker, steps=40, lr=1e-2, batch_size=4)
+        losses = distill(
+            model, compressor, tiny_windows["calib"], tracker, steps=40, lr=1e-2, batch_size=4, tokens=tokens
+        )
         after = heldout()
     finally:
         if tracker is not None:
@@ -244,8 +339,9 @@ def test_output_weighted_values_trade_plain_error_for_output_error(arch, tiny_mo
 
 
 def test_calibrate_with_kl_objective(tmp_path, tiny_llama_path, tiny_models, tiny_windows, kvlight_cache, capsys):
-    """``kvlight calibrate --objective kl``: one epoch is one pass over the calibration windows, and the KL of the
-    distilled compressor on the evaluation windows is below that of the reconstruction-trained one."""
+    """``kvlight calibrate --objective kl`` (comparing half the positions at each step): one epoch is one pass over the
+    calibration windows, and the KL of the distilled compressor on every position of the evaluation windows is below
+    that of the reconstruction-trained one."""
     from helpers import tiny_calibrate_args
 
     from kvlight.calibration.module import KVCalibrationModule
@@ -257,6 +353,7 @@ def test_calibrate_with_kl_objective(tmp_path, tiny_llama_path, tiny_models, tin
         extra = ["--compressor", "kvsplice", "--rank", "3", "--latent-bits", "4", "--quant-group-size", "3"]
         extra += ["--epochs", "3", "--lr", "3e-3", "--objective", objective, "--value-objective", "output"]
         extra += ["--distill-batch-size", "2", "--sink-tokens", "1", "--recent-window", "0"]
+        extra += ["--distill-tokens", "0.5"] if objective == "kl" else []  # the KL at half the positions a step
         assert main(tiny_calibrate_args(tiny_llama_path, output, *extra)) == 0
         results = json.loads((output / "calibration_results_kvsplice.json").read_text())
         assert results["objective"] == objective and results["value_objective"] == "output"
@@ -289,6 +386,10 @@ def test_objective_options_are_checked(tiny_llama_path):
         ({"compressor": "kvsplice", "objective": "logits"}, "objective 'logits' must be one of"),
         ({"compressor": "kvsplice", "value_objective": "attention"}, "must be one of mse, output"),
         ({"compressor": "kvsplice", "objective": "kl", "distill_batch_size": 0}, "distill_batch_size must be at"),
+        *(
+            ({"compressor": "kvsplice", "objective": "kl", "distill_tokens": bad}, "distill_tokens must be a fraction")
+            for bad in (0, 0.0, -0.5, 1.5, float("nan"), True, "half")
+        ),
     ]
     for kwargs, message in cases:
         with pytest.raises(ConfigError, match=message):

@@ -119,14 +119,14 @@ def test_calibrate_with_a_budget_alone_runs_its_recipe():
     assert config.data.seq_len == 4096 and config.data.calibration_samples == 16
     assert config.model.objective.objective == "kl" and config.model.objective.lr == pytest.approx(3e-4)
     assert config.model.compression.key_rope_block == 1 and config.calibrate.epochs == 4
-    assert config.model.compression.compressor == "kvsplice"
+    assert config.model.compression.compressor == "kvsplice" and config.model.objective.distill_tokens == 0.5
 
 
 def test_calibrate_flags_override_the_recipe_one_by_one():
-    config, applied = parsed("--kv-budget", "0.125", "--seq-len", "1024", "--epochs", "2")
-    assert config.data.seq_len == 1024 and config.calibrate.epochs == 2
+    config, applied = parsed("--kv-budget", "0.125", "--seq-len", "1024", "--epochs", "2", "--distill-tokens", "1")
+    assert config.data.seq_len == 1024 and config.calibrate.epochs == 2 and config.model.objective.distill_tokens == 1
     assert config.model.objective.objective == "kl" and config.data.calibration_samples == 16
-    assert set(applied.overridden) == {"--seq-len", "--epochs"}
+    assert set(applied.overridden) == {"--seq-len", "--epochs", "--distill-tokens"}
 
 
 def test_calibrate_old_budget_spelling_picks_the_same_recipe():
@@ -136,7 +136,8 @@ def test_calibrate_old_budget_spelling_picks_the_same_recipe():
 
 def test_calibrate_default_takes_the_default_recipe():
     config, applied = parsed()
-    assert applied.recipe.budget == 0.25 and not applied.recipe.settings
+    assert applied.recipe.budget == 0.25 and applied.recipe.settings == (("--sensitivity-samples", "32"),)
+    assert config.model.compression.sensitivity_samples == 32
     assert config.model.objective.objective == "reconstruction" and config.data.seq_len == 512
 
 

@@ -13,7 +13,7 @@ from helpers import one_error_line, tiny_calibrate_args
 from kvlight.calibration.timing import Speed, Workload, estimate, fit_time_budget, measure_speed, minutes
 from kvlight.cli import main
 
-SPEED = Speed(forward={512: 1.0, 4096: 10.0}, backward={512: 3.0, 4096: 30.0})
+SPEED = Speed(forward={512: 1.0, 4096: 10.0}, backward={512: 3.0, 4096: 30.0}, rows_step=1.0)
 DISTIL = Workload(
     seq_len=4096,
     sensitivity_windows=16,
@@ -23,11 +23,12 @@ DISTIL = Workload(
     distill_batch=1,
     reconstruction_epochs=0,
     rows=10_000,
+    rows_batch=1024,
     geometry=(30, 3, 64),
     eval_windows=8,
     prerope_keys=True,
 )
-RECONSTRUCT = replace(DISTIL, seq_len=512, capture_windows=32, distill_steps=0, reconstruction_epochs=10)
+RECONSTRUCT = replace(DISTIL, seq_len=512, capture_windows=32, distill_steps=0, reconstruction_epochs=10, rows=200_000)
 
 
 @pytest.mark.parametrize(
@@ -45,10 +46,23 @@ def test_estimate_scales_with_the_work(change, phase, ratio):
     assert all(after[name] == before[name] for name in before if name != phase)
 
 
-def test_estimate_scales_with_the_machine():
-    slower = Speed({k: 2 * v for k, v in SPEED.forward.items()}, {k: 2 * v for k, v in SPEED.backward.items()})
-    for name, seconds in estimate(DISTIL, slower).items():
-        assert seconds == pytest.approx(2 * estimate(DISTIL, SPEED)[name])
+@pytest.mark.parametrize("work", [DISTIL, RECONSTRUCT], ids=["distil", "reconstruct"])
+def test_estimate_scales_with_the_machine(work):
+    slower = Speed({k: 2 * v for k, v in SPEED.forward.items()}, {k: 2 * v for k, v in SPEED.backward.items()}, {}, 2.0)
+    for name, seconds in estimate(work, slower).items():
+        assert seconds == pytest.approx(2 * estimate(work, SPEED)[name])
+
+
+def test_reconstruction_epochs_are_estimated_from_the_float32_probe_not_the_model():
+    """The epochs run in float32 whatever the model's dtype: a model twice as fast (bf16 on AMX) does not halve them,
+    a slower float32 step doubles them, and they scale with the batches an epoch reads."""
+    faster_model = replace(SPEED, forward={k: v / 2 for k, v in SPEED.forward.items()})
+    assert estimate(RECONSTRUCT, faster_model)["fit"] == estimate(RECONSTRUCT, SPEED)["fit"]
+    assert estimate(RECONSTRUCT, replace(SPEED, rows_step=2.0))["fit"] == pytest.approx(
+        2 * estimate(RECONSTRUCT, SPEED)["fit"]
+    )
+    bigger_batches = replace(RECONSTRUCT, rows_batch=2 * RECONSTRUCT.rows_batch)
+    assert estimate(bigger_batches, SPEED)["fit"] == pytest.approx(estimate(RECONSTRUCT, SPEED)["fit"] / 2, rel=0.2)
 
 
 @pytest.mark.parametrize("work", [DISTIL, RECONSTRUCT], ids=["distil", "reconstruct"])
@@ -69,10 +83,23 @@ def test_an_impossible_time_budget_gives_the_smallest_plan():
     assert fit_time_budget(RECONSTRUCT, SPEED, 1.0).reconstruction_epochs == 1
 
 
-def test_measure_speed_times_each_length(tiny_models):
-    speed = measure_speed(tiny_models["llama"], (16, 64))
+def test_distillation_on_a_share_of_the_positions_is_estimated_from_its_own_probe():
+    """A step that compares a share of the positions (distill_tokens) costs what its probe timed, not a full step."""
+    kept = replace(SPEED, kept={4096: 20.0})  # teacher and student with logits at the kept positions: 20 s, not 40
+    half = replace(DISTIL, distill_tokens=0.5)
+    assert estimate(half, kept)["fit"] == pytest.approx(0.5 * estimate(DISTIL, kept)["fit"])
+    assert estimate(DISTIL, kept) == estimate(DISTIL, SPEED)  # every position: the full step, whatever was probed
+    assert estimate(half, SPEED) == estimate(DISTIL, SPEED)  # not probed: the full step is the safe side
+
+
+@pytest.mark.parametrize("tokens", [1.0, 0.25])
+@pytest.mark.parametrize("rows", [None, ((2, 2, 8), 64)])
+def test_measure_speed_times_each_length(tiny_models, tokens, rows):
+    speed = measure_speed(tiny_models["llama"], (16, 64), distill_tokens=tokens, rows=rows)
     assert set(speed.forward) == set(speed.backward) == {16, 64}
-    assert all(seconds > 0 for seconds in (*speed.forward.values(), *speed.backward.values()))
+    assert set(speed.kept) == (set() if tokens == 1 else {64})  # the calibration windows' length, the longest
+    assert (speed.rows_step > 0) == (rows is not None)
+    assert all(seconds > 0 for seconds in (*speed.forward.values(), *speed.backward.values(), *speed.kept.values()))
     assert not any(p.grad is not None for p in tiny_models["llama"].parameters())  # the model stays untouched
 
 
@@ -96,6 +123,8 @@ def test_calibrate_prints_its_estimate_and_records_the_phases(tmp_path, tiny_lla
     }  # fmt: skip
     assert results["phase_seconds"]["sensitivity"] > 0 and results["estimated_seconds"]["sensitivity"] > 0
     assert sum(results["phase_seconds"].values()) == pytest.approx(results["fit_and_validate_seconds"], rel=0.05)
+    probe = results["time_probe"]  # what the estimate was made from: the model's forward at the run's lengths
+    assert set(probe["forward"]) == set(probe["backward"]) and all(v > 0 for v in probe["forward"].values())
 
 
 def test_calibrate_time_budget_shrinks_the_plan(tmp_path, tiny_llama_path, kvlight_cache, capsys):
