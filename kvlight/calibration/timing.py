@@ -1,11 +1,12 @@
 """How long a calibration will take, said before it starts, and how to make it fit a time budget.
 
-A calibration's phases each cost a multiple of one of two things this machine does with this model: a forward pass
-over one window without gradients (the capture, the teacher of distillation, validation) and a forward plus backward
-pass (the sensitivity pass, the student of distillation). :func:`measure_speed` times both on the loaded model at the
-lengths the run uses (a second or two at 512 tokens); :func:`estimate` multiplies them by the run's
-:class:`Workload` and by per-phase factors measured on whole runs (``bench/results/calibrate.md`` checks the
-estimates against the times runs took). :func:`fit_time_budget` shrinks a workload's text and steps until its
+A calibration's phases each cost a multiple of one of three things this machine does: a forward pass of the model
+over one window without gradients (the capture, the teacher of distillation, validation), a forward plus backward
+pass of it (the sensitivity pass, the student of distillation), and a float32 step on a batch of captured rows (the
+statistics and reconstruction epochs). :func:`measure_speed` times them on the loaded model at the lengths the run
+uses (a second or two at 512 tokens); :func:`estimate` multiplies them by the run's :class:`Workload` and by
+per-phase factors measured on whole runs (``bench/results/recipes.md`` sets each run's estimate beside the time it
+took). :func:`fit_time_budget` shrinks a workload's text and steps until its
 estimate fits a number of minutes.
 """
 
