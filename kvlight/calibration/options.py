@@ -120,8 +120,8 @@ class ObjectiveOptions:
         distill_batch_size: calibration windows per step with "kl".
         distill_tokens: with "kl", the fraction of each window's positions whose next-token distributions the KL
             compares, a fresh random sample at every step (1: all). Every position's K/V still shapes the kept
-            positions' outputs; at 0.5 a step at 4096 tokens takes 0.6 of the time on a small model, whose
-            vocabulary projection and softmax cost as much as its layers.
+            positions' outputs; at 0.5 a step at 4096 tokens takes about three quarters of the time on a small model,
+            whose vocabulary projection and softmax cost as much as its layers (bench/results/distill_step.md).
     """
 
     objective: str = "reconstruction"

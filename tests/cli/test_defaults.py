@@ -99,3 +99,16 @@ def test_help_shows_the_default_and_key_each_flag_uses(command, capsys, monkeypa
         value = namespace_get(defaults, key)
         shown = flag.shown if flag.shown is not None else "none" if value is None else value
         assert f"(default: {shown}; {key}" in text, flag.name
+
+
+def test_help_keeps_a_percent_sign_of_a_docstring():
+    """argparse %-formats help: a docstring's "12.5 %" must show as written, not crash ``--help``."""
+    import argparse
+
+    from kvlight.cli.flags import Flag, add_flags
+
+    source = argparse.ArgumentParser()
+    source.add_argument("--keep", dest="model.keep", default=0.5, help="keeps 12.5 % of the bytes")
+    parser = argparse.ArgumentParser()
+    add_flags(parser, (Flag("--keep", ("model.keep",)),), source)
+    assert "keeps 12.5 % of the bytes" in " ".join(parser.format_help().split())
