@@ -153,7 +153,7 @@ def measure_speed(
         backward[length] = time.perf_counter() - start
         del inputs, logits
         if distill_tokens < 1 and length == max(lengths):
-            kept[length] = _time_kept(model, ids, kept_positions(length, distill_tokens, generator))
+            kept[length] = _time_kept(model, ids, kept_positions(length, distill_tokens, generator, device))
     rows_step = 0.0 if rows is None else time_rows_step(*rows, device=device)
     return Speed(forward, backward, kept, rows_step)
 
@@ -190,7 +190,6 @@ def time_rows_step(geometry: tuple[int, int, int], batch: int, device: torch.dev
 def _time_kept(model: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor | None) -> float:
     """Seconds of a forward and a forward-and-backward of ``ids [1, T]`` with logits at ``positions`` only."""
     device = ids.device
-    positions = None if positions is None else positions.to(device)
     _sync(device)
     start = time.perf_counter()
     with torch.no_grad():
