@@ -60,6 +60,7 @@ from kvlight.serving.positions import PositionTracker
 
 #: Checkpoint key of the statistics sums when a checkpoint is taken inside the statistics epoch.
 STATISTICS_KEY = "kvlight_statistics"
+WIDENED_KEY = "kvlight_steps_widened"
 
 
 class KVCalibrationModule(pl.LightningModule):
@@ -119,6 +120,8 @@ class KVCalibrationModule(pl.LightningModule):
         self.bytes_default = SumMetric()  # the model's default DynamicCache(config=...): sliding layers keep a window
         self.results: dict[str, float] = {}
         self._saved_statistics: list[torch.Tensor] | None = None
+        #: whether the fit's final steps got their headroom (``step_headroom``; once per fit, resumes included).
+        self._steps_widened = False
 
     def _install(self, config: CompressionConfig) -> None:
         """Build the compressor for ``config`` (checked against the objectives) and record the config."""
@@ -317,6 +320,7 @@ class KVCalibrationModule(pl.LightningModule):
             # this batch, and a validation run at the end of the epoch, already hold the fitted compressor.
             if batch_idx == self.trainer.num_training_batches - 1:
                 self._finalize_statistics()
+                self._widen_if_last(batch_idx)
             return None
         if not self.compressor.trainable:
             return None
@@ -340,7 +344,30 @@ class KVCalibrationModule(pl.LightningModule):
         if kl:
             self.lr_schedulers().step()  # manual optimization: Lightning steps no scheduler itself
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=keys.shape[0])
+        self._widen_if_last(batch_idx)
         return loss.detach()
+
+    def _widen_if_last(self, batch_idx: int) -> None:
+        """After the fit's last step, widen the final static steps by ``step_headroom``
+        (:meth:`KVCompressor.widen_steps`), so the checkpoint saved after this batch, the validation and the saved
+        compressor all hold them. Why at the end and not in the step search: the reconstruction epochs train the
+        steps on the squared error too, and in an experiment they trained a headroom of 1.3 given to the search
+        away (the learned gains fell to about 1 / 1.3)."""
+        trainer = self.trainer
+        stepped_out = trainer.max_steps is not None and 0 < trainer.max_steps <= self.global_step
+        last_epoch = trainer.max_epochs is not None and self.current_epoch == trainer.max_epochs - 1
+        if stepped_out or (last_epoch and batch_idx == trainer.num_training_batches - 1):
+            self._widen_steps()
+
+    def _widen_steps(self) -> None:
+        if self._steps_widened or not self.compressor.has_widths or self.compressor.statistics_tensors():
+            return
+        self.compressor.widen_steps(self.compression_options.step_headroom)
+        self._steps_widened = True
+
+    def on_train_end(self) -> None:
+        # A fit cut short (max_time, an interrupt, limit_train_batches against max_epochs) still ends widened.
+        self._widen_steps()
 
     def _distillation_loss(self) -> torch.Tensor:
         """KL of the frozen model's outputs with vs without compression on the next calibration windows.
@@ -366,12 +393,14 @@ class KVCalibrationModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"].pop("_ddp_anchor", None)
+        checkpoint[WIDENED_KEY] = self._steps_widened
         sums = self.compressor.statistics_tensors()
         if sums:  # inside the statistics epoch: keep the sums so far, summed over ranks (every rank calls this)
             checkpoint[STATISTICS_KEY] = [self.trainer.strategy.reduce(t.clone(), reduce_op="sum").cpu() for t in sums]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._saved_statistics = checkpoint.get(STATISTICS_KEY)
+        self._steps_widened = bool(checkpoint.get(WIDENED_KEY, False))
         saved = ((checkpoint.get("hyper_parameters") or {}).get("compression") or {}).get("config")
         if isinstance(saved, dict) and saved != self.hparams["compression"]["config"]:
             # A resumed fit allocated its widths again in setup; the checkpoint's allocation is the one it continues.

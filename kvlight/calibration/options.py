@@ -13,6 +13,7 @@ from typing import Any
 
 from kvlight.analysis.bit_allocation import WEIGHTINGS
 from kvlight.compressors.registry import backend
+from kvlight.compressors.statistics import check_headroom
 from kvlight.config import RECOMMENDED
 from kvlight.errors import ConfigError
 
@@ -57,6 +58,12 @@ class CompressionOptions:
             block of this many tokens (kvlight.config.compression). 1: before RoPE, the best quality per byte, but
             every decode step rebuilds and rotates the stored keys; 16: decode scores them in latent space, faster,
             for a little quality. None: a config file's, else the recommended one.
+        step_headroom: width codecs: the static steps the fit ends with (searched, and trained where the backend
+            trains) are widened by this factor around each channel's centre, once, after the last step (1: as
+            fitted, the least squared error on the calibration rows). Wider steps clip fewer of the large keys and
+            values attention depends on, at more rounding error: at a quarter of fp16 bytes on the embedded
+            default, 1.3 lowered the perplexity cost on the calibration corpus a little and on text no calibration
+            read a lot (bench/results/step_headroom.md); the default recipe takes 1.3.
     """
 
     config: str | dict | None = None
@@ -73,6 +80,7 @@ class CompressionOptions:
     latent_bits: int | str | None = None
     quant_group_size: int | None = None
     key_rope_block: int | None = None
+    step_headroom: float = 1.0
 
     @property
     def by_rank(self) -> bool:
@@ -104,6 +112,7 @@ class CompressionOptions:
         for name in ("sink_tokens", "recent_window"):
             _at_least(self, name, 0, optional=True)
         _at_least(self, "key_rope_block", 1, optional=True, what="a whole number of tokens >= 1 (1: keys before RoPE)")
+        check_headroom(self.step_headroom)
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,7 @@ FLAGS = (
         ("--rank-v", "model.compression.rank_v"),
         ("--latent-bits", "model.compression.latent_bits"),
         ("--quant-group-size", "model.compression.quant_group_size"),
+        ("--step-headroom", "model.compression.step_headroom"),
         group="budget",
     )
     + STORAGE_FLAGS

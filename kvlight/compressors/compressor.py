@@ -21,7 +21,7 @@ from kvlight.compressors import artefacts
 from kvlight.compressors.base import IdentityProjection, LayerCodec
 from kvlight.compressors.card import CARD_NAME
 from kvlight.compressors.registry import backend
-from kvlight.compressors.statistics import RunningMoments, StepSearch, step_offset
+from kvlight.compressors.statistics import RunningMoments, StepSearch, check_headroom, levels_of, step_offset
 from kvlight.compressors.widths import EXACT
 from kvlight.config import CompressionConfig
 from kvlight.errors import CaptureError, ConfigError, GeometryMismatchError, KVLightError
@@ -240,6 +240,34 @@ class KVCompressor(nn.Module):
                 )
                 codec.set_steps(step, offset)
         self._steps = None
+
+    def widen_steps(self, headroom: float) -> None:
+        """Widen the static step of every coded channel by ``headroom`` around its centre, the learned step
+        corrections folded in first (they are then zero); exact and dropped channels stay as they are; the bytes do
+        not change. 1 changes nothing.
+
+        Why: the steps a fit picks (and trains) minimise the squared error of the latents, which trades clipping for
+        rounding as if every value mattered alike; attention turns a clipped large key or value into a large error
+        in its output, and text unlike the calibration text reaches further into the tails
+        (``bench/results/step_headroom.md``; the default recipe takes 1.3, kvlight.calibration.recipes). ``kvlight
+        calibrate --step-headroom`` applies it once, to the steps the fit ends with: a fit that trains its steps on
+        the squared error would train a headroom given earlier away.
+
+        Raises:
+            ConfigError: ``headroom`` outside ``[1, MAX_STEP_HEADROOM]`` (kvlight.compressors.statistics).
+        """
+        check_headroom(headroom)
+        if headroom == 1.0:
+            return
+        with torch.no_grad():
+            for key in self.width_codecs():
+                codec = self.codec(*key)
+                step, offset = (t.detach() for t in codec.quantizer_steps())
+                levels = levels_of(codec.widths).to(step)
+                coded = levels > 0
+                centre = offset + step * levels / 2
+                wide = torch.where(coded, step * headroom, step)
+                codec.set_steps(wide, torch.where(coded, centre - wide * levels / 2, offset))
 
     def calibrate_steps(self, batches: Iterable[dict[str, torch.Tensor]], max_rows: int = STEP_ROWS) -> None:
         """One pass over ``{'keys', 'values'}`` batches fitting the static steps of every width codec, on at most

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvlight.compressors.widths import EXACT
+from kvlight.errors import ConfigError
 
 
 class RunningMoments:
@@ -45,6 +46,23 @@ GAUSSIAN_STEP = {1: 1.596, 2: 0.9957, 3: 0.5860, 4: 0.3352, 5: 0.1881, 6: 0.1041
 #: Powers of 2^(1/4) from 0.5 to 3.4, 1.0 (the Gaussian step itself) among them: heavy tails want wider steps at
 #: high widths (the Gaussian step clips them), light tails narrower ones at low widths.
 STEP_MULTIPLIERS = tuple(2.0 ** (k / 4) for k in range(-4, 8))
+
+#: the widest step headroom (:func:`check_headroom`): at 4x the least-error step a 2-bit code spans +-8 sigma.
+MAX_STEP_HEADROOM = 4.0
+
+
+def check_headroom(headroom: float) -> None:
+    """Refuse a step headroom (the factor a fit's final steps are widened by) outside ``[1, MAX_STEP_HEADROOM]``.
+
+    Raises:
+        ConfigError: not a finite number in that range (below 1 narrows steps past the least squared error, which
+            only adds error).
+    """
+    if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not 1.0 <= headroom <= MAX_STEP_HEADROOM:
+        raise ConfigError(
+            f"step_headroom must be a number from 1 (the least-error steps) to {MAX_STEP_HEADROOM:g} such as 1.3, "
+            f"got {headroom!r}"
+        )
 
 
 def levels_of(widths: torch.Tensor) -> torch.Tensor:

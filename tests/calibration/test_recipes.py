@@ -129,6 +129,11 @@ def test_calibrate_flags_override_the_recipe_one_by_one():
     assert set(applied.overridden) == {"--seq-len", "--epochs", "--distill-tokens"}
 
 
+def test_a_given_step_headroom_replaces_the_default_recipes():
+    config, applied = parsed("--step-headroom", "1")
+    assert config.model.compression.step_headroom == 1.0 and applied.overridden == ("--step-headroom",)
+
+
 def test_calibrate_old_budget_spelling_picks_the_same_recipe():
     config, applied = parsed("--target-memory-reduction", "0.875")
     assert applied.recipe.budget == 0.125 and config.data.seq_len == 4096
@@ -136,8 +141,9 @@ def test_calibrate_old_budget_spelling_picks_the_same_recipe():
 
 def test_calibrate_default_takes_the_default_recipe():
     config, applied = parsed()
-    assert applied.recipe.budget == 0.25 and applied.recipe.settings == (("--sensitivity-samples", "32"),)
-    assert config.model.compression.sensitivity_samples == 32
+    assert applied.recipe.budget == 0.25
+    assert applied.recipe.settings == (("--sensitivity-samples", "32"), ("--step-headroom", "1.3"))
+    assert config.model.compression.sensitivity_samples == 32 and config.model.compression.step_headroom == 1.3
     assert config.model.objective.objective == "reconstruction" and config.data.seq_len == 512
 
 

@@ -59,6 +59,18 @@ CASES = {
     "lr-nan": (lambda t, m, g, o: tiny_calibrate_args(m, o, "--lr", "nan"), ["--lr must be a positive finite"]),
     "lr-inf": (lambda t, m, g, o: tiny_calibrate_args(m, o, "--lr", "inf"), ["--lr must be a positive finite"]),
     "lr-negative": (lambda t, m, g, o: tiny_calibrate_args(m, o, "--lr", "-1"), ["--lr", "got -1"]),
+    "step-headroom-below-1": (
+        lambda t, m, g, o: tiny_calibrate_args(m, o, "--step-headroom", "0.5"),
+        ["--step-headroom must be a number from 1", "got 0.5"],
+    ),
+    "step-headroom-nan": (
+        lambda t, m, g, o: tiny_calibrate_args(m, o, "--step-headroom", "nan"),
+        ["--step-headroom must be a number from 1"],
+    ),
+    "step-headroom-text": (
+        lambda t, m, g, o: tiny_calibrate_args(m, o, "--step-headroom", "wide"),
+        ["--step-headroom"],
+    ),
     "precision": (lambda t, m, g, o: tiny_calibrate_args(m, o, "--precision", "foo"), ["--precision", "'foo'"]),
     "devices-0": (lambda t, m, g, o: tiny_calibrate_args(m, o, "--devices", "0"), ["--devices '0'", "positive"]),
     "devices-abc": (lambda t, m, g, o: tiny_calibrate_args(m, o, "--devices", "abc"), ["--devices 'abc'"]),

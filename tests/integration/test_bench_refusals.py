@@ -1,6 +1,6 @@
 """The decode, memory and distillation-step benchmarks refuse what they cannot measure in one line, exit code 2, before
 any model loads: a row whose prompts the text cannot fill, positions beyond the model's, a compressor that is not a
-directory, a share of positions outside (0, 1]."""
+directory, a share of positions outside (0, 1], a step headroom below 1."""
 
 import subprocess
 import sys
@@ -16,6 +16,11 @@ CASES = {
     "not-a-directory": (["bench/decode.py", "--kvlight", "mine=/nonexistent"], "NAME=DIR"),
     "memory-text-too-short": (["bench/memory.py", "--length", "8000", "--batch", "16"], "need 128000 tokens of text"),
     "share-out-of-range": (["bench/distill_step.py", "--shares", "1", "0"], "--shares are fractions in (0, 1]"),
+    "headroom-not-a-directory": (["bench/step_headroom.py", "--compressor", "/nonexistent"], "is not a directory"),
+    "headroom-below-1": (
+        ["bench/step_headroom.py", "--compressor", ".", "--headrooms", "1", "0.8"],
+        "--headrooms must lie in [1, 4]",
+    ),
 }
 
 

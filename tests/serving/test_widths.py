@@ -14,8 +14,9 @@ import pytest
 import torch
 from helpers import ARCHS, HEAD_DIM, chunked_logits, held_tensors, mixed_widths, nbytes
 
+from kvlight.calibration.options import CompressionOptions
 from kvlight.compressors.compressor import KVCompressor, load_compressor
-from kvlight.compressors.statistics import STEP_MULTIPLIERS, grid_errors, step_offset
+from kvlight.compressors.statistics import STEP_MULTIPLIERS, check_headroom, grid_errors, levels_of, step_offset
 from kvlight.compressors.widths import WIDTHS
 from kvlight.config import CompressionConfig
 from kvlight.errors import ConfigError
@@ -174,6 +175,55 @@ def test_fitted_steps_beat_the_gaussian_rule_on_heavy_tailed_latents():
     for width, gain in ((3, 0.95), (4, 0.8), (8, 0.5)):  # Laplace tails: the Gaussian step clips them
         errors = grid_errors(z, center, sigma, width)  # [C, G]
         assert (errors.min(-1).values < gain * errors[:, gaussian]).all(), width
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("headroom", [1.3, 2.0])
+def test_widen_steps_widens_every_coded_step_around_its_centre(arch, headroom, tiny_models, tiny_rows):
+    geometry = kv_geometry(tiny_models[arch])
+    keys, values = tiny_rows[arch]["calib"]
+    rows = [{"keys": keys, "values": values}]
+    fitted = {}
+    for factor in (1.0, headroom):
+        compressor = KVCompressor(widths_config(geometry), geometry)
+        compressor.fit_statistics(rows)
+        compressor.widen_steps(factor)
+        fitted[factor] = compressor
+    for key in fitted[1.0].width_codecs():
+        plain, wide = fitted[1.0].codec(*key), fitted[headroom].codec(*key)
+        (step, offset), (wide_step, wide_offset) = plain.quantizer_steps(), wide.quantizer_steps()
+        levels = levels_of(plain.widths)
+        coded = levels > 0
+        torch.testing.assert_close(wide_step[coded], headroom * step[coded])
+        # the grid stays centred where the search centred it; exact and dropped channels are untouched
+        torch.testing.assert_close(wide_offset + wide_step * levels / 2, offset + step * levels / 2)
+        assert torch.equal(wide_step[~coded], step[~coded]) and torch.equal(wide_offset[~coded], offset[~coded])
+
+
+def test_headroom_cuts_the_error_of_latents_wider_than_the_calibration_rows():
+    """What the headroom is for: the least-error steps of the calibration rows clip text whose latents reach
+    further; widened steps trade more rounding error on the calibration rows for much less clipping there."""
+    torch.manual_seed(0)
+    widths = torch.tensor([2] * 8)
+    calibration, wider = torch.randn(4000, 8), 1.6 * torch.randn(4000, 8)
+    center, sigma = torch.zeros(8), calibration.std(0)
+
+    def error(z, headroom):
+        step, offset = step_offset(center, sigma, widths, headroom)
+        quantizer = DirectionQuantizer(widths, step, offset, torch.float32)
+        return (quantizer.dequantize(quantizer.quantize(z), torch.float32) - z).pow(2).mean().item()
+
+    assert error(wider, 1.3) < 0.9 * error(wider, 1.0)
+    assert error(calibration, 1.3) < 1.3 * error(calibration, 1.0)  # 2 bits, Gaussian: about 1.25x
+
+
+@pytest.mark.parametrize("headroom", [0.9, 0.0, -1.0, 4.5, float("nan"), float("inf"), True, "1.3"])
+def test_a_bad_step_headroom_is_a_one_line_error(headroom):
+    with pytest.raises(ConfigError, match="step_headroom must be a number from 1") as error:
+        check_headroom(headroom)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match="step_headroom"):
+        CompressionOptions(step_headroom=headroom)
 
 
 # ---------------------------------------------------------------------- config
