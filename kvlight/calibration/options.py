@@ -62,8 +62,9 @@ class CompressionOptions:
             trains) are widened by this factor around each channel's centre, once, after the last step (1: as
             fitted, the least squared error on the calibration rows). Wider steps clip fewer of the large keys and
             values attention depends on, at more rounding error: at a quarter of fp16 bytes on the embedded
-            default, 1.3 lowered the perplexity cost on the calibration corpus a little and on text no calibration
-            read a lot (bench/results/step_headroom.md); the default recipe takes 1.3.
+            default, fitted in bf16, 1.3 left the perplexity cost on the calibration corpus about the same and
+            cut it by about 40 % on text no calibration read; one float32 fit traded corpus cost for that
+            (bench/results/step_headroom.md, default_headroom*.md). The default recipe takes 1.3.
     """
 
     config: str | dict | None = None
