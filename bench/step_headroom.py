@@ -14,7 +14,6 @@ bench/recipes.py does): kvlight's built-in corpus (the frontier's windows) and t
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime
 import json
@@ -27,13 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-
-class OneLineParser(argparse.ArgumentParser):
-    """Bad arguments: one line on stderr, exit code 2, before anything loads or is written."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"error: {message}\n")
-        raise SystemExit(2)
+from bench.recipes import OneLineParser  # noqa: E402  (its one-line refusals, exit code 2)
 
 
 def widened(compressor, headroom: float):
